@@ -1,0 +1,235 @@
+"""bt_quant.py: balanced ternary quantizers, PyTorch modules, BatchNorm folding and the packed export.
+
+Builds on bt_kernel.py (the weight threshold rule and alpha init live there, so that
+TernaryLinearTriton stands alone); imports nothing else of this project.
+
+    from bt_quant import TernaryConv2d, TernaryLinear, export_ternary_state
+    layer = TernaryLinear(1024, 256)          # ternary weights; input ternarized with act_delta=0.5
+    conv = TernaryConv2d(1, 32, 5, act_delta=None)   # ternary weights, float input (raw pixels)
+    state = export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255)
+    save_export(state, "bt_mnist_export.pt")  # atomic; loads with torch.load(weights_only=True)
+
+q(x) = sign(x) [|x| > delta] projects onto {-1, 0, +1}. Its straight-through estimator passes the
+gradient where |x| <= clip and zeroes it outside. Weights: Weff = alpha_p [W > d_c] - alpha_n [W < -d_c]
+with learned per-output-channel alpha_p, alpha_n (TTQ): dL/dalpha_p = sum of dL/dWeff over W > d_c,
+dL/dalpha_n = -sum over W < -d_c, and the latent W gets dL/dWeff scaled by alpha_p, 1 or alpha_n
+(inside the clip).
+"""
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bt_kernel import (TernaryLinearTriton, TernaryWeights, _weight_ste_grads, initial_alphas,
+                       pack_bitplanes, ternary_thresholds)
+
+__all__ = ["ternarize", "ternary_activation", "ternary_weight", "TernaryActivation", "TernaryLinear",
+           "TernaryLinearTriton", "TernaryConv2d", "ternary_thresholds", "initial_alphas",
+           "export_ternary_state", "save_export", "export_size_report", "EXPORT_FORMAT", "EXPORT_VERSION"]
+
+# -----------------------------------------------------------------------------
+# quantizers
+
+
+def ternarize(x, delta):
+    """q(x) = sign(x) [|x| > delta], no gradient; delta a number or a tensor that broadcasts."""
+    return torch.sign(x) * (x.abs() > delta)
+
+
+class _TernaryActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, delta, clip):
+        ctx.save_for_backward(x)
+        ctx.clip = clip
+        # clamping to [-clip, clip] first changes no trit (delta < clip), so it is left implicit
+        return ternarize(x, delta)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= ctx.clip), None, None
+
+
+def ternary_activation(x, delta=0.5, clip=1.0):
+    """Clamp to [-clip, clip], project to {-1, 0, +1} with dead zone delta; STE backward."""
+    return _TernaryActivation.apply(x, delta, clip)
+
+
+class _TernaryWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, alpha_p, alpha_n, thresholds, clip):
+        d = thresholds.view(-1, *[1] * (weight.dim() - 1))
+        ctx.save_for_backward(weight, alpha_p, alpha_n, thresholds)
+        ctx.clip = clip
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        return alpha_p.view(shape) * (weight > d) - alpha_n.view(shape) * (weight < -d)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, alpha_p, alpha_n, thresholds = ctx.saved_tensors
+        return (*_weight_ste_grads(g, weight, alpha_p, alpha_n, thresholds, ctx.clip), None, None)
+
+
+def ternary_weight(weight, alpha_p, alpha_n, thresholds, clip=1.0):
+    """Weff = alpha_p [W > d] - alpha_n [W < -d] per output channel, TTQ gradients."""
+    return _TernaryWeight.apply(weight, alpha_p, alpha_n, thresholds, clip)
+
+
+class TernaryActivation(nn.Module):
+    """Ternary activation: clamp, then project to {-1, 0, +1}; STE backward."""
+
+    def __init__(self, delta=0.5, clip=1.0):
+        super().__init__()
+        self.delta, self.clip = delta, clip
+
+    def forward(self, x):
+        return ternary_activation(x, self.delta, self.clip)
+
+    def extra_repr(self):
+        return f"delta={self.delta}, clip={self.clip}"
+
+
+# -----------------------------------------------------------------------------
+# modules (pure PyTorch; TernaryLinearTriton in bt_kernel.py is the kernel twin of TernaryLinear)
+
+
+class TernaryLinear(TernaryWeights):
+    """nn.Linear with ternary weights (and ternary inputs unless act_delta is None), in pure PyTorch."""
+
+    def __init__(self, in_features, out_features, bias=True, *, delta_rule="channel", delta_t=0.7,
+                 delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0):
+        self.in_features, self.out_features = in_features, out_features
+        super().__init__((out_features, in_features), bias, delta_rule, delta_t, delta, act_delta, act_clip,
+                         weight_clip)
+
+    def forward(self, x):
+        if self.act_delta is not None:
+            x = ternary_activation(x, self.act_delta, self.act_clip)
+        w = ternary_weight(self.weight, self.alpha_p, self.alpha_n, self.thresholds(), self.weight_clip)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"delta_rule={self.delta_rule}, act_delta={self.act_delta}")
+
+
+class TernaryConv2d(TernaryWeights):
+    """nn.Conv2d with ternary weights and per-output-channel alpha_p/alpha_n.
+
+    The input is ternarized with dead zone act_delta first; act_delta=None keeps it as it is (raw pixels).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=False, *,
+                 delta_rule="channel", delta_t=0.7, delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0):
+        k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride, self.padding = stride, padding
+        super().__init__((out_channels, in_channels, *k), bias, delta_rule, delta_t, delta, act_delta, act_clip,
+                         weight_clip)
+
+    def forward(self, x):
+        if self.act_delta is not None:
+            x = ternary_activation(x, self.act_delta, self.act_clip)
+        w = ternary_weight(self.weight, self.alpha_p, self.alpha_n, self.thresholds(), self.weight_clip)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, w.to(x.dtype), b, self.stride, self.padding)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}, act_delta={self.act_delta}")
+
+
+# -----------------------------------------------------------------------------
+# export: BatchNorm folded into the scales, weights as 2-bit planes, one self-describing dict
+
+EXPORT_FORMAT = "btmnist-ternary"
+EXPORT_VERSION = 1
+
+
+def _fold_batchnorm(alpha_p, alpha_n, bias, bn):
+    # y = s * (alpha_p Sp - alpha_n Sn + b) + t, in float64 then rounded once
+    s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    t = bn.bias.double() - s * bn.running_mean.double()
+    return alpha_p * s, alpha_n * s, bias * s + t
+
+
+@torch.no_grad()
+def export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, **meta):
+    """A packed, self-describing export of an nn.Sequential of ternary layers, BatchNorm, MaxPool2d, Flatten.
+
+    Each ternary layer becomes {type, geometry, input kind, pos/neg uint32 planes [N, KW] (2 bits per
+    weight), alpha_p, alpha_n, bias (float32, BatchNorm folded in)}. The first layer may take raw
+    pixels (act_delta=None): their scale input_scale is folded into its alphas, so inference feeds
+    exact integers. `meta` (dataset, classes, arch, ...) is stored as it is.
+    """
+    layers = []
+    mods = list(model.children()) if isinstance(model, nn.Sequential) else list(model.modules())[1:]
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, (TernaryConv2d, TernaryLinear, TernaryLinearTriton)):
+            first = not any(l["type"] in ("conv", "linear") for l in layers)
+            if m.act_delta is None and not first:
+                raise ValueError(f"layer {i} ({type(m).__name__}) takes float input: only the first layer may")
+            trits = m.ternary_weight().flatten(1)
+            pos, neg = pack_bitplanes(trits.cpu())
+            ap, an = m.alpha_p.double().cpu(), m.alpha_n.double().cpu()
+            b = torch.zeros_like(ap) if m.bias is None else m.bias.double().cpu()
+            if m.act_delta is None:
+                ap, an = ap * input_scale, an * input_scale
+            if i + 1 < len(mods) and isinstance(mods[i + 1], (nn.BatchNorm1d, nn.BatchNorm2d)):
+                ap, an, b = _fold_batchnorm(ap, an, b, mods[i + 1].cpu())
+                i += 1
+            rec = dict(type="conv" if isinstance(m, TernaryConv2d) else "linear",
+                       in_features=trits.shape[1], out_features=trits.shape[0],
+                       input="pixels" if m.act_delta is None else "trits",
+                       act_delta=None if m.act_delta is None else float(m.act_delta),
+                       pos=pos.contiguous(), neg=neg.contiguous(),
+                       alpha_p=ap.float(), alpha_n=an.float(), bias=b.float())
+            if isinstance(m, TernaryConv2d):
+                rec.update(in_channels=m.in_channels, kernel_size=list(m.kernel_size), stride=m.stride,
+                           padding=m.padding)
+            layers.append(rec)
+        elif isinstance(m, nn.MaxPool2d):
+            k, s = m.kernel_size, m.stride or m.kernel_size
+            if not (isinstance(k, int) and isinstance(s, int)) or m.padding not in (0, (0, 0)) or m.dilation not in (1, (1, 1)):
+                raise ValueError("only MaxPool2d(k, stride) with square int kernel, no padding or dilation")
+            layers.append(dict(type="maxpool", kernel_size=k, stride=s))
+        elif isinstance(m, nn.Flatten):
+            layers.append(dict(type="flatten"))
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            raise ValueError(f"layer {i}: BatchNorm must follow a ternary layer to be folded")
+        elif not isinstance(m, (nn.Identity, nn.Dropout)):
+            raise ValueError(f"layer {i}: cannot export {type(m).__name__}")
+        i += 1
+    return dict(format=EXPORT_FORMAT, version=EXPORT_VERSION, input_shape=list(input_shape),
+                input_scale=float(input_scale), layers=layers, **meta)
+
+
+def save_export(state, path):
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def export_size_report(state, path=None):
+    """(weights, packed bytes, bits per weight, ratio to float32) of an export, as one printable line."""
+    n_weights = sum(l["out_features"] * l["in_features"] for l in state["layers"] if "pos" in l)
+    plane_bytes = sum(l["pos"].numel() * 4 * 2 for l in state["layers"] if "pos" in l)
+    scale_bytes = sum(4 * (l["alpha_p"].numel() * 3) for l in state["layers"] if "pos" in l)
+    file_bytes = os.path.getsize(path) if path else plane_bytes + scale_bytes
+    return (f"export: {n_weights} weights in {plane_bytes} B of bitplanes ({8 * plane_bytes / n_weights:.2f} bits/weight) "
+            f"+ {scale_bytes} B of scales; file {file_bytes} B = {8 * file_bytes / n_weights:.2f} bits/weight, "
+            f"{4 * n_weights / file_bytes:.1f}x smaller than float32 weights ({4 * n_weights} B)")
