@@ -161,12 +161,12 @@ def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1):
     return pos, neg
 
 
-def _check_device(*tensors):
+def _check_device(*tensors, allow_cpu=False):
     dev = tensors[0].device
     for t in tensors:
         if t.device != dev:
             raise ValueError(f"tensors are on different devices: {dev} and {t.device}")
-    if dev.type == "cpu" and not _INTERPRET:
+    if dev.type == "cpu" and not _INTERPRET and not allow_cpu:
         raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing triton "
                          "(or move the tensors to a CUDA device)")
     if dev.type not in ("cpu", "cuda"):
@@ -192,6 +192,8 @@ def pack_bitplanes(x, threshold=None):
     x: int8 [R, K] with values in {-1, 0, +1}; or a float tensor [R, K] with `threshold` >= 0, which is
     ternarized on the fly (+1 where x > threshold, -1 where x < -threshold) in the same pass. `threshold`
     may also be a float tensor [R]: one threshold per row (per output channel of a weight matrix).
+    CUDA tensors go through the Triton kernel; CPU tensors too under TRITON_INTERPRET=1, else through
+    torch ops with the same result (row-major storage).
     """
     _check_matrix(x, "x")
     R, K = x.shape
@@ -200,7 +202,7 @@ def pack_bitplanes(x, threshold=None):
     if x.dtype == torch.int8:
         if threshold is not None:
             raise ValueError("threshold is for float input; int8 input must already hold trits")
-        _check_device(x)
+        _check_device(x, allow_cpu=True)
         _check_int8_trits(x, "x")
         mode, thr, t = 0, None, 0.0
     elif x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -209,22 +211,42 @@ def pack_bitplanes(x, threshold=None):
         if isinstance(threshold, torch.Tensor):
             if threshold.shape != (R,):
                 raise ValueError(f"per-row threshold must have shape ({R},), got {tuple(threshold.shape)}")
-            _check_device(x, threshold)
+            _check_device(x, threshold, allow_cpu=True)
             mode, thr, t = 2, threshold.detach().float().contiguous(), 0.0
         else:
             t = float(threshold)
             if not t >= 0:
                 raise ValueError(f"threshold must be >= 0, got {threshold}")
-            _check_device(x)
+            _check_device(x, allow_cpu=True)
             mode, thr = 1, None
         if x.dtype == torch.float64:   # the kernel compares in float32
             x = x.float()
     else:
         raise TypeError(f"x must be int8 trits or a float tensor, got {x.dtype}")
+    if x.device.type == "cpu" and not _INTERPRET:
+        # no Triton on the CPU without the interpreter: the same layout through torch ops
+        return _pack_torch(x if mode == 0 else _ternarize_rows(x, threshold))
     geometry = (1, 1, 1, 1, 1, 1, 1, 0, False)
     pos, neg = _launch_pack(x.view(R, K, 1, 1) if x.is_contiguous() else x[:, :, None, None], R, K,
                             geometry, mode, threshold=t, thr=thr)
     return pos[0], neg[0]
+
+
+def _ternarize_rows(x, threshold):
+    t = threshold[:, None].float() if isinstance(threshold, torch.Tensor) else float(threshold)
+    return (x.float() > t).to(torch.int8) - (x.float() < -t).to(torch.int8)
+
+
+def _pack_torch(trits):
+    """pack_bitplanes for int8 trits [R, K] in plain torch (CPU without Triton)."""
+    R, K = trits.shape
+    KW = triton.cdiv(K, 32)
+    t = torch.nn.functional.pad(trits, (0, 32 * KW - K)).view(R, KW, 32).long()
+    weights = 1 << torch.arange(32, dtype=torch.int64, device=trits.device)
+    def plane(mask):
+        words = (mask.long() * weights).sum(-1)
+        return (words - (words >= 1 << 31).long() * (1 << 32)).to(torch.int32).view(torch.uint32)
+    return plane(t == 1), plane(t == -1)
 
 
 def pack_im2col(x, kernel_size, stride=1, padding=0, threshold=None):
@@ -267,12 +289,39 @@ def unpack_bitplanes(pos, neg, K):
 
 # -----------------------------------------------------------------------------
 # GEMM: two kernels, one for tiles of many rows (outer products, one K word a step) and one for
-# few rows (a [BLOCK_K, BLOCK_N] block of weight words a step: many bytes in flight for the GEMV case)
+# few rows (a [BLOCK_K, BLOCK_N] block of weight words a step: many bytes in flight for the GEMV case).
+# Both can split K across programs when the output has too few tiles to fill the GPU: partial int32
+# sums meet in a workspace through atomics, and the last program of a tile applies the epilogue
+# (integer sums add in any order, so the result stays deterministic).
+
+
+@triton.jit
+def _finish(acc_p, acc_n, offs_m, offs_n, tile, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+            M, N, stride_cm, stride_cn,
+            SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K > 1:
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws, acc_p, mask=mask)
+        if not SYMMETRIC:
+            tl.atomic_add(ws + M * N, acc_n, mask=mask)
+        tl.debug_barrier()
+        if tl.atomic_add(lock_ptr + tile, 1) == SPLIT_K - 1:
+            # last program of this tile: take the sums and leave zeros for the next call
+            acc_p = tl.atomic_xchg(ws, tl.zeros_like(acc_p), mask=mask)
+            if not SYMMETRIC:
+                acc_n = tl.atomic_xchg(ws + M * N, tl.zeros_like(acc_n), mask=mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+            _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
+                      stride_cm, stride_cn, mask, SYMMETRIC, HAS_BIAS)
+    else:
+        _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
+                  stride_cm, stride_cn, mask, SYMMETRIC, HAS_BIAS)
 
 
 @triton.jit
 def _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
-              stride_cm, stride_cn, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr):
+              stride_cm, stride_cn, mask, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr):
     n_mask = offs_n < N
     # float64 with exact products (float32 scale x int32 sum): the result does not depend on FMA contraction
     ap = tl.load(alpha_p_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float64)
@@ -283,7 +332,7 @@ def _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, 
     if HAS_BIAS:
         c = c + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float64)[None, :]
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, c.to(tl.float32), mask=(offs_m[:, None] < M) & n_mask[None, :])
+    tl.store(c_ptrs, c.to(tl.float32), mask=mask)
 
 
 @triton.jit
@@ -294,6 +343,7 @@ def _ternary_gemm_kernel(
     alpha_p_ptr, alpha_n_ptr,     # per-channel scales [N] float32
     bias_ptr,                     # [N] float32
     c_ptr,                        # output [M, N] float32
+    ws_ptr, lock_ptr,             # split-K workspace: int32 [2, M, N] and one counter per tile, all zero
     # sizes
     M, N, KW,
     # strides (elements)
@@ -304,7 +354,7 @@ def _ternary_gemm_kernel(
     A_BITS: tl.constexpr,         # 1: A is trits (pos, neg planes); > 1: unsigned A_BITS-bit ints, bit-serial
     SYMMETRIC: tl.constexpr,      # one scale per channel: 2 popcounts per word pair instead of 3
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     # grouped ordering: GROUP_M row tiles share each weight tile while it is in L2
     pid = tl.program_id(0)
@@ -315,6 +365,9 @@ def _ternary_gemm_kernel(
     group_m = min(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % group_m
     pid_n = (pid % group) // group_m
+    k_per = tl.cdiv(KW, SPLIT_K)
+    k_lo = tl.program_id(1) * k_per
+    k_hi = min(KW, k_lo + k_per)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -330,7 +383,7 @@ def _ternary_gemm_kernel(
         a_neg_ptrs = a_neg_ptr + am * stride_am
         part_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         part_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k in range(0, KW):
+        for k in range(k_lo, k_hi):
             ap = tl.load(a_pos_ptrs + k * stride_ak)[:, None]
             wp = tl.load(b_pos_ptrs + k * stride_bk)[None, :]
             wn = tl.load(b_neg_ptrs + k * stride_bk)[None, :]
@@ -351,8 +404,8 @@ def _ternary_gemm_kernel(
         acc_n += part_n << bit
     if SYMMETRIC and A_BITS > 1:
         acc_p = acc_p - acc_n
-    _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
-              stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+    _finish(acc_p, acc_n, offs_m, offs_n, pid, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+            M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -362,6 +415,7 @@ def _ternary_gemv_kernel(
     b_pos_ptr, b_neg_ptr,         # weights [N, KW] uint32
     alpha_p_ptr, alpha_n_ptr, bias_ptr,
     c_ptr,
+    ws_ptr, lock_ptr,             # split-K workspace, as above
     # sizes
     M, N, KW,
     # strides (elements)
@@ -370,7 +424,7 @@ def _ternary_gemv_kernel(
     stride_cm, stride_cn,
     # meta-parameters
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -379,11 +433,15 @@ def _ternary_gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     am = offs_m % M
     bn = offs_n % N
-    acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, KW, BLOCK_K):
+    k_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = tl.program_id(2) * k_per
+    k_hi = min(KW, k_lo + k_per)
+    # accumulate elementwise and reduce over K once at the end: no cross-thread reduction per step
+    acc3_p = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
+    acc3_n = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
-        k_ok = kk < KW                              # words past KW load as 0 and add nothing
+        k_ok = kk < k_hi                            # words past the range load as 0 and add nothing
         a_offs = am[:, None] * stride_am + kk[None, :] * stride_ak
         b_offs = kk[:, None] * stride_bk + bn[None, :] * stride_bn
         ap = tl.load(a_pos_ptr + a_offs, mask=k_ok[None, :], other=0)[:, :, None]
@@ -393,50 +451,97 @@ def _ternary_gemv_kernel(
         p1 = _popc((ap & wp) | (an & wn))
         p2 = _popc((ap & wn) | (an & wp))
         if SYMMETRIC:
-            acc_p += tl.sum(p1 - p2, axis=1)
+            acc3_p += p1 - p2
         else:
             p3 = _popc(ap & (wp | wn))
-            acc_p += tl.sum(p3 - p2, axis=1)
-            acc_n += tl.sum(p3 - p1, axis=1)
-    _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
-              stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+            acc3_p += p3 - p2
+            acc3_n += p3 - p1
+    acc_p = tl.sum(acc3_p, axis=1)
+    acc_n = tl.sum(acc3_n, axis=1)
+    tile = pid_m * tl.num_programs(0) + pid_n
+    _finish(acc_p, acc_n, offs_m, offs_n, tile, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+            M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS, SPLIT_K)
 
 
-def _gemm_config(M, N, KW, bit_serial):
-    """(kernel, meta-parameters) by shape; measured choices on an H200 in `python bt_kernel.py --tune`."""
+_SM_COUNT = {}
+
+
+def _sm_count(device):
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def _gemm_config(M, N, KW, bit_serial, device=None):
+    """(kernel, meta-parameters) by shape: the fastest in `python bt_kernel.py --tune` on an H200."""
     if _INTERPRET:   # small tiles keep the numpy emulation quick
         if M <= 4 and not bit_serial:
-            return "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=32, BLOCK_K=8, num_warps=4)
-        return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, num_warps=4)
-    if M <= 4 and not bit_serial:
-        return "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=64, BLOCK_K=16, num_warps=4)
-    if M <= 32:
-        return "tile", dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, GROUP_M=1, num_warps=4)
-    return "tile", dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8)
+            return "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=32, BLOCK_K=8, SPLIT_K=1, num_warps=4)
+        return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, num_warps=4)
+    sms = _sm_count(device) if device is not None else 132
+    if M <= 2 and not bit_serial:
+        kind, meta = "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=32, BLOCK_K=64, num_warps=4)
+        tiles = triton.cdiv(N, 32)
+    elif M <= 256 and not bit_serial:
+        kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=32, num_warps=4)
+        tiles = triton.cdiv(N, 64) * triton.cdiv(M, 2)
+    else:
+        kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=128, GROUP_M=8, num_warps=4)
+        tiles = triton.cdiv(M, 16) * triton.cdiv(N, 128)
+    # split K until there are about 4 programs per SM, keeping at least 2 blocks of K per split
+    min_k = 2 * meta.get("BLOCK_K", 16)
+    meta["SPLIT_K"] = max(1, min(triton.cdiv(4 * sms, tiles), KW // min_k))
+    return kind, meta
 
 
-def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None):
-    """a_pos [BITS, M, KW] (a_neg [1, M, KW] or None for unsigned bit-serial A); no checks."""
+_WORKSPACE = {}
+
+
+def _workspace(device, words, tiles):
+    """Zeroed int32 buffers for split-K, kept per device; every call leaves them zero again."""
+    ws, locks = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < words:
+        ws = torch.zeros(max(words, 1 << 16), dtype=torch.int32, device=device)
+    if locks is None or locks.numel() < tiles:
+        locks = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
+    _WORKSPACE[device] = (ws, locks)
+    return ws, locks
+
+
+def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None, out=None):
+    """a_pos [BITS, M, KW] (a_neg [1, M, KW] or None for unsigned bit-serial A); no checks.
+
+    Returns C, and sets _launch_gemm.compiled to the compiled kernel (for the SASS check).
+    Split-K calls share one workspace per device: do not run two at once on different streams."""
     bits, M, KW = a_pos.shape
     N = b_pos.shape[0]
-    c = torch.empty((M, N), dtype=torch.float32, device=a_pos.device)
+    c = torch.empty((M, N), dtype=torch.float32, device=a_pos.device) if out is None else out
     if M == 0 or N == 0:
         return c
     symmetric = alpha_n is None
     an = a_pos if a_neg is None else a_neg
-    kind, meta = config or _gemm_config(M, N, KW, a_neg is None)
+    kind, meta = config or _gemm_config(M, N, KW, a_neg is None, a_pos.device)
+    meta = dict(meta)
+    split = meta.setdefault("SPLIT_K", 1)
+    if kind == "gemv":
+        grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
+    else:
+        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1] if kind == "gemv" else grid[0]) \
+        if split > 1 else (c, c)
     common = dict(SYMMETRIC=symmetric, HAS_BIAS=bias is not None)
     args = (a_pos, an, b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n,
-            alpha_p if bias is None else bias, c, M, N, KW)
+            alpha_p if bias is None else bias, c, ws, locks, M, N, KW)
     if kind == "gemv":
-        grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))
-        _ternary_gemv_kernel[grid](*args, a_pos.stride(1), a_pos.stride(2), b_pos.stride(0), b_pos.stride(1),
-                                   c.stride(0), c.stride(1), **common, **meta)
+        _launch_gemm.compiled = _ternary_gemv_kernel[grid](
+            *args, a_pos.stride(1), a_pos.stride(2), b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
+            **common, **meta)
     else:
-        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _ternary_gemm_kernel[grid](*args, a_pos.stride(0), a_pos.stride(1), a_pos.stride(2),
-                                   b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
-                                   A_BITS=bits, **common, **meta)
+        _launch_gemm.compiled = _ternary_gemm_kernel[grid](
+            *args, a_pos.stride(0), a_pos.stride(1), a_pos.stride(2), b_pos.stride(0), b_pos.stride(1),
+            c.stride(0), c.stride(1), A_BITS=bits, **common, **meta)
     return c
 
 
@@ -662,3 +767,217 @@ class TernaryLinearTriton(TernaryWeights):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"delta_rule={self.delta_rule}, act_delta={self.act_delta}")
+
+
+# -----------------------------------------------------------------------------
+# benchmark (python bt_kernel.py): ceilings, pack GB/s, GEMM tables against torch bf16/fp32, SASS check
+
+
+@triton.jit
+def _popc_rate_kernel(out_ptr, seed, ITERS, BLOCK: tl.constexpr):
+    # 4 independent dependency chains per element, 8 popcounts per chain per trip: popc throughput, not latency
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x0 = offs.to(tl.uint32) ^ seed
+    x1 = x0 * 3
+    x2 = x0 * 5
+    x3 = x0 * 7
+    for _ in range(ITERS):
+        for _j in tl.static_range(8):
+            x0 = x0 + _popc(x0).to(tl.uint32)
+            x1 = x1 + _popc(x1).to(tl.uint32)
+            x2 = x2 + _popc(x2).to(tl.uint32)
+            x3 = x3 + _popc(x3).to(tl.uint32)
+    tl.store(out_ptr + offs, x0 ^ x1 ^ x2 ^ x3)
+
+
+def _graph_ms(fn, calls=10, rep=100):
+    """Kernel time per call from CUDA-graph replays of `calls` calls (fn(i) may rotate inputs): no launch overhead."""
+    from triton.testing import do_bench
+    for i in range(calls):   # warm up / compile outside the capture
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    return do_bench(g.replay, warmup=max(5, rep // 4), rep=rep, return_mode="median") / calls
+
+
+def _eager_ms(fn):
+    from triton.testing import do_bench
+    return do_bench(lambda: fn(0), return_mode="median")
+
+
+def _ceilings():
+    from triton.testing import do_bench
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() * 4 / (do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3)
+    del x, y
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    BLOCK, iters = 256, 256
+    grid = sms * 32
+    out = torch.empty(grid * BLOCK, dtype=torch.uint32, device="cuda")
+    ms = do_bench(lambda: _popc_rate_kernel[(grid,)](out, 12345, iters, BLOCK=BLOCK, num_warps=8), return_mode="median")
+    popc = grid * BLOCK * iters * 8 * 4 / (ms * 1e-3)
+    return bw, popc
+
+
+def _gemm_inputs(M, N, K, sets, device="cuda"):
+    a = torch.randint(-1, 2, (M, K), dtype=torch.int8, device=device)
+    ap, an = pack_bitplanes(a)
+    ws = [pack_bitplanes(torch.randint(-1, 2, (N, K), dtype=torch.int8, device=device)) for _ in range(sets)]
+    alpha_p, alpha_n = torch.rand(N, device=device) + 0.5, torch.rand(N, device=device) + 0.5
+    return a, ap, an, ws, alpha_p, alpha_n
+
+
+def _rotation(bytes_per_call, l2=60 << 20):
+    # weight sets rotated through a timing so that they do not sit in L2 (as a real model's layers would not)
+    return max(1, min(10, math.ceil(3 * l2 / max(bytes_per_call, 1))))
+
+
+def _bench_gemm_row(M, N, K, bw, popc_rate):
+    KW = triton.cdiv(K, 32)
+    _, ap, an, ws, alpha_p, alpha_n = _gemm_inputs(M, N, K, _rotation(2 * N * KW * 4))
+    c = torch.empty(M, N, device="cuda")
+    t3 = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
+    t2 = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, None, None, out=c)
+    x = torch.randn(M, K, device="cuda")
+    def packed(i):
+        p, n = _launch_pack(x.view(M, K, 1, 1), M, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode=1, threshold=0.5)
+        return _launch_gemm(p, n, *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
+    wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(_rotation(2 * N * K))]
+    xb = x.bfloat16()
+    bf16 = lambda i: torch.nn.functional.linear(xb, wb[i % len(wb)])
+    wf = [w.float() for w in wb[:_rotation(4 * N * K)]]
+    f32 = lambda i: torch.nn.functional.linear(x, wf[i % len(wf)])
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ms = {name: _graph_ms(fn) for name, fn in (("t3", t3), ("t2", t2), ("pack+t3", packed), ("bf16", bf16), ("fp32", f32))}
+    ms["t3 eager"], ms["bf16 eager"] = _eager_ms(t3), _eager_ms(bf16)
+    t = ms["t3"] * 1e-3
+    tops = 2 * M * N * K / t / 1e12
+    pct_popc = 100 * M * N * KW * 3 / t / popc_rate
+    pct_bw = 100 * (2 * (M + N) * KW * 4 + M * N * 4) / t / bw
+    return ms, tops, pct_popc, pct_bw
+
+
+TUNE_CONFIGS = {
+    "gemv": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4) for bm in (1, 2, 4)
+             for bn, bk in ((32, 64), (32, 128), (64, 32), (128, 32)) for sk in (1, 4, 8)],
+    "tile": [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, num_warps=w) for bm, bn in
+             ((16, 64), (16, 128), (32, 64), (32, 128), (64, 64)) for w in (4, 8) for sk in (1, 4)],
+}
+
+
+def _tune(shapes):
+    print(f"{'M':>6} {'N':>6} {'K':>6}  {'kernel':6} config -> us (3 popc, graph replay)")
+    for M, N, K in shapes:
+        KW = triton.cdiv(K, 32)
+        _, ap, an, ws, alpha_p, alpha_n = _gemm_inputs(M, N, K, _rotation(2 * N * KW * 4))
+        c = torch.empty(M, N, device="cuda")
+        results = []
+        for kind, configs in TUNE_CONFIGS.items():
+            for meta in configs:
+                if kind == "gemv" and (M > 256 or meta["BLOCK_M"] > max(M, 1) * 2):
+                    continue
+                if kind == "tile" and (meta["BLOCK_M"] > 2 * max(M, 16) or (M >= 1024 and meta["SPLIT_K"] > 1)):
+                    continue
+                fn = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, alpha_n, None,
+                                            config=(kind, meta), out=c)
+                try:
+                    us = _graph_ms(fn, rep=25) * 1e3
+                    regs, spills = _launch_gemm.compiled.n_regs, _launch_gemm.compiled.n_spills
+                except Exception as e:   # out of resources etc.
+                    us, regs, spills = float("inf"), 0, 0
+                results.append((us, kind, meta, regs, spills))
+        results.sort(key=lambda r: r[0])
+        for us, kind, meta, regs, spills in results[:5]:
+            print(f"{M:>6} {N:>6} {K:>6}  {kind:6} {meta} -> {us:9.2f} us  regs {regs} spills {spills}")
+        default = _gemm_config(M, N, KW, False)
+        fn = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
+        print(f"{M:>6} {N:>6} {K:>6}  default {default} -> {_graph_ms(fn) * 1e3:9.2f} us", flush=True)
+
+
+def _sass_report(folder):
+    """Compile the GEMM kernels, dump SASS, count the instructions that matter (POPC present, no emulation)."""
+    import collections
+    import re
+    import shutil
+    import subprocess
+    os.makedirs(folder, exist_ok=True)
+    for M, name in ((1, "gemv"), (16, "tile_m16"), (4096, "tile")):
+        _, ap, an, ws, alpha_p, alpha_n = _gemm_inputs(M, 256, 1024, 1)
+        for sym in (False, True):
+            _launch_gemm(ap[None], an[None], *ws[0], alpha_p, None if sym else alpha_n, None)
+            k = _launch_gemm.compiled
+            tag = f"{name}_{'2popc' if sym else '3popc'}"
+            cubin = os.path.join(folder, tag + ".cubin")
+            with open(cubin, "wb") as f:
+                f.write(k.asm["cubin"])
+            tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+            sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
+            with open(os.path.join(folder, tag + ".sass"), "w") as f:
+                f.write(sass)
+            ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass, re.M))
+            keys = ("POPC", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "LDS", "STL", "LDL", "DFMA", "DMUL")
+            print(f"sass {tag:14} regs {k.n_regs:3} spills {k.n_spills:3}  " + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys))
+
+
+def _bench_main():
+    import argparse
+    import datetime
+    parser = argparse.ArgumentParser(description="Benchmark the popcount kernels against torch (needs a CUDA GPU).")
+    parser.add_argument("--tune", action="store_true", help="sweep kernel configs on a few shapes (default: off)")
+    parser.add_argument("--sass", metavar="DIR", help="dump the GEMM kernels' SASS to DIR and count instructions")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (default: off)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or _INTERPRET:
+        parser.error("needs a CUDA GPU (and TRITON_INTERPRET unset)")
+    props = torch.cuda.get_device_properties(0)
+    print(f"# {props.name}, {props.multi_processor_count} SMs | torch {torch.__version__} | triton {triton.__version__} "
+          f"| {datetime.date.today()}")
+    if args.sass:
+        _sass_report(args.sass)
+    if args.tune:
+        _tune([(1, 8192, 8192), (16, 8192, 8192), (128, 4096, 4096), (4096, 4096, 4096), (128, 256, 1024),
+               (8192, 64, 800)])
+        return
+    bw, popc_rate = _ceilings()
+    print(f"ceilings: copy bandwidth {bw / 1e12:.2f} TB/s (read + write); popcount {popc_rate / 1e12:.2f} T/s "
+          f"= {popc_rate / props.multi_processor_count / 1.98e9:.1f} per clock per SM at 1.98 GHz; "
+          f"ternary ceiling {2 * 32 * popc_rate / 3 / 1e12:.0f} TOP/s at 3 popc per word pair, "
+          f"{2 * 32 * popc_rate / 2 / 1e12:.0f} at 2")
+    # pack: float -> trits -> bitplanes, one pass
+    from triton.testing import do_bench
+    for R, K, dtype in ((16384, 8192, torch.float32), (16384, 8192, torch.bfloat16), (16384, 8192, torch.int8)):
+        x = torch.randn(R, K, device="cuda").to(dtype) if dtype != torch.int8 else \
+            torch.randint(-1, 2, (R, K), dtype=torch.int8, device="cuda")
+        thr = 0.5 if dtype != torch.int8 else 0.0
+        mode = 0 if dtype == torch.int8 else 1
+        ms = do_bench(lambda: _launch_pack(x.view(R, K, 1, 1), R, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode, thr),
+                      return_mode="median")
+        nbytes = x.numel() * x.element_size() + 2 * R * triton.cdiv(K, 32) * 4
+        print(f"pack {R}x{K} {str(dtype).replace('torch.', ''):8}: {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s "
+              f"= {100 * nbytes / ms / 1e-3 / bw:3.0f}% of copy bandwidth")
+        del x
+    # GEMM table
+    Ms = (1, 16, 128, 1024, 4096) if not args.quick else (1, 16, 4096)
+    shapes = [(M, NK, NK) for NK in (1024, 4096, 8192) for M in Ms]
+    shapes += [(128, 256, 1024), (128 * 64, 64, 800), (10000, 256, 1024), (10000 * 64, 64, 800)]   # MNIST fc1, conv2
+    print("times in us per call from CUDA-graph replays (weights rotated beyond L2); t3: TTQ scales, 3 popcounts per "
+          "word pair; t2: one scale, 2; pack+t3: float activations packed first; eager: one Python call")
+    hdr = (f"{'M':>6} {'N':>5} {'K':>5} | {'t3':>8} {'t2':>8} {'pack+t3':>8} {'bf16':>8} {'fp32':>8} | {'TOP/s':>6} "
+           f"{'%popc':>5} {'%BW':>4} | {'bf16/t3':>7} {'bf16/t2':>7} | {'t3 eager':>8} {'bf16 eager':>10}")
+    print(hdr)
+    print("-" * len(hdr))
+    for M, N, K in shapes:
+        ms, tops, pct_popc, pct_bw = _bench_gemm_row(M, N, K, bw, popc_rate)
+        us = {k: v * 1e3 for k, v in ms.items()}
+        print(f"{M:>6} {N:>5} {K:>5} | {us['t3']:8.2f} {us['t2']:8.2f} {us['pack+t3']:8.2f} {us['bf16']:8.2f} "
+              f"{us['fp32']:8.2f} | {tops:6.1f} {pct_popc:5.0f} {pct_bw:4.0f} | {us['bf16'] / us['t3']:7.2f} "
+              f"{us['bf16'] / us['t2']:7.2f} | {us['t3 eager']:8.2f} {us['bf16 eager']:10.2f}", flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    _bench_main()

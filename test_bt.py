@@ -93,10 +93,12 @@ def test_pack_im2col_matches_unfold():
 
 SHAPES = [(1, 1, 1), (1, 7, 31), (3, 1, 32), (5, 9, 33), (2, 3, 1000), (37, 45, 100), (65, 33, 64), (1, 70, 97)]
 CONFIGS = [None, ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, num_warps=4)),
-           ("gemv", dict(BLOCK_M=4, BLOCK_N=16, BLOCK_K=4, num_warps=4))]
+           ("gemv", dict(BLOCK_M=4, BLOCK_N=16, BLOCK_K=4, num_warps=4)),
+           ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, SPLIT_K=3, num_warps=4)),
+           ("gemv", dict(BLOCK_M=2, BLOCK_N=16, BLOCK_K=2, SPLIT_K=3, num_warps=4))]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["auto", "tile", "gemv"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["auto", "tile", "gemv", "tile-splitk", "gemv-splitk"])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_gemm_integer_sums_exact(M, N, K, config):
     a, w = rand_trits(M, K), rand_trits(N, K)
@@ -105,7 +107,8 @@ def test_gemm_integer_sums_exact(M, N, K, config):
     sp, sn = int_sums(a, w)
     one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None, config)
-    # alpha_n = 0 reads out Sp alone, alpha_p = 0 and alpha_n = -1 Sn alone; both are exact in float32
+    # alpha_n = 0 reads out Sp alone, alpha_p = 0 and alpha_n = -1 Sn alone; both are exact in float32.
+    # Three calls in a row also check that split-K leaves its workspace zeroed for the next call.
     assert torch.equal(run(one, zero).cpu().long(), sp)
     assert torch.equal(run(zero, -one).cpu().long(), sn)
     assert torch.equal(run(one, None).cpu().long(), sp - sn)      # symmetric: 2 popcounts
