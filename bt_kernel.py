@@ -488,8 +488,9 @@ def _gemm_config(M, N, KW, bit_serial, device=None):
         kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=32, num_warps=4)
         tiles = triton.cdiv(N, 64) * triton.cdiv(M, 2)
     else:
-        kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=128, GROUP_M=8, num_warps=4)
-        tiles = triton.cdiv(M, 16) * triton.cdiv(N, 128)
+        bn = min(128, max(32, triton.next_power_of_2(N)))   # narrow layers (conv1: N=32) waste no columns
+        kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=8, num_warps=4)
+        tiles = triton.cdiv(M, 16) * triton.cdiv(N, bn)
     # split K until there are about 4 programs per SM, keeping at least 2 blocks of K per split
     min_k = 2 * meta.get("BLOCK_K", 16)
     meta["SPLIT_K"] = max(1, min(triton.cdiv(4 * sms, tiles), KW // min_k))

@@ -217,6 +217,7 @@ def save_export(state, path):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600; an export is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

