@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -619,6 +620,8 @@ def main(argv=None):
                         help="write a PNG grid of misclassified test images here (default: none)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="use only the first N test images (default: all)")
+    parser.add_argument("--bench", action="store_true",
+                        help="also time a float model of the same shape on cuDNN, fp32 and bf16 (default: off)")
     args = parser.parse_args(argv)
     if args.device not in ("cuda", "cpu"):
         parser.error(f"argument --device: unknown device {args.device!r} (choose cuda or cpu)")
@@ -694,6 +697,57 @@ def main(argv=None):
     if args.errors:
         shown = save_error_grid(images, preds, labels, args.errors)
         print(f"errors: {n - correct} misclassified, {shown} drawn in {args.errors}")
+    if args.bench and device == "cuda":
+        bench_against_float(state, x, seconds)
+
+
+# -----------------------------------------------------------------------------
+# benchmark against the float model a user would run instead
+
+
+def float_twin(state):
+    """An nn.Sequential of float Conv2d/Linear + BatchNorm + ReLU with the export's shapes (random weights)."""
+    layers, ternary = [], [r for r in state["layers"] if r["type"] in ("conv", "linear")]
+    for rec in state["layers"]:
+        last = rec is ternary[-1]
+        if rec["type"] == "conv":
+            layers += [nn.Conv2d(rec["in_channels"], rec["out_features"], tuple(rec["kernel_size"]), rec["stride"],
+                                 rec["padding"]), nn.BatchNorm2d(rec["out_features"]), nn.ReLU()]
+        elif rec["type"] == "linear":
+            layers += [nn.Linear(rec["in_features"], rec["out_features"])]
+            layers += [] if last else [nn.BatchNorm1d(rec["out_features"]), nn.ReLU()]
+        elif rec["type"] == "maxpool":
+            layers.append(nn.MaxPool2d(rec["kernel_size"], rec["stride"]))
+        else:
+            layers.append(nn.Flatten())
+    return nn.Sequential(*layers).eval()
+
+
+@torch.no_grad()
+def bench_against_float(state, images, triton_seconds):
+    def median_seconds(fn, reps=20):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        return statistics.median(times)
+    n = len(images)
+    model = float_twin(state).cuda()
+    x = images.float().div(255)
+    rows = [("triton ternary (popcount)", triton_seconds)]
+    rows.append(("torch fp32 (cuDNN)", median_seconds(lambda: model(x))))
+    model_bf16, x_bf16 = float_twin(state).cuda().bfloat16(), x.bfloat16()
+    rows.append(("torch bf16 (cuDNN)", median_seconds(lambda: model_bf16(x_bf16))))
+    print(f"inference of {n} images, {torch.cuda.get_device_name()}, torch {torch.__version__}, median of 20 runs:")
+    print(f"  {'engine':<28}{'ms':>9}{'images/s':>12}{'vs triton':>11}")
+    for name, sec in rows:
+        print(f"  {name:<28}{sec * 1e3:9.3f}{n / sec:12.3e}{triton_seconds / sec:10.2f}x")
 
 
 if __name__ == "__main__":

@@ -1008,3 +1008,94 @@ def _ddp_worker(rank, world, init_file, seed, out_file):
 
 def test_terngrad_ddp_hook_gloo(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), 7, str(tmp_path / "grads.pt")), nprocs=2, join=True)
+
+
+# -----------------------------------------------------------------------------
+# training script: resume, NaN stop, CLI errors, atomic writes (CPU, tiny data)
+
+
+def _tiny_data(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (256,), generator=g),
+            torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (64,), generator=g))
+    monkeypatch.setattr(bt_train, "load_dataset", lambda name, root: data)
+
+
+def _train(tmp_path, *extra):
+    argv = ["--device", "cpu", "--epochs", "2", "--batch", "64", "--channels", "4,8,16", "--seed", "3",
+            "--export", str(tmp_path / "e.pt"), "--checkpoint", str(tmp_path / "c.pt"), *extra]
+    try:
+        bt_train.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_resume_gives_the_same_weights(tmp_path, monkeypatch):
+    _tiny_data(monkeypatch)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert _train(tmp_path / "a") == 0
+    uninterrupted = torch.load(tmp_path / "a" / "c.pt", weights_only=True)
+    # Ctrl-C in the middle of epoch 2: the checkpoint keeps epoch 1, --resume finishes the run
+    real_step, calls = bt_train.Trainer.step, []
+    def interrupted(self, idx):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_step(self, idx)
+    monkeypatch.setattr(bt_train.Trainer, "step", interrupted)
+    assert _train(tmp_path / "b") == 130
+    assert torch.load(tmp_path / "b" / "c.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(bt_train.Trainer, "step", real_step)
+    assert _train(tmp_path / "b", "--resume", str(tmp_path / "b" / "c.pt")) == 0
+    resumed = torch.load(tmp_path / "b" / "c.pt", weights_only=True)
+    assert resumed["epoch"] == 2
+    for k, v in uninterrupted["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    ea, eb = load_export(tmp_path / "a" / "e.pt"), load_export(tmp_path / "b" / "e.pt")
+    assert all(torch.equal(x["pos"], y["pos"]) for x, y in zip(ea["layers"], eb["layers"]) if "pos" in x)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    _tiny_data(monkeypatch)
+    real_step, calls = bt_train.Trainer._step, []
+    def poisoned(self):
+        real_step(self)
+        calls.append(1)
+        if len(calls) > 4:                                   # epoch 2
+            self.loss_sum += float("nan")
+    monkeypatch.setattr(bt_train.Trainer, "_step", poisoned)
+    assert _train(tmp_path) == 1
+    assert "loss is nan in epoch 2" in capsys.readouterr().err
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "e.pt").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "--epochs must be >= 1"), (["--batch", "-3"], "--batch must be >= 1"),
+    (["--dataset", "cifar"], "invalid choice"), (["--device", "tpu"], "invalid choice"),
+    (["--resume", "missing.pt"], "no such file"), (["--channels", "4,8"], "--channels"),
+    (["--export", "/nonexistent/dir/e.pt"], "folder does not exist"), (["--lr", "nan"], "--lr")]
+    + ([(["--use-triton-linear"], "needs a CUDA GPU")] if not torch.cuda.is_available() else []))
+def test_train_cli_errors_exit_2(args, message):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bt_train.py"), *args], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert message in r.stderr and r.stderr.strip().splitlines()[-1].startswith("bt_train.py: error:")
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    # a crash while writing leaves the previous file whole and no temporary file behind
+    for save in (lambda p, s: bt_quant.save_export(s, p), lambda p, s: bt_train.save_checkpoint(p, **s)):
+        path = tmp_path / "f.pt"
+        save(path, {"v": torch.arange(3)})
+        def crash(obj, f, *a, **k):
+            f.write(b"half a file")
+            raise KeyboardInterrupt
+        with monkeypatch.context() as m:
+            m.setattr(torch, "save", crash)
+            with pytest.raises(KeyboardInterrupt):
+                save(path, {"v": torch.arange(5)})
+        assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(3))
+        assert sorted(os.listdir(tmp_path)) == ["f.pt"]
+        path.unlink()
