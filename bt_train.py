@@ -497,6 +497,7 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    t_start = time.time()
     args = get_args(argv)
     # torchrun sets WORLD_SIZE: one process per GPU (NCCL) or per CPU worker (gloo), each on its own shard
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -615,6 +616,7 @@ def main(argv=None):
         save_export(state, args.export)
         print(f"final test accuracy {acc:.2f}% (PyTorch model); wrote {args.export}")
         print(export_size_report(state, args.export))
+        print(f"total time {time.time() - t_start:.1f} s (data, training, evaluation and export)")
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
