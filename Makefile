@@ -1,7 +1,9 @@
 # btmnist: balanced ternary networks with Triton popcount kernels. `make` lists the targets.
 PYTHON ?= python3
 VENV ?= .venv
-PY := $(VENV)/bin/python
+# set PY=python3 DEPS= to use an environment you already have (a GPU machine without network)
+PY ?= $(VENV)/bin/python
+DEPS ?= $(VENV)/.installed
 EPOCHS ?= 30
 BATCH ?= 128
 SEED ?= 0
@@ -10,6 +12,7 @@ DEVICE ?= cuda
 EXPORT ?= bt_mnist_export.pt
 NPROC ?= 2
 TRAIN_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test train train-triton train-ddp infer bench clean
@@ -25,25 +28,27 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed ## create .venv from requirements.txt
 
-test: $(VENV)/.installed ## run the tests (no GPU needed: Triton's interpreter)
+test: $(DEPS) ## run the tests (no GPU needed: Triton's interpreter)
 	$(PY) -m pytest -q test_bt.py
 
-train: $(VENV)/.installed ## train the ternary LeNet (PyTorch path) and export it packed
+train: $(DEPS) ## train the ternary LeNet (PyTorch path) and export it packed
 	$(PY) bt_train.py --dataset $(DATASET) --epochs $(EPOCHS) --batch $(BATCH) --seed $(SEED) --device $(DEVICE) --export $(EXPORT) $(TRAIN_ARGS)
 
-train-triton: $(VENV)/.installed ## the same with the fc layers on the popcount kernels (GPU)
+train-triton: $(DEPS) ## the same with the fc layers on the popcount kernels (GPU)
 	$(PY) bt_train.py --dataset $(DATASET) --epochs $(EPOCHS) --batch $(BATCH) --seed $(SEED) --device $(DEVICE) --export $(EXPORT) --use-triton-linear $(TRAIN_ARGS)
 
-train-ddp: $(VENV)/.installed ## data-parallel training with TernGrad on NPROC processes (torchrun)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) bt_train.py --dataset $(DATASET) --epochs $(EPOCHS) --batch $(BATCH) --seed $(SEED) --device $(DEVICE) --export $(EXPORT) --terngrad $(TRAIN_ARGS)
+train-ddp: $(DEPS) ## data-parallel training with TernGrad on NPROC processes (torchrun)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) bt_train.py --dataset $(DATASET) --epochs $(EPOCHS) --batch $(BATCH) --seed $(SEED) --device $(DEVICE) --export $(EXPORT) --terngrad $(TRAIN_ARGS)
 
-infer: $(VENV)/.installed ## Triton-only inference of the export (numpy on the CPU with DEVICE=cpu)
+infer: $(DEPS) ## Triton-only inference of the export (numpy on the CPU with DEVICE=cpu)
 	$(PY) bt_infer.py --export $(EXPORT) --device $(DEVICE)
 
-bench: $(VENV)/.installed ## kernel tables, training s/epoch and inference images/s against torch (GPU)
-	$(PY) bt_kernel.py
-	$(PY) bt_train.py --epochs 2 --export /tmp/bt_bench_export.pt --checkpoint /tmp/bt_bench_ckpt.pt
-	$(PY) bt_train.py --epochs 2 --use-triton-linear --export /tmp/bt_bench_export.pt --checkpoint /tmp/bt_bench_ckpt.pt
+bench: $(DEPS) ## kernel tables, training s/epoch and inference images/s against torch (GPU)
+	$(PY) bt_kernel.py $(BENCH_ARGS)
+	@echo "== training seconds per epoch: PyTorch path, then --use-triton-linear (3 epochs each)"
+	$(PY) bt_train.py --epochs 3 --export /tmp/bt_bench_export.pt --checkpoint /tmp/bt_bench_ckpt.pt
+	$(PY) bt_train.py --epochs 3 --use-triton-linear --export /tmp/bt_bench_export.pt --checkpoint /tmp/bt_bench_ckpt.pt
+	@echo "== Triton-only inference against the float model on cuDNN"
 	$(PY) bt_infer.py --export /tmp/bt_bench_export.pt --device cuda --bench
 
 clean: ## remove the venv, caches, exports and checkpoints

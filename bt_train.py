@@ -506,7 +506,11 @@ def main(argv=None):
     if distributed:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            local_rank = int(os.environ["LOCAL_RANK"])
+            if local_rank >= torch.cuda.device_count():
+                sys.exit(f"bt_train.py: error: {world} processes per node but {torch.cuda.device_count()} GPU(s): "
+                         "start no more processes than GPUs, or use --device cpu (gloo)")
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)   # before init: NCCL binds to the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     log = print if rank == 0 else (lambda *a, **k: None)
