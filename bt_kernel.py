@@ -900,28 +900,41 @@ def _tune(shapes):
 
 
 def _sass_report(folder):
-    """Compile the GEMM kernels, dump SASS, count the instructions that matter (POPC present, no emulation)."""
+    """Compile the GEMM kernels for sm_90 (no GPU needed: Triton's own ptxas), dump SASS, count instructions.
+
+    What matters: one POPC per popcount, no SWAR emulation (dozens of SHF/LOP3/IMAD per word), no spills."""
     import collections
     import re
-    import shutil
     import subprocess
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
     os.makedirs(folder, exist_ok=True)
-    for M, name in ((1, "gemv"), (16, "tile_m16"), (4096, "tile")):
-        _, ap, an, ws, alpha_p, alpha_n = _gemm_inputs(M, 256, 1024, 1)
-        for sym in (False, True):
-            _launch_gemm(ap[None], an[None], *ws[0], alpha_p, None if sym else alpha_n, None)
-            k = _launch_gemm.compiled
-            tag = f"{name}_{'2popc' if sym else '3popc'}"
-            cubin = os.path.join(folder, tag + ".cubin")
-            with open(cubin, "wb") as f:
-                f.write(k.asm["cubin"])
-            tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-            sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
-            with open(os.path.join(folder, tag + ".sass"), "w") as f:
-                f.write(sass)
-            ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass, re.M))
-            keys = ("POPC", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "LDS", "STL", "LDL", "DFMA", "DMUL")
-            print(f"sass {tag:14} regs {k.n_regs:3} spills {k.n_spills:3}  " + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys))
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    def signature(fn, constexprs):
+        ptr = lambda n: "*fp32" if n.startswith(("alpha", "bias", "c_ptr")) else "*i32" if n in ("ws_ptr", "lock_ptr") else "*u32"
+        return {n: "constexpr" if n in constexprs else ptr(n) if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+    kernels = [("gemv_3popc", _ternary_gemv_kernel, dict(SYMMETRIC=False, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
+               ("gemv_2popc", _ternary_gemv_kernel, dict(SYMMETRIC=True, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
+               ("tile_3popc", _ternary_gemm_kernel, dict(A_BITS=1, SYMMETRIC=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128, GROUP_M=8, SPLIT_K=1)),
+               ("tile_2popc", _ternary_gemm_kernel, dict(A_BITS=1, SYMMETRIC=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128, GROUP_M=8, SPLIT_K=1)),
+               ("tile_bitserial8", _ternary_gemm_kernel, dict(A_BITS=8, SYMMETRIC=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, GROUP_M=8, SPLIT_K=1))]
+    print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
+    for tag, fn, constexprs in kernels:
+        k = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        cubin = os.path.join(folder, tag + ".cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
+        usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True).stdout
+        with open(os.path.join(folder, tag + ".sass"), "w") as f:
+            f.write(sass)
+        ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass, re.M))
+        regs = re.search(r"REG:(\d+)", usage)
+        stack = re.search(r"STACK:(\d+)", usage)
+        keys = ("POPC", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "STL", "LDL", "ATOMG", "DFMA")
+        print(f"  {tag:16} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
+              + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys))
 
 
 def _bench_main():
@@ -929,16 +942,17 @@ def _bench_main():
     import datetime
     parser = argparse.ArgumentParser(description="Benchmark the popcount kernels against torch (needs a CUDA GPU).")
     parser.add_argument("--tune", action="store_true", help="sweep kernel configs on a few shapes (default: off)")
-    parser.add_argument("--sass", metavar="DIR", help="dump the GEMM kernels' SASS to DIR and count instructions")
+    parser.add_argument("--sass", metavar="DIR", help="compile the GEMM kernels for sm_90 (no GPU needed), dump SASS to DIR, count instructions")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (default: off)")
     args = parser.parse_args()
+    if args.sass:   # compiles for sm_90 without a GPU
+        _sass_report(args.sass)
+        return
     if not torch.cuda.is_available() or _INTERPRET:
-        parser.error("needs a CUDA GPU (and TRITON_INTERPRET unset)")
+        parser.error("needs a CUDA GPU (and TRITON_INTERPRET unset); --sass DIR works without one")
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, {props.multi_processor_count} SMs | torch {torch.__version__} | triton {triton.__version__} "
           f"| {datetime.date.today()}")
-    if args.sass:
-        _sass_report(args.sass)
     if args.tune:
         _tune([(1, 8192, 8192), (16, 8192, 8192), (128, 4096, 4096), (4096, 4096, 4096), (128, 256, 1024),
                (8192, 64, 800)])

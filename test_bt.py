@@ -1099,3 +1099,27 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(3))
         assert sorted(os.listdir(tmp_path)) == ["f.pt"]
         path.unlink()
+
+
+# -----------------------------------------------------------------------------
+# SASS: the popcount compiles to the POPC instruction on sm_90 (no GPU needed: Triton's own ptxas)
+
+
+def test_sass_has_popc_and_no_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bt_kernel.py"), "--sass", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = {line.split()[0]: dict(zip(line.split()[5::2], map(int, line.split()[6::2])))
+              for line in r.stdout.splitlines()[1:]}
+    # per thread and K step: [BLOCK_M x BLOCK_N] / 128 threads (tile) or [BLOCK_K x BLOCK_N] / 128 (gemv) word
+    # pairs, 3 popcounts each with TTQ scales, 2 with one scale, 2 per bit plane bit-serially: one POPC apiece
+    # (the compiler may unroll the K loop, so the count is a multiple). SWAR emulation would need >= 3 shifts
+    # per word and show no POPC at all.
+    per_step = {"tile_3popc": 16 * 3, "tile_2popc": 16 * 2, "gemv_3popc": 16 * 3, "gemv_2popc": 16 * 2,
+                "tile_bitserial8": 4 * 2 * 8}
+    for name, n in per_step.items():
+        assert counts[name]["POPC"] >= n and counts[name]["POPC"] % n == 0, (name, counts[name])
+        assert counts[name]["SHF"] < counts[name]["POPC"], (name, counts[name])
+    for name, c in counts.items():
+        assert c["STL"] == 0 and c["LDL"] == 0, f"{name} spills to local memory"
