@@ -65,6 +65,18 @@ def _popc(x):
     return ((x * 0x01010101) >> 24).to(tl.int32)
 
 
+@triton.jit
+def _trit_products(ap, an, wp, wn, SYMMETRIC: tl.constexpr):
+    """(Sp, Sn) of broadcast word pairs (module docstring); with SYMMETRIC, (Sp - Sn, 0) from 2 popcounts."""
+    p1 = _popc((ap & wp) | (an & wn))
+    p2 = _popc((ap & wn) | (an & wp))
+    if SYMMETRIC:
+        return p1 - p2, tl.zeros_like(p1)
+    else:
+        p3 = _popc(ap & (wp | wn))
+        return p3 - p2, p3 - p1
+
+
 # -----------------------------------------------------------------------------
 # pack: ternarize (or take bits of) a tensor and pack it into uint32 bitplanes, im2col on the fly
 
@@ -392,14 +404,9 @@ def _ternary_gemm_kernel(
                 part_n += _popc(ap & wn)
             else:
                 an = tl.load(a_neg_ptrs + k * stride_ak)[:, None]
-                p1 = _popc((ap & wp) | (an & wn))
-                p2 = _popc((ap & wn) | (an & wp))
-                if SYMMETRIC:
-                    part_p += p1 - p2
-                else:
-                    p3 = _popc(ap & (wp | wn))
-                    part_p += p3 - p2
-                    part_n += p3 - p1
+                sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
+                part_p += sp
+                part_n += sn
         acc_p += part_p << bit
         acc_n += part_n << bit
     if SYMMETRIC and A_BITS > 1:
@@ -448,14 +455,9 @@ def _ternary_gemv_kernel(
         an = tl.load(a_neg_ptr + a_offs, mask=k_ok[None, :], other=0)[:, :, None]
         wp = tl.load(b_pos_ptr + b_offs, mask=k_ok[:, None], other=0)[None, :, :]
         wn = tl.load(b_neg_ptr + b_offs, mask=k_ok[:, None], other=0)[None, :, :]
-        p1 = _popc((ap & wp) | (an & wn))
-        p2 = _popc((ap & wn) | (an & wp))
-        if SYMMETRIC:
-            acc3_p += p1 - p2
-        else:
-            p3 = _popc(ap & (wp | wn))
-            acc3_p += p3 - p2
-            acc3_n += p3 - p1
+        sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
+        acc3_p += sp
+        acc3_n += sn
     acc_p = tl.sum(acc3_p, axis=1)
     acc_n = tl.sum(acc3_n, axis=1)
     tile = pid_m * tl.num_programs(0) + pid_n

