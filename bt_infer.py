@@ -296,13 +296,11 @@ def _layers_to(state, device):
 
 def _forward_triton(layers, x, input_scale):
     # x: uint8 [B, C, H, W] or [B, K]; raw pixels until the first ternary layer
-    flat = x.dim() == 2
     pixels = True
     for rec in layers:
         kind = rec["type"]
         if kind == "flatten":
-            flat = True   # a map stays 4-D: the next linear layer reads it as one whole-map conv patch
-            continue
+            continue   # a map stays 4-D: the next linear layer reads it as one whole-map conv patch
         if kind == "maxpool":
             x = F.max_pool2d(x, rec["kernel_size"], rec["stride"])
             continue

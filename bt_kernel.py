@@ -173,6 +173,15 @@ def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1):
     return pos, neg
 
 
+def _pack_matrix(x, mode, threshold=0.0, thr=None):
+    """_launch_pack of a matrix [R, K] (any strides): returns (pos, neg), each [R, KW]."""
+    R, K = x.shape
+    if x.dtype == torch.float64:   # the kernel compares in float32
+        x = x.float()
+    pos, neg = _launch_pack(x[:, :, None, None], R, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode, threshold, thr)
+    return pos[0], neg[0]
+
+
 def _check_device(*tensors, allow_cpu=False):
     dev = tensors[0].device
     for t in tensors:
@@ -231,17 +240,12 @@ def pack_bitplanes(x, threshold=None):
                 raise ValueError(f"threshold must be >= 0, got {threshold}")
             _check_device(x, allow_cpu=True)
             mode, thr = 1, None
-        if x.dtype == torch.float64:   # the kernel compares in float32
-            x = x.float()
     else:
         raise TypeError(f"x must be int8 trits or a float tensor, got {x.dtype}")
     if x.device.type == "cpu" and not _INTERPRET:
         # no Triton on the CPU without the interpreter: the same layout through torch ops
         return _pack_torch(x if mode == 0 else _ternarize_rows(x, threshold))
-    geometry = (1, 1, 1, 1, 1, 1, 1, 0, False)
-    pos, neg = _launch_pack(x.view(R, K, 1, 1) if x.is_contiguous() else x[:, :, None, None], R, K,
-                            geometry, mode, threshold=t, thr=thr)
-    return pos[0], neg[0]
+    return _pack_matrix(x, mode, t, thr)
 
 
 def _ternarize_rows(x, threshold):
@@ -671,14 +675,9 @@ class TernaryGemmFunction(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         if not x2.is_floating_point():
             raise TypeError(f"input must be float, got {x.dtype}")
-        geometry = (1, 1, 1, 1, 1, 1, 1, 0, False)
-        R = x2.shape[0]
-        x4 = x2.float() if x2.dtype == torch.float64 else x2
-        a_pos, a_neg = _launch_pack(x4.view(R, K, 1, 1) if x4.is_contiguous() else x4[:, :, None, None],
-                                    R, K, geometry, mode=1, threshold=act_delta)
-        w_pos, w_neg = _launch_pack(weight.detach().float().contiguous().view(-1, K, 1, 1), weight.shape[0], K,
-                                    geometry, mode=2, thr=thresholds.detach().float().contiguous())
-        y = _launch_gemm(a_pos, a_neg, w_pos[0], w_neg[0], alpha_p.detach().float().contiguous(),
+        a_pos, a_neg = _pack_matrix(x2, mode=1, threshold=act_delta)
+        w_pos, w_neg = _pack_matrix(weight.detach().float(), mode=2, thr=thresholds.detach().float().contiguous())
+        y = _launch_gemm(a_pos[None], a_neg[None], w_pos, w_neg, alpha_p.detach().float().contiguous(),
                          alpha_n.detach().float().contiguous(),
                          None if bias is None else bias.detach().float().contiguous())
         ctx.save_for_backward(x, weight, alpha_p, alpha_n, thresholds)
@@ -816,7 +815,6 @@ def _ceilings():
     x = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
     y = torch.empty_like(x)
     bw = 2 * x.numel() * 4 / (do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3)
-    del x, y
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     BLOCK, iters = 256, 256
     grid = sms * 32
@@ -847,8 +845,8 @@ def _bench_gemm_row(M, N, K, bw, popc_rate):
     t2 = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, None, None, out=c)
     x = torch.randn(M, K, device="cuda")
     def packed(i):
-        p, n = _launch_pack(x.view(M, K, 1, 1), M, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode=1, threshold=0.5)
-        return _launch_gemm(p, n, *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
+        p, n = _pack_matrix(x, mode=1, threshold=0.5)
+        return _launch_gemm(p[None], n[None], *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
     wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(_rotation(2 * N * K))]
     xb = x.bfloat16()
     bf16 = lambda i: torch.nn.functional.linear(xb, wb[i % len(wb)])
@@ -890,7 +888,7 @@ def _tune(shapes):
                 try:
                     us = _graph_ms(fn, rep=25) * 1e3
                     regs, spills = _launch_gemm.compiled.n_regs, _launch_gemm.compiled.n_spills
-                except Exception as e:   # out of resources etc.
+                except Exception:   # out of resources etc.
                     us, regs, spills = float("inf"), 0, 0
                 results.append((us, kind, meta, regs, spills))
         results.sort(key=lambda r: r[0])
@@ -971,12 +969,10 @@ def _bench_main():
             torch.randint(-1, 2, (R, K), dtype=torch.int8, device="cuda")
         thr = 0.5 if dtype != torch.int8 else 0.0
         mode = 0 if dtype == torch.int8 else 1
-        ms = do_bench(lambda: _launch_pack(x.view(R, K, 1, 1), R, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode, thr),
-                      return_mode="median")
+        ms = do_bench(lambda: _pack_matrix(x, mode, thr), return_mode="median")
         nbytes = x.numel() * x.element_size() + 2 * R * triton.cdiv(K, 32) * 4
         print(f"pack {R}x{K} {str(dtype).replace('torch.', ''):8}: {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s "
               f"= {100 * nbytes / ms / 1e-3 / bw:3.0f}% of copy bandwidth")
-        del x
     # GEMM table
     Ms = (1, 16, 128, 1024, 4096) if not args.quick else (1, 16, 4096)
     shapes = [(M, NK, NK) for NK in (1024, 4096, 8192) for M in Ms]

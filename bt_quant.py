@@ -27,7 +27,7 @@ from bt_kernel import (TernaryLinearTriton, TernaryWeights, _weight_ste_grads, i
 
 __all__ = ["ternarize", "ternary_activation", "ternary_weight", "TernaryActivation", "TernaryLinear",
            "TernaryLinearTriton", "TernaryConv2d", "ternary_thresholds", "initial_alphas",
-           "export_ternary_state", "save_export", "export_size_report", "EXPORT_FORMAT", "EXPORT_VERSION"]
+           "export_ternary_state", "save_export", "atomic_write", "export_size_report", "EXPORT_FORMAT", "EXPORT_VERSION"]
 
 # -----------------------------------------------------------------------------
 # quantizers
@@ -208,21 +208,26 @@ def export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, **
                 input_scale=float(input_scale), layers=layers, **meta)
 
 
-def save_export(state, path):
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+def atomic_write(path, write):
+    """write(f) into a temporary file in path's folder, then rename it to path: never a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp makes 0600; an export is meant to be shared
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600; exports and data are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_export(state, path):
+    """torch.save, atomically (atomic_write)."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def export_size_report(state, path=None):

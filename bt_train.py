@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from bt_kernel import TernaryLinearTriton, pack_bitplanes, unpack_bitplanes
-from bt_quant import TernaryConv2d, TernaryLinear, export_size_report, export_ternary_state, save_export
+from bt_quant import (TernaryConv2d, TernaryLinear, atomic_write, export_size_report, export_ternary_state,
+                      save_export)
 
 # -----------------------------------------------------------------------------
 # data
@@ -104,17 +105,8 @@ def _read_verified(folder, md5):
     return good
 
 def _write_atomic(path, data):
-    # write beside the target and rename, so an interrupted fetch never leaves half a file in place
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # beside the target and renamed, so an interrupted fetch never leaves half a file in place
+    atomic_write(path, lambda f: f.write(data))
 
 # Each fetcher gets an empty temporary folder and returns the folder holding the files, or raises.
 def _fetch_torchvision(dataset, tmp):
@@ -343,16 +335,7 @@ def terngrad_local_(parameters, state):
 # checkpoints: written atomically, so a crash or Ctrl-C never leaves half a file in place of a good one
 
 def save_checkpoint(path, **state):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))
 
 # -----------------------------------------------------------------------------
 # training

@@ -35,7 +35,7 @@ import bt_quant
 import bt_train
 from bt_infer import ExportError, load_export, run_numpy, run_triton, save_error_grid
 from bt_train import TernGradState, message_bytes, terngrad_decode, terngrad_hook, terngrad_local_, terngrad_quantize
-from bt_kernel import (TernaryGemmFunction, TernaryLinearTriton, pack_bitplanes, pack_im2col,
+from bt_kernel import (TernaryLinearTriton, pack_bitplanes, pack_im2col,
                        ternary_gemm_reference, ternary_gemm_triton, unpack_bitplanes)
 from bt_quant import TernaryConv2d, TernaryLinear, export_ternary_state, save_export
 
