@@ -529,13 +529,19 @@ def main(argv=None):
                             lr=lr, capturable=graphed)
     start_epoch = 0
     if args.resume:
-        ck = torch.load(args.resume, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ck:
-            torch.cuda.set_rng_state(ck["rng_cuda"])
-        start_epoch = ck["epoch"]
+        try:   # weights only: a checkpoint never runs code; a broken or foreign one is one line, exit 2
+            ck = torch.load(args.resume, map_location=device, weights_only=True)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            torch.set_rng_state(ck["rng_cpu"])
+            if device.type == "cuda" and "rng_cuda" in ck:
+                torch.cuda.set_rng_state(ck["rng_cuda"])
+            start_epoch = int(ck["epoch"])
+        except Exception as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"bt_train.py: error: --resume {args.resume}: not a checkpoint of this model and flags "
+                  f"({type(e).__name__}: {why[:200]})", file=sys.stderr)
+            sys.exit(2)
         log(f"resumed from {args.resume} after epoch {start_epoch}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{args.dataset}: {len(train_x)} train images per process x {world} / {len(test_x)} test on {device}; "

@@ -1058,6 +1058,21 @@ def test_resume_gives_the_same_weights(tmp_path, monkeypatch):
     assert all(torch.equal(x["pos"], y["pos"]) for x, y in zip(ea["layers"], eb["layers"]) if "pos" in x)
 
 
+@pytest.mark.parametrize("content", ["truncated", "text", "other_model"])
+def test_resume_bad_checkpoint_exits_2(tmp_path, monkeypatch, capsys, content):
+    _tiny_data(monkeypatch)
+    assert _train(tmp_path, "--epochs", "1") == 0
+    ck = tmp_path / "c.pt"
+    if content == "truncated":
+        ck.write_bytes(ck.read_bytes()[:1000])
+    elif content == "text":
+        ck.write_text("hello")
+    bad = ["--channels", "4,8,32"] if content == "other_model" else []
+    assert _train(tmp_path, "--resume", str(ck), *bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bt_train.py: error: --resume")
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
     _tiny_data(monkeypatch)
     real_step, calls = bt_train.Trainer._step, []
