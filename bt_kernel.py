@@ -8,6 +8,11 @@ Needs only torch and triton: copy this file alone into another project.
     y = ternary_gemm_triton(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias)   # float32 [M, N]
 
     python bt_kernel.py            # the kernel benchmark tables of `make bench` (needs a GPU)
+    python bt_kernel.py --sass DIR # SASS for sm_90 and its instruction counts (no GPU needed)
+
+Measured (NVIDIA H200, Triton 3.6, 2026-11-29): 4096x4096x4096 at 79 ternary TOP/s with learned
+alpha_p/alpha_n (94% of the 3-popcount ceiling), 114 TOP/s with one scale; a 1x8192x8192 GEMV 2.9x
+faster than torch bf16 (README: the whole table, and the targets it misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
 
