@@ -380,7 +380,8 @@ class Trainer:
     def step(self, idx):
         self.idx.copy_(idx, non_blocking=True)
         if self.graphed and self.graph is None:
-            # warm up on a side stream (cuDNN/Triton autotune, AdamW state), then capture
+            # warm up on a side stream (cuDNN/Triton autotune, AdamW state), then capture; the warm-up
+            # steps are real steps on the first batch (3 extra of the run's 14070) and count in epoch 1's loss
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
