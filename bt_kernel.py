@@ -178,6 +178,11 @@ def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1):
     return pos, neg
 
 
+def _f32(t):
+    """A float32 contiguous copy-if-needed of a scale/bias tensor, outside autograd (None stays None)."""
+    return None if t is None else t.detach().float().contiguous()
+
+
 def _pack_matrix(x, mode, threshold=0.0, thr=None):
     """_launch_pack of a matrix [R, K] (any strides): returns (pos, neg), each [R, KW]."""
     R, K = x.shape
@@ -238,7 +243,7 @@ def pack_bitplanes(x, threshold=None):
             if threshold.shape != (R,):
                 raise ValueError(f"per-row threshold must have shape ({R},), got {tuple(threshold.shape)}")
             _check_device(x, threshold, allow_cpu=True)
-            mode, thr, t = 2, threshold.detach().float().contiguous(), 0.0
+            mode, thr, t = 2, _f32(threshold), 0.0
         else:
             t = float(threshold)
             if not t >= 0:
@@ -602,9 +607,8 @@ def ternary_gemm_triton(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bias=
         if t.shape != (N,):
             raise ValueError(f"{name} must have shape ({N},) (one per output channel), got {tuple(t.shape)}")
     _check_device(*[t for _, t in planes_a], b_pos, b_neg, *[t for _, t in scales])
-    f32 = [None if t is None else t.detach().float().contiguous() for t in (alpha_p, alpha_n, bias)]
     a = a_pos if bit_serial else a_pos[None]
-    return _launch_gemm(a, None if bit_serial else a_neg[None], b_pos, b_neg, *f32)
+    return _launch_gemm(a, None if bit_serial else a_neg[None], b_pos, b_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias))
 
 
 def ternary_gemm_reference(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bias=None, K=None):
@@ -681,10 +685,8 @@ class TernaryGemmFunction(torch.autograd.Function):
         if not x2.is_floating_point():
             raise TypeError(f"input must be float, got {x.dtype}")
         a_pos, a_neg = _pack_matrix(x2, mode=1, threshold=act_delta)
-        w_pos, w_neg = _pack_matrix(weight.detach().float(), mode=2, thr=thresholds.detach().float().contiguous())
-        y = _launch_gemm(a_pos[None], a_neg[None], w_pos, w_neg, alpha_p.detach().float().contiguous(),
-                         alpha_n.detach().float().contiguous(),
-                         None if bias is None else bias.detach().float().contiguous())
+        w_pos, w_neg = _pack_matrix(weight.detach().float(), mode=2, thr=_f32(thresholds))
+        y = _launch_gemm(a_pos[None], a_neg[None], w_pos, w_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias))
         ctx.save_for_backward(x, weight, alpha_p, alpha_n, thresholds)
         ctx.has_bias, ctx.act_delta, ctx.act_clip, ctx.weight_clip = bias is not None, act_delta, act_clip, weight_clip
         return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)

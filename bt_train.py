@@ -569,7 +569,11 @@ def main(argv=None):
         try:
             for i in range(steps):
                 lr_now = lr_at(epoch * steps + i, total, args.lr)
-                lr.fill_(lr_now) if graphed else [g.__setitem__("lr", lr_now) for g in opt.param_groups]
+                if graphed:
+                    lr.fill_(lr_now)   # in place: the captured graph reads this tensor
+                else:
+                    for group in opt.param_groups:
+                        group["lr"] = lr_now
                 trainer.step(perm[i * args.batch:(i + 1) * args.batch])
                 if tty and time.time() - last_print > 1.0:   # a live line when epochs are slow (CPU)
                     last_print = time.time()
