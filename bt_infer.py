@@ -333,25 +333,103 @@ def _forward_triton(layers, x, input_scale):
     return x.flatten(1) if x.dim() > 2 else x
 
 
-def run_triton(state, images, batch_size=10000):
+def _fused_plan(layers, input_shape):
+    """Steps of the fused engine, one implicit-GEMM kernel per conv/linear layer, or None for a network it
+    does not cover (it needs raw pixels into the first layer, no padding after it, and 2x2/2 max-pools)."""
+    ternary = [r for r in layers if r["type"] in ("conv", "linear")]
+    if ternary[0]["input"] != "pixels":
+        return None
+    steps = []
+    H, W = (input_shape[1], input_shape[2]) if len(input_shape) == 3 else (1, 1)
+    for rec in layers:
+        kind = rec["type"]
+        if kind == "flatten":
+            continue
+        if kind == "maxpool":
+            if rec["kernel_size"] != 2 or rec["stride"] != 2 or steps[-1]["pool"] != 1:
+                return None
+            steps[-1]["pool"] = 2
+            H, W = H // 2, W // 2
+            continue
+        N, K = rec["out_features"], rec["in_features"]
+        step = dict(rec=rec, pool=1, threshold=None)
+        if not steps:
+            # raw pixels: pack_im2col's bit-serial patches in the export's own K order (c, ky, kx), read as
+            # a map of 1x1 patches; a linear layer is a conv over the whole image
+            step.update(pos=rec["pos"], neg=rec["neg"], conv=(1, 1))
+            if kind == "conv":
+                step.update(kernel=tuple(rec["kernel_size"]), stride=rec["stride"], padding=rec["padding"])
+            else:
+                step.update(kernel=(H, W), stride=1, padding=0)
+        else:
+            if kind == "conv":
+                if rec["padding"] != 0:
+                    return None
+                kh, kw = rec["kernel_size"]
+                step["conv"] = ((kh, kw), rec["stride"])
+            else:   # the K order of flatten of a [C, H, W] map is (c, y, x): a conv over the whole map
+                kh, kw = H, W
+                step["conv"] = ((H, W), 1)
+            trits = bt_kernel.unpack_bitplanes(rec["pos"], rec["neg"], K).view(N, K // (kh * kw), kh, kw)
+            step["pos"], step["neg"] = bt_kernel.pack_conv_weight(trits)
+            steps[-1]["threshold"] = rec["act_delta"]
+        steps.append(step)
+        if kind == "conv":
+            (kh, kw), s, p = rec["kernel_size"], rec["stride"], rec["padding"]
+            H, W = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
+        else:
+            H, W = 1, 1
+    return steps
+
+
+def _forward_fused(steps, x):
+    # x: uint8 [B, C, H, W] or [B, K] raw pixels; one kernel per layer, activations stay packed between them
+    x = x[:, :, None, None] if x.dim() == 2 else x
+    first = steps[0]
+    planes, (OH, OW) = bt_kernel.pack_im2col(x, first["kernel"], first["stride"], first["padding"], threshold=None)
+    x = (planes.unflatten(1, (x.shape[0], OH, OW)), None)   # bit-serial pixels, a map of 1x1 patches
+    for st in steps:
+        rec = st["rec"]
+        x = bt_kernel.ternary_conv_packed(*x, st["pos"], st["neg"], rec["alpha_p"], rec["alpha_n"], rec["bias"],
+                                          kernel_size=st["conv"][0], stride=st["conv"][1], pool=st["pool"],
+                                          threshold=st["threshold"])
+    return x.permute(0, 3, 1, 2).flatten(1)   # float32 NHWC -> flatten's (c, y, x) order
+
+
+def prepare_triton(state, device="cuda", fused=True):
+    """The export ready for run_triton on `device`: tensors moved once and, for the fused engine, the
+    weights re-packed into its (ky, kx, channel) word order. run_triton accepts the result in place of
+    the export (and prepares an export itself on every call otherwise)."""
+    validate_export(state, data=False)
+    layers = _layers_to(state, device)
+    return dict(state, layers=layers, fused_steps=_fused_plan(layers, state["input_shape"]) if fused else None)
+
+
+def run_triton(state, images, batch_size=10000, fused=True):
     """Logits float32 [B, classes] of the export on the Triton popcount kernels.
 
     images: uint8 [B, *input_shape] (or [B, 28, 28] for input_shape [1, 28, 28]) on cuda, or on the cpu
-    with TRITON_INTERPRET=1. The weights go to the images' device (move them there once beforehand, with
-    the tensors of state on that device, to keep the copies out of timed runs).
+    with TRITON_INTERPRET=1. fused=True runs one kernel per layer on packed activations (pooling,
+    ternarizing and packing in the GEMM epilogue) where the network allows it; fused=False runs the
+    layer-by-layer engine (im2col pack, GEMM to float32, F.max_pool2d). Both give the same logits bit for
+    bit. `state` is an export or, to keep weight preparation out of timed runs, prepare_triton's result.
     """
-    validate_export(state, data=False)
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prepared = isinstance(state, dict) and "fused_steps" in state
+    if not (prepared and next(l["pos"] for l in state["layers"] if "pos" in l).device == images.device):
+        state = prepare_triton(state, images.device, fused)
     x = _images_4d(images, state["input_shape"], "images")
-    layers = _layers_to(state, x.device)
+    layers, steps = state["layers"], state["fused_steps"] if fused else None
     classes = [l for l in layers if l["type"] in ("conv", "linear")][-1]["out_features"]
     out = torch.empty((x.shape[0], classes), dtype=torch.float32, device=x.device)
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):   # bounds the im2col planes: 8 x 576 words per image for conv1
-            out[i:i + batch_size] = _forward_triton(layers, x[i:i + batch_size], state["input_scale"])
+            xb = x[i:i + batch_size]
+            out[i:i + batch_size] = _forward_fused(steps, xb) if steps else \
+                _forward_triton(layers, xb, state["input_scale"])
     return out
 
 
@@ -660,7 +738,7 @@ def main(argv=None):
 
     # ---- inference
     if device == "cuda":
-        dev_state = dict(state, layers=_layers_to(state, "cuda"))   # weights on the GPU once, outside the timing
+        dev_state = prepare_triton(state, "cuda")   # weights on the GPU and re-packed once, outside the timing
         x = images.cuda()
         run_triton(dev_state, x, args.batch)   # warm-up: JIT compilation and autotuning of first launches
         torch.cuda.synchronize()

@@ -167,7 +167,9 @@ def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1):
     pos = _new_planes(bits, R, KW, x4.device)
     neg = pos if mode == 3 else _new_planes(1, R, KW, x4.device)
     OH, OW, KH, KWD, H, W, stride, pad, im2col = geometry
-    BLOCK_R, BLOCK_W = (16, 4) if _INTERPRET else (32, 4)
+    # about 4096 values per program; few words per row (a 5x5 patch is one word) go to more rows
+    BLOCK_W = min(4, triton.next_power_of_2(KW))
+    BLOCK_R = (64 if _INTERPRET else 128) // BLOCK_W
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KW, BLOCK_W))
     _pack_kernel[grid](
         x4, thr if thr is not None else x4, pos, neg,
@@ -322,9 +324,10 @@ def unpack_bitplanes(pos, neg, K):
 
 
 @triton.jit
-def _finish(acc_p, acc_n, offs_m, offs_n, tile, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
-            M, N, stride_cm, stride_cn,
-            SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+def _finish(acc_p, acc_n, offs_m, offs_n, tile, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, ws_ptr,
+            lock_ptr, M, N, stride_cm, stride_cn, threshold,
+            SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+            PACK_OUT: tl.constexpr, POOL: tl.constexpr):
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K > 1:
         ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -338,16 +341,17 @@ def _finish(acc_p, acc_n, offs_m, offs_n, tile, alpha_p_ptr, alpha_n_ptr, bias_p
             if not SYMMETRIC:
                 acc_n = tl.atomic_xchg(ws + M * N, tl.zeros_like(acc_n), mask=mask)
             tl.atomic_xchg(lock_ptr + tile, 0)
-            _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
-                      stride_cm, stride_cn, mask, SYMMETRIC, HAS_BIAS)
+            _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, M, N,
+                      stride_cm, stride_cn, threshold, SYMMETRIC, HAS_BIAS, PACK_OUT, POOL)
     else:
-        _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
-                  stride_cm, stride_cn, mask, SYMMETRIC, HAS_BIAS)
+        _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, M, N,
+                  stride_cm, stride_cn, threshold, SYMMETRIC, HAS_BIAS, PACK_OUT, POOL)
 
 
 @triton.jit
-def _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
-              stride_cm, stride_cn, mask, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, M, N,
+              stride_cm, stride_cn, threshold,
+              SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, PACK_OUT: tl.constexpr, POOL: tl.constexpr):
     n_mask = offs_n < N
     # float64 with exact products (float32 scale x int32 sum): the result does not depend on FMA contraction
     ap = tl.load(alpha_p_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float64)
@@ -357,29 +361,75 @@ def _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, 
         c = c - an[None, :] * acc_n.to(tl.float64)
     if HAS_BIAS:
         c = c + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float64)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, c.to(tl.float32), mask=mask)
+    c = c.to(tl.float32)
+    rows = offs_m
+    if POOL > 1:
+        # max-pool windows of POOL*POOL consecutive rows (the IMPLICIT row order)
+        c = tl.max(tl.reshape(c, (c.shape[0] // (POOL * POOL), POOL * POOL, c.shape[1])), axis=1)
+        rows = tl.max(tl.reshape(offs_m, (c.shape[0], POOL * POOL)), axis=1) // (POOL * POOL)
+    row_ok = rows < M // (POOL * POOL)
+    if not PACK_OUT:
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, c, mask=row_ok[:, None] & n_mask[None, :])
+    else:
+        # the next layer's input, never written as floats: ternarize at `threshold` (in float32, as the
+        # pack kernel compares) and pack 32 channels per word
+        lane = (offs_n % 32).to(tl.uint32)[None, :]
+        pos = ((c > threshold) & n_mask[None, :]).to(tl.uint32) << lane
+        neg = ((c < -threshold) & n_mask[None, :]).to(tl.uint32) << lane
+        pos = tl.sum(tl.reshape(pos, (c.shape[0], c.shape[1] // 32, 32)), axis=2)   # disjoint bits: sum = OR
+        neg = tl.sum(tl.reshape(neg, (c.shape[0], c.shape[1] // 32, 32)), axis=2)
+        words = tl.max(tl.reshape(offs_n, (c.shape[1] // 32, 32)), axis=1) // 32
+        out = rows[:, None] * stride_cm + words[None, :] * stride_cn
+        out_mask = row_ok[:, None] & (words[None, :] < tl.cdiv(N, 32))
+        tl.store(c_ptr + out, pos, mask=out_mask)
+        tl.store(c_neg_ptr + out, neg, mask=out_mask)
+
+
+@triton.jit
+def _conv_rows(m, OH, OW, POOL: tl.constexpr):
+    """Output position (b, oy, ox) of GEMM row m; with POOL > 1 rows run over pooling windows
+    (b, py, px, dy, dx), so that each window is POOL*POOL consecutive rows of one tile."""
+    if POOL > 1:
+        win = m // (POOL * POOL)
+        oy = (win // (OW // POOL)) % (OH // POOL) * POOL + (m % (POOL * POOL)) // POOL
+        ox = win % (OW // POOL) * POOL + m % POOL
+        b = win // ((OW // POOL) * (OH // POOL))
+    else:
+        oy = (m // OW) % OH
+        ox = m % OW
+        b = m // (OW * OH)
+    return b, oy, ox
 
 
 @triton.jit
 def _ternary_gemm_kernel(
     # pointers
-    a_pos_ptr, a_neg_ptr,         # activations [A_BITS, M, KW] uint32 (a_neg unused when A_BITS > 1)
-    b_pos_ptr, b_neg_ptr,         # weights [N, KW] uint32
+    a_pos_ptr, a_neg_ptr,         # activations [A_BITS, M, KW] uint32 (a_neg unused when BIT_SERIAL);
+                                  # IMPLICIT: packed maps [A_BITS, B, H, W, CW] read as conv patches
+    b_pos_ptr, b_neg_ptr,         # weights [N, KW] uint32 (IMPLICIT: K words in (ky, kx, cw) order)
     alpha_p_ptr, alpha_n_ptr,     # per-channel scales [N] float32
     bias_ptr,                     # [N] float32
-    c_ptr,                        # output [M, N] float32
+    c_ptr, c_neg_ptr,             # output float32 [M, N]; PACK_OUT: pos, neg planes [M / POOL^2, ceil(N / 32)]
     ws_ptr, lock_ptr,             # split-K workspace: int32 [2, M, N] and one counter per tile, all zero
     # sizes
     M, N, KW,
+    OH, OW,                       # IMPLICIT: rows are conv output positions (b, oy, ox) of OH x OW maps
+    KX, CW,                       # IMPLICIT: kernel width, words per map position (K words = KH * KX * CW)
+    conv_stride,
+    threshold,                    # PACK_OUT: ternarize the output at this value
     # strides (elements)
-    stride_abit, stride_am, stride_ak,
+    stride_abit, stride_ab, stride_ay, stride_ax, stride_ak,   # plain: stride_ab is the row stride of A
     stride_bn, stride_bk,
     stride_cm, stride_cn,
     # meta-parameters
-    A_BITS: tl.constexpr,         # 1: A is trits (pos, neg planes); > 1: unsigned A_BITS-bit ints, bit-serial
+    A_BITS: tl.constexpr,         # bitplanes of A (1 for trits)
+    BIT_SERIAL: tl.constexpr,     # A holds unsigned A_BITS-bit ints, one plane per bit (a_neg unused); else trits
     SYMMETRIC: tl.constexpr,      # one scale per channel: 2 popcounts per word pair instead of 3
     HAS_BIAS: tl.constexpr,
+    IMPLICIT: tl.constexpr,       # A rows are gathered conv patches of packed maps (implicit GEMM)
+    POOL: tl.constexpr,           # IMPLICIT: 2 orders rows by 2x2 pooling windows (b, py, px, dy, dx)
+    PACK_OUT: tl.constexpr,       # write ternarized, packed (and pooled) output instead of float32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     # grouped ordering: GROUP_M row tiles share each weight tile while it is in L2
@@ -400,33 +450,43 @@ def _ternary_gemm_kernel(
     # wrap out-of-range rows/columns onto valid ones: loads need no mask, the store is masked
     am = offs_m % M
     bn = offs_n % N
+    if IMPLICIT:
+        b, oy, ox = _conv_rows(am, OH, OW, POOL)
+        a_row = b * stride_ab + (oy * stride_ay + ox * stride_ax) * conv_stride
+    else:
+        a_row = am * stride_ab
     acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     b_pos_ptrs = b_pos_ptr + bn * stride_bn
     b_neg_ptrs = b_neg_ptr + bn * stride_bn
     for bit in tl.static_range(A_BITS):
-        a_pos_ptrs = a_pos_ptr + bit * stride_abit + am * stride_am
-        a_neg_ptrs = a_neg_ptr + am * stride_am
+        a_pos_ptrs = a_pos_ptr + bit * stride_abit + a_row
+        a_neg_ptrs = a_neg_ptr + a_row
         part_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         part_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k in range(k_lo, k_hi):
-            ap = tl.load(a_pos_ptrs + k * stride_ak)[:, None]
+            if IMPLICIT:   # K word k is (ky, kx, cw) of the patch
+                tap = k // CW
+                a_k = (tap // KX) * stride_ay + (tap % KX) * stride_ax + (k % CW) * stride_ak
+            else:
+                a_k = k * stride_ak
+            ap = tl.load(a_pos_ptrs + a_k)[:, None]
             wp = tl.load(b_pos_ptrs + k * stride_bk)[None, :]
             wn = tl.load(b_neg_ptrs + k * stride_bk)[None, :]
-            if A_BITS > 1:
+            if BIT_SERIAL:
                 part_p += _popc(ap & wp)
                 part_n += _popc(ap & wn)
             else:
-                an = tl.load(a_neg_ptrs + k * stride_ak)[:, None]
+                an = tl.load(a_neg_ptrs + a_k)[:, None]
                 sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
                 part_p += sp
                 part_n += sn
         acc_p += part_p << bit
         acc_n += part_n << bit
-    if SYMMETRIC and A_BITS > 1:
+    if SYMMETRIC and BIT_SERIAL:
         acc_p = acc_p - acc_n
-    _finish(acc_p, acc_n, offs_m, offs_n, pid, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
-            M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS, SPLIT_K)
+    _finish(acc_p, acc_n, offs_m, offs_n, pid, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, ws_ptr,
+            lock_ptr, M, N, stride_cm, stride_cn, threshold, SYMMETRIC, HAS_BIAS, SPLIT_K, PACK_OUT, POOL)
 
 
 @triton.jit
@@ -475,8 +535,8 @@ def _ternary_gemv_kernel(
     acc_p = tl.sum(acc3_p, axis=1)
     acc_n = tl.sum(acc3_n, axis=1)
     tile = pid_m * tl.num_programs(0) + pid_n
-    _finish(acc_p, acc_n, offs_m, offs_n, tile, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
-            M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS, SPLIT_K)
+    _finish(acc_p, acc_n, offs_m, offs_n, tile, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_ptr, ws_ptr,
+            lock_ptr, M, N, stride_cm, stride_cn, 0.0, SYMMETRIC, HAS_BIAS, SPLIT_K, False, 1)
 
 
 _SM_COUNT = {}
@@ -498,8 +558,8 @@ def _gemm_config(M, N, KW, bit_serial, device=None):
         return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, num_warps=4)
     sms = _sm_count(device) if device is not None else 132
     if M <= 2 and not bit_serial:
-        kind, meta = "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=32, BLOCK_K=64, num_warps=4)
-        tiles = triton.cdiv(N, 32)
+        kind, meta = "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=16, BLOCK_K=128, num_warps=4)
+        tiles = triton.cdiv(N, 16)
     elif M <= 256 and not bit_serial:
         kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=32, num_warps=4)
         tiles = triton.cdiv(N, 64) * triton.cdiv(M, 2)
@@ -556,9 +616,11 @@ def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None
             *args, a_pos.stride(1), a_pos.stride(2), b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
             **common, **meta)
     else:
+        # plain rows: a 1x1 map per row, K words read straight along the row
+        args = args[:8] + (c,) + args[8:] + (1, 1, 1, KW, 1, 0.0)
         _launch_gemm.compiled = _ternary_gemm_kernel[grid](
-            *args, a_pos.stride(0), a_pos.stride(1), a_pos.stride(2), b_pos.stride(0), b_pos.stride(1),
-            c.stride(0), c.stride(1), A_BITS=bits, **common, **meta)
+            *args, a_pos.stride(0), a_pos.stride(1), 0, 0, a_pos.stride(2), b_pos.stride(0), b_pos.stride(1),
+            c.stride(0), c.stride(1), A_BITS=bits, BIT_SERIAL=a_neg is None, IMPLICIT=False, POOL=1, PACK_OUT=False, **common, **meta)
     return c
 
 
@@ -609,6 +671,104 @@ def ternary_gemm_triton(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bias=
     _check_device(*[t for _, t in planes_a], b_pos, b_neg, *[t for _, t in scales])
     a = a_pos if bit_serial else a_pos[None]
     return _launch_gemm(a, None if bit_serial else a_neg[None], b_pos, b_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias))
+
+
+def pack_conv_weight(w):
+    """int8 trits [N, C, KH, KW] (or [N, C]) -> (pos, neg) [N, KH*KW*CW], CW = ceil(C / 32): the K word
+    order (ky, kx, channel word) of ternary_conv_packed, channels zero-padded to whole words."""
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() not in (2, 4):
+        raise TypeError(f"w must be int8 trits [N, C, KH, KW] or [N, C], got {getattr(w, 'dtype', type(w).__name__)} "
+                        f"{tuple(getattr(w, 'shape', ()))}")
+    if w.dim() == 2:
+        w = w[:, :, None, None]
+    N, C, KH, KX = w.shape
+    CW = triton.cdiv(C, 32)
+    w = torch.nn.functional.pad(w.permute(0, 2, 3, 1), (0, 32 * CW - C))
+    return pack_bitplanes(w.reshape(N, KH * KX * 32 * CW).contiguous())
+
+
+def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=None, *, kernel_size=1, stride=1,
+                        pool=1, threshold=None, config=None):
+    """One conv (or linear) layer of an inference chain on channel-packed maps: an implicit-GEMM popcount
+    kernel that can max-pool, ternarize and pack its output for the next layer, so that no float
+    activation and no im2col ever reaches memory.
+
+    a_pos, a_neg: uint32 [B, H, W, CW] maps of trits, bit j of word w at (b, y, x) = channel 32 w + j
+        (any strides: pack_bitplanes(x_nhwc.reshape(-1, C)) viewed as [B, H, W, CW], or this function's
+        packed output). Or a_pos [BITS, B, H, W, CW] with a_neg=None: unsigned BITS-bit values, bit-serial.
+    w_pos, w_neg: uint32 [N, KH*KW*CW] from pack_conv_weight. A linear layer on a map is the conv whose
+        kernel is the whole map (the K order (c, y, x) of flatten); on a vector, a 1x1 conv of a 1x1 map.
+    kernel_size, stride: the conv's (no padding). pool: 1, or 2 for 2x2 max-pooling with stride 2 (floor).
+    threshold: None gives float32 [B, PH, PW, N], exactly as ternary_gemm_triton on the im2col planes;
+        a number t >= 0 gives (pos, neg) uint32 [B, PH, PW, ceil(N / 32)], the output ternarized at t.
+    """
+    bit_serial = a_neg is None
+    for name, t in (("a_pos", a_pos), ("w_pos", w_pos), ("w_neg", w_neg)) + (() if bit_serial else (("a_neg", a_neg),)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.uint32:
+            raise TypeError(f"{name} must be uint32 bitplanes, got {t.dtype}")
+    if a_pos.dim() != (5 if bit_serial else 4):
+        raise ValueError(f"a_pos must be [B, H, W, CW]{' (bit-serial: [BITS, B, H, W, CW])' if bit_serial else ''}, "
+                         f"got {tuple(a_pos.shape)}")
+    if not bit_serial and a_neg.shape != a_pos.shape:
+        raise ValueError(f"a_pos and a_neg differ in shape: {tuple(a_pos.shape)} vs {tuple(a_neg.shape)}")
+    a = a_pos if bit_serial else a_pos[None]
+    bits, B, H, W, CW = a.shape
+    kh, kx = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    if stride < 1 or pool not in (1, 2) or kh < 1 or kx < 1 or kh > H or kx > W:
+        raise ValueError(f"bad geometry: {H}x{W} map, kernel {kh}x{kx}, stride {stride}, pool {pool} (1 or 2)")
+    OH, OW = (H - kh) // stride + 1, (W - kx) // stride + 1
+    PH, PW = OH // pool, OW // pool
+    if PH < 1 or PW < 1:
+        raise ValueError(f"a {OH}x{OW} output cannot be pooled by {pool}")
+    _check_matrix(w_pos, "w_pos")
+    if w_neg.shape != w_pos.shape:
+        raise ValueError(f"w_pos and w_neg differ in shape: {tuple(w_pos.shape)} vs {tuple(w_neg.shape)}")
+    N, KW = w_pos.shape
+    if KW != kh * kx * CW:
+        raise ValueError(f"weights have {KW} words per row, a {kh}x{kx} patch of {CW}-word positions has {kh * kx * CW}")
+    _check_conv_scales(N, alpha_p, alpha_n, bias, threshold)
+    _check_device(a_pos, w_pos, w_neg, alpha_p, *[t for t in (a_neg, alpha_n, bias) if t is not None])
+    M = B * PH * PW * pool * pool
+    out, out_neg, meta, grid, ws, locks = _conv_setup(M, N, KW, (B, PH, PW), threshold, a_pos.device, config)
+    if M:
+        ap32, an32, b32 = _f32(alpha_p), _f32(alpha_n), _f32(bias)
+        _launch_gemm.compiled = _ternary_gemm_kernel[grid](
+            a, a if bit_serial else a_neg[None], w_pos, w_neg, ap32, ap32 if alpha_n is None else an32,
+            ap32 if bias is None else b32, out, out_neg, ws, locks,
+            M, N, KW, OH, OW, kx, CW, stride, 0.0 if threshold is None else float(threshold),
+            a.stride(0), a.stride(1), a.stride(2), a.stride(3), a.stride(4), w_pos.stride(0), w_pos.stride(1),
+            out.stride(2), out.stride(3),
+            A_BITS=bits, BIT_SERIAL=bit_serial, SYMMETRIC=alpha_n is None, HAS_BIAS=bias is not None,
+            IMPLICIT=True, POOL=pool, PACK_OUT=threshold is not None, **meta)
+    return out if threshold is None else (out, out_neg)
+
+
+def _check_conv_scales(N, alpha_p, alpha_n, bias, threshold):
+    for name, t in (("alpha_p", alpha_p), ("alpha_n", alpha_n), ("bias", bias)):
+        if (t is not None or name == "alpha_p") and (
+                not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != (N,)):
+            raise ValueError(f"{name} must be a float tensor of shape ({N},)")
+    if threshold is not None and not float(threshold) >= 0:
+        raise ValueError(f"threshold must be >= 0 or None, got {threshold}")
+
+
+def _conv_setup(M, N, KW, out_map, threshold, device, config):
+    """Output buffers (float32 [*out_map, N], or pos/neg words [*out_map, ceil(N/32)]), meta-parameters,
+    grid and split-K workspace of a conv launch."""
+    if threshold is None:
+        out = torch.empty((*out_map, N), dtype=torch.float32, device=device)
+        out_neg = out
+    else:
+        out = torch.empty((*out_map, triton.cdiv(N, 32)), dtype=torch.uint32, device=device)
+        out_neg = torch.empty_like(out)
+    kind, meta = config or _gemm_config(max(M, 257), N, KW, True, device)   # the tile kernel, whatever M
+    meta = dict(meta)
+    split = meta.setdefault("SPLIT_K", 1)
+    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    ws, locks = _workspace(device, 2 * M * N, grid[0]) if split > 1 and M else (out, out)
+    return out, out_neg, meta, grid, ws, locks
 
 
 def ternary_gemm_reference(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bias=None, K=None):
@@ -918,13 +1078,18 @@ def _sass_report(folder):
     os.makedirs(folder, exist_ok=True)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     def signature(fn, constexprs):
-        ptr = lambda n: "*fp32" if n.startswith(("alpha", "bias", "c_ptr")) else "*i32" if n in ("ws_ptr", "lock_ptr") else "*u32"
-        return {n: "constexpr" if n in constexprs else ptr(n) if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+        floats = ("alpha", "bias") if constexprs.get("PACK_OUT") else ("alpha", "bias", "c_ptr")
+        ptr = lambda n: "*fp32" if n.startswith(floats) else "*i32" if n in ("ws_ptr", "lock_ptr") else "*u32"
+        scalar = lambda n: "fp32" if n == "threshold" else "i32"
+        return {n: "constexpr" if n in constexprs else ptr(n) if n.endswith("_ptr") else scalar(n) for n in fn.arg_names}
+    plain = dict(A_BITS=1, BIT_SERIAL=False, HAS_BIAS=True, IMPLICIT=False, POOL=1, PACK_OUT=False, BLOCK_M=16,
+                 GROUP_M=8, SPLIT_K=1)
     kernels = [("gemv_3popc", _ternary_gemv_kernel, dict(SYMMETRIC=False, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
                ("gemv_2popc", _ternary_gemv_kernel, dict(SYMMETRIC=True, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
-               ("tile_3popc", _ternary_gemm_kernel, dict(A_BITS=1, SYMMETRIC=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128, GROUP_M=8, SPLIT_K=1)),
-               ("tile_2popc", _ternary_gemm_kernel, dict(A_BITS=1, SYMMETRIC=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128, GROUP_M=8, SPLIT_K=1)),
-               ("tile_bitserial8", _ternary_gemm_kernel, dict(A_BITS=8, SYMMETRIC=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, GROUP_M=8, SPLIT_K=1))]
+               ("tile_3popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128)),
+               ("tile_2popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_N=128)),
+               ("tile_bitserial8", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False, BLOCK_N=32)),
+               ("conv_pool_pack", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, IMPLICIT=True, POOL=2, PACK_OUT=True))]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs in kernels:
         k = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs),

@@ -176,6 +176,99 @@ def test_gemm_any_strides():
     assert torch.equal(out, ref)
 
 
+def _conv_reference(a, w, alpha_p, alpha_n, bias, stride, pool):
+    """float32 NCHW output of a conv of integer maps a [B, C, H, W] with trits w [N, C, kh, kw], pooled:
+    Sp, Sn as exact float64 convolutions, then the kernels' epilogue formula, then F.max_pool2d."""
+    F = torch.nn.functional
+    a, w = a.double().cpu(), w.cpu()
+    sp = F.conv2d(a, (w == 1).double(), stride=stride)
+    sn = F.conv2d(a, (w == -1).double(), stride=stride)
+    an = alpha_p if alpha_n is None else alpha_n
+    c = alpha_p.double().cpu()[:, None, None] * sp - an.double().cpu()[:, None, None] * sn
+    if bias is not None:
+        c = c + bias.double().cpu()[:, None, None]
+    c = c.float()
+    return F.max_pool2d(c, 2) if pool == 2 else c
+
+
+def _map_planes(t, C):
+    """trits [B, C, H, W] -> packed maps (pos, neg) [B, H, W, CW] on DEVICE (pack_bitplanes' layout, NHWC)."""
+    B, _, H, W = t.shape
+    pos, neg = pack_bitplanes(t.permute(0, 2, 3, 1).reshape(-1, C).contiguous().to(DEVICE))
+    return pos.view(B, H, W, -1), neg.view(B, H, W, -1)
+
+
+@pytest.mark.parametrize("C, N, size, k, stride, pool, symmetric", [
+    (37, 40, 7, 3, 1, 2, False),    # words padded on both sides, odd map: floor pooling
+    (5, 64, 6, 2, 2, 1, False),     # stride 2, no pooling
+    (64, 33, 5, 5, 1, 1, True),     # a whole-map kernel (a linear layer on a map), one scale
+])
+def test_conv_packed_matches_float64(C, N, size, k, stride, pool, symmetric):
+    g = torch.Generator().manual_seed(C + N)
+    a = torch.randint(-1, 2, (3, C, size, size), dtype=torch.int8, generator=g)
+    w = torch.randint(-1, 2, (N, C, k, k), dtype=torch.int8, generator=g)
+    alpha_p, alpha_n = torch.rand(N, generator=g) + 0.1, torch.rand(N, generator=g) + 0.1
+    bias = torch.randn(N, generator=g)
+    if symmetric:
+        alpha_n = None
+    ap, an = _map_planes(a, C)
+    wp, wn = bt_kernel.pack_conv_weight(w.to(DEVICE))
+    scales = [t.to(DEVICE) if t is not None else None for t in (alpha_p, alpha_n, bias)]
+    ref = _conv_reference(a, w, alpha_p, alpha_n, bias, stride, pool)
+    out = bt_kernel.ternary_conv_packed(ap, an, wp, wn, *scales, kernel_size=k, stride=stride, pool=pool)
+    assert torch.equal(out.cpu(), ref.permute(0, 2, 3, 1))    # bit for bit: same exact sums, same rounding
+    # ternarized and packed for the next layer: the planes of the reference output at the threshold
+    t = float(ref.abs().median())
+    pos, neg = bt_kernel.ternary_conv_packed(ap, an, wp, wn, *scales, kernel_size=k, stride=stride, pool=pool,
+                                             threshold=t)
+    trits = (ref > t).to(torch.int8) - (ref < -t).to(torch.int8)
+    ref_pos, ref_neg = _map_planes(trits, N)
+    assert torch.equal(pos.cpu(), ref_pos.cpu()) and torch.equal(neg.cpu(), ref_neg.cpu())
+
+
+@pytest.mark.parametrize("stride, padding, pool, symmetric", [(1, 0, 2, False), (2, 1, 1, True)])
+def test_conv_on_pixels_exact(stride, padding, pool, symmetric):
+    # the first layer: 8-bit pixels, bit-serial, from pack_im2col's planes read as a map of 1x1 patches
+    g = torch.Generator().manual_seed(stride)
+    img = torch.randint(0, 256, (2, 2, 9, 8), dtype=torch.uint8, generator=g)
+    w = torch.randint(-1, 2, (20, 2, 3, 3), dtype=torch.int8, generator=g)
+    alpha_p, alpha_n, bias = torch.rand(20, generator=g), torch.rand(20, generator=g), torch.randn(20, generator=g)
+    alpha_n = None if symmetric else alpha_n
+    scales = [t.to(DEVICE) if t is not None else None for t in (alpha_p, alpha_n, bias)]
+    wp, wn = pack_bitplanes(w.flatten(1).to(DEVICE))
+    padded = torch.nn.functional.pad(img.long(), (padding,) * 4)
+    ref = _conv_reference(padded, w, alpha_p, alpha_n, bias, stride, pool)
+    planes, (OH, OW) = pack_im2col(img.to(DEVICE), 3, stride=stride, padding=padding, threshold=None)
+    planes = planes.unflatten(1, (2, OH, OW))
+    out = bt_kernel.ternary_conv_packed(planes, None, wp, wn, *scales, pool=pool)
+    assert torch.equal(out.cpu(), ref.permute(0, 2, 3, 1))
+    t = float(ref.abs().median())
+    pos, neg = bt_kernel.ternary_conv_packed(planes, None, wp, wn, *scales, pool=pool, threshold=t)
+    ref_pos, ref_neg = _map_planes((ref > t).to(torch.int8) - (ref < -t).to(torch.int8), 20)
+    assert torch.equal(pos.cpu(), ref_pos.cpu()) and torch.equal(neg.cpu(), ref_neg.cpu())
+
+
+def test_conv_packed_bad_inputs():
+    p = torch.zeros(2, 6, 6, 1, dtype=torch.uint32, device=DEVICE)
+    wp = torch.zeros(4, 9, dtype=torch.uint32, device=DEVICE)
+    one = torch.ones(4, device=DEVICE)
+    conv = bt_kernel.ternary_conv_packed
+    with pytest.raises(ValueError, match="words per row"):
+        conv(p, p, wp, wp, one, kernel_size=2)
+    with pytest.raises(ValueError, match="pool"):
+        conv(p, p, wp, wp, one, kernel_size=3, pool=3)
+    with pytest.raises(ValueError, match="B, H, W, CW"):
+        conv(p[0], p[0], wp, wp, one, kernel_size=3)
+    with pytest.raises(TypeError, match="uint32"):
+        conv(p.int(), p, wp, wp, one, kernel_size=3)
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        conv(p, p, wp, wp, one[:3], kernel_size=3)
+    with pytest.raises(ValueError, match="threshold"):
+        conv(p, p, wp, wp, one, kernel_size=3, threshold=-1.0)
+    with pytest.raises(ValueError, match="cannot be pooled"):
+        conv(p[:, :3, :3], p[:, :3, :3], wp, wp, one, kernel_size=3, pool=2)
+
+
 def test_reference_helper_agrees():
     a, w = rand_trits(4, 40), rand_trits(3, 40)
     planes = [*pack_bitplanes(a), *pack_bitplanes(w)]
@@ -648,6 +741,17 @@ def test_triton_and_numpy_logits_identical(small):
     assert np.array_equal(run_numpy(state, images[:, 0].numpy(), threads=1, chunk=64), logits_np)
 
 
+def test_fused_engine_is_used_and_identical(small):
+    _, state, images, _ = small
+    prepared = bt_infer.prepare_triton(state, DEVICE)
+    assert prepared["fused_steps"] is not None and len(prepared["fused_steps"]) == 4
+    assert [s["pool"] for s in prepared["fused_steps"]] == [2, 2, 1, 1]
+    x = images.to(DEVICE)
+    fused = run_triton(prepared, x, batch_size=7)
+    layerwise = run_triton(state, x, fused=False)
+    assert torch.equal(fused, layerwise)
+
+
 def test_other_layer_geometries():
     # strided, padded first conv that ternarizes scaled pixels; an MLP fed bit-serial pixels
     torch.manual_seed(3)
@@ -663,6 +767,7 @@ def test_other_layer_geometries():
         logits = run_triton(state, images.to(DEVICE)).cpu()
         logits_np = run_numpy(state, images.numpy())
         assert torch.equal(logits, torch.from_numpy(logits_np))
+        assert torch.equal(run_triton(state, images.to(DEVICE), fused=False).cpu(), logits)
         with torch.no_grad():
             ref = model(images.float() / 255)
         assert torch.equal(logits.argmax(1), ref.argmax(1))
@@ -1130,12 +1235,12 @@ def test_sass_has_popc_and_no_spills(tmp_path):
               for line in r.stdout.splitlines()[1:]}
     # per thread and K step: [BLOCK_M x BLOCK_N] / 128 threads (tile) or [BLOCK_K x BLOCK_N] / 128 (gemv) word
     # pairs, 3 popcounts each with TTQ scales, 2 with one scale, 2 per bit plane bit-serially: one POPC apiece
-    # (the compiler may unroll the K loop, so the count is a multiple). SWAR emulation would need >= 3 shifts
-    # per word and show no POPC at all.
+    # (the compiler may unroll the K loop, so the count is a multiple). SWAR emulation needs >= 3 shifts per
+    # word: popcounts left (partly) as SWAR show more SHF than twice the POPC.
     per_step = {"tile_3popc": 16 * 3, "tile_2popc": 16 * 2, "gemv_3popc": 16 * 3, "gemv_2popc": 16 * 2,
-                "tile_bitserial8": 4 * 2 * 8}
+                "tile_bitserial8": 4 * 2 * 8, "conv_pool_pack": 16 * 3}
     for name, n in per_step.items():
         assert counts[name]["POPC"] >= n and counts[name]["POPC"] % n == 0, (name, counts[name])
-        assert counts[name]["SHF"] < counts[name]["POPC"], (name, counts[name])
+        assert counts[name]["SHF"] < 2 * counts[name]["POPC"], (name, counts[name])
     for name, c in counts.items():
         assert c["STL"] == 0 and c["LDL"] == 0, f"{name} spills to local memory"
