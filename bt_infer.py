@@ -817,13 +817,17 @@ def bench_against_float(state, images, triton_seconds):
     model = float_twin(state).cuda()
     x = images.float().div(255)
     rows = [("triton ternary (popcount)", triton_seconds)]
-    rows.append(("torch fp32 (cuDNN)", median_seconds(lambda: model(x))))
+    rows.append(("torch fp32 (cuDNN, TF32 on)", median_seconds(lambda: model(x))))   # torch's default for convs
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    rows.append(("torch fp32 (cuDNN, TF32 off)", median_seconds(lambda: model(x))))
+    torch.backends.cudnn.allow_tf32 = tf32
     model_bf16, x_bf16 = float_twin(state).cuda().bfloat16(), x.bfloat16()
     rows.append(("torch bf16 (cuDNN)", median_seconds(lambda: model_bf16(x_bf16))))
     print(f"inference of {n} images, {torch.cuda.get_device_name()}, torch {torch.__version__}, median of 20 runs:")
-    print(f"  {'engine':<28}{'ms':>9}{'images/s':>12}{'vs triton':>11}")
+    print(f"  {'engine':<30}{'ms':>9}{'images/s':>12}{'vs triton':>11}")
     for name, sec in rows:
-        print(f"  {name:<28}{sec * 1e3:9.3f}{n / sec:12.3e}{triton_seconds / sec:10.2f}x")
+        print(f"  {name:<30}{sec * 1e3:9.3f}{n / sec:12.3e}{triton_seconds / sec:10.2f}x")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,29 @@ def _trit_products(ap, an, wp, wn, SYMMETRIC: tl.constexpr):
         return p3 - p2, p3 - p1
 
 
+@triton.jit
+def _csa(x, y, z):
+    """Carry-save adder on words: popc(x) + popc(y) + popc(z) = popc(s) + 2 popc(c), in 2 LOP3, no popcount."""
+    u = x ^ y
+    return u ^ z, (x & y) | (u & z)
+
+
+@triton.jit
+def _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2, SYMMETRIC: tl.constexpr):
+    """_trit_products of three K steps, Harley-Seal style: each product word of the three steps goes
+    through a carry-save adder first, so 2 popcounts count 3 words (6 per 3 word pairs instead of 9 with
+    TTQ scales, 4 instead of 6 with one scale). Returns (Sp, Sn, Cp, Cn): the sums are Sp + 2 Cp, Sn + 2 Cn."""
+    s1, c1 = _csa((ap0 & wp0) | (an0 & wn0), (ap1 & wp1) | (an1 & wn1), (ap2 & wp2) | (an2 & wn2))   # +1 products
+    s2, c2 = _csa((ap0 & wn0) | (an0 & wp0), (ap1 & wn1) | (an1 & wp1), (ap2 & wn2) | (an2 & wp2))   # -1 products
+    if SYMMETRIC:
+        zero = tl.zeros_like(_popc(s1))
+        return _popc(s1) - _popc(s2), zero, _popc(c1) - _popc(c2), zero
+    else:
+        s3, c3 = _csa(ap0 & (wp0 | wn0), ap1 & (wp1 | wn1), ap2 & (wp2 | wn2))   # a = +1 on a nonzero weight
+        q3, r3 = _popc(s3), _popc(c3)
+        return q3 - _popc(s2), q3 - _popc(s1), r3 - _popc(c2), r3 - _popc(c1)
+
+
 # -----------------------------------------------------------------------------
 # pack: ternarize (or take bits of) a tensor and pack it into uint32 bitplanes, im2col on the fly
 
@@ -403,6 +426,19 @@ def _conv_rows(m, OH, OW, POOL: tl.constexpr):
 
 
 @triton.jit
+def _load_trit_step(a_pos_ptrs, a_neg_ptrs, b_pos_ptrs, b_neg_ptrs, k, CW, KX, stride_ay, stride_ax, stride_ak,
+                    stride_bk, IMPLICIT: tl.constexpr):
+    """The words of K step k: ap, an [BLOCK_M, 1] and wp, wn [1, BLOCK_N]."""
+    if IMPLICIT:   # K word k is (ky, kx, cw) of the patch
+        tap = k // CW
+        a_k = (tap // KX) * stride_ay + (tap % KX) * stride_ax + (k % CW) * stride_ak
+    else:
+        a_k = k * stride_ak
+    return (tl.load(a_pos_ptrs + a_k)[:, None], tl.load(a_neg_ptrs + a_k)[:, None],
+            tl.load(b_pos_ptrs + k * stride_bk)[None, :], tl.load(b_neg_ptrs + k * stride_bk)[None, :])
+
+
+@triton.jit
 def _ternary_gemm_kernel(
     # pointers
     a_pos_ptr, a_neg_ptr,         # activations [A_BITS, M, KW] uint32 (a_neg unused when BIT_SERIAL);
@@ -430,6 +466,7 @@ def _ternary_gemm_kernel(
     IMPLICIT: tl.constexpr,       # A rows are gathered conv patches of packed maps (implicit GEMM)
     POOL: tl.constexpr,           # IMPLICIT: 2 orders rows by 2x2 pooling windows (b, py, px, dy, dx)
     PACK_OUT: tl.constexpr,       # write ternarized, packed (and pooled) output instead of float32
+    CSA: tl.constexpr,            # trits: 3 K words a step through carry-save adders (fewer popcounts)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     # grouped ordering: GROUP_M row tiles share each weight tile while it is in L2
@@ -459,30 +496,47 @@ def _ternary_gemm_kernel(
     acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     b_pos_ptrs = b_pos_ptr + bn * stride_bn
     b_neg_ptrs = b_neg_ptr + bn * stride_bn
-    for bit in tl.static_range(A_BITS):
-        a_pos_ptrs = a_pos_ptr + bit * stride_abit + a_row
-        a_neg_ptrs = a_neg_ptr + a_row
-        part_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        part_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k in range(k_lo, k_hi):
-            if IMPLICIT:   # K word k is (ky, kx, cw) of the patch
-                tap = k // CW
-                a_k = (tap // KX) * stride_ay + (tap % KX) * stride_ax + (k % CW) * stride_ak
-            else:
-                a_k = k * stride_ak
-            ap = tl.load(a_pos_ptrs + a_k)[:, None]
-            wp = tl.load(b_pos_ptrs + k * stride_bk)[None, :]
-            wn = tl.load(b_neg_ptrs + k * stride_bk)[None, :]
-            if BIT_SERIAL:
+    if BIT_SERIAL:
+        for bit in tl.static_range(A_BITS):
+            a_bit_ptrs = a_pos_ptr + bit * stride_abit + a_row
+            part_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            part_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for k in range(k_lo, k_hi):
+                ap, _, wp, wn = _load_trit_step(a_bit_ptrs, a_bit_ptrs, b_pos_ptrs, b_neg_ptrs, k, CW, KX,
+                                                stride_ay, stride_ax, stride_ak, stride_bk, IMPLICIT)
                 part_p += _popc(ap & wp)
                 part_n += _popc(ap & wn)
-            else:
-                an = tl.load(a_neg_ptrs + a_k)[:, None]
-                sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
-                part_p += sp
-                part_n += sn
-        acc_p += part_p << bit
-        acc_n += part_n << bit
+            acc_p += part_p << bit
+            acc_n += part_n << bit
+    else:
+        a_pos_ptrs = a_pos_ptr + a_row
+        a_neg_ptrs = a_neg_ptr + a_row
+        k_end = k_lo
+        if CSA:
+            carry_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            carry_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            k_end = k_lo + (k_hi - k_lo) // 3 * 3
+            for k in range(k_lo, k_end, 3):   # three K words a step through carry-save adders
+                ap0, an0, wp0, wn0 = _load_trit_step(a_pos_ptrs, a_neg_ptrs, b_pos_ptrs, b_neg_ptrs, k, CW, KX,
+                                                     stride_ay, stride_ax, stride_ak, stride_bk, IMPLICIT)
+                ap1, an1, wp1, wn1 = _load_trit_step(a_pos_ptrs, a_neg_ptrs, b_pos_ptrs, b_neg_ptrs, k + 1, CW, KX,
+                                                     stride_ay, stride_ax, stride_ak, stride_bk, IMPLICIT)
+                ap2, an2, wp2, wn2 = _load_trit_step(a_pos_ptrs, a_neg_ptrs, b_pos_ptrs, b_neg_ptrs, k + 2, CW, KX,
+                                                     stride_ay, stride_ax, stride_ak, stride_bk, IMPLICIT)
+                sp, sn, cp, cn = _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2,
+                                                 SYMMETRIC)
+                acc_p += sp
+                acc_n += sn
+                carry_p += cp
+                carry_n += cn
+            acc_p += carry_p * 2
+            acc_n += carry_n * 2
+        for k in range(k_end, k_hi):          # one K word a step (with CSA: the last K % 3)
+            ap, an, wp, wn = _load_trit_step(a_pos_ptrs, a_neg_ptrs, b_pos_ptrs, b_neg_ptrs, k, CW, KX,
+                                             stride_ay, stride_ax, stride_ak, stride_bk, IMPLICIT)
+            sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
+            acc_p += sp
+            acc_n += sn
     if SYMMETRIC and BIT_SERIAL:
         acc_p = acc_p - acc_n
     _finish(acc_p, acc_n, offs_m, offs_n, pid, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, ws_ptr,
@@ -555,21 +609,27 @@ def _gemm_config(M, N, KW, bit_serial, device=None):
     if _INTERPRET:   # small tiles keep the numpy emulation quick
         if M <= 4 and not bit_serial:
             return "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=32, BLOCK_K=8, SPLIT_K=1, num_warps=4)
-        return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, num_warps=4)
+        return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, CSA=True, num_warps=4)
     sms = _sm_count(device) if device is not None else 132
+    per_sm = 4
     if M <= 2 and not bit_serial:
         kind, meta = "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=16, BLOCK_K=128, num_warps=4)
         tiles = triton.cdiv(N, 16)
+    elif M <= 32 and not bit_serial:
+        kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=16, BLOCK_K=64, num_warps=4)
+        tiles = triton.cdiv(N, 16) * triton.cdiv(M, 2)
     elif M <= 256 and not bit_serial:
-        kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=32, num_warps=4)
-        tiles = triton.cdiv(N, 64) * triton.cdiv(M, 2)
+        # few row tiles, long K loops: carry-save adders pay here (128x4096x4096: 71 us against 83 without),
+        # not at large M (4096^3: 1855 against 1748 us), where the extra logic and registers cost more
+        kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=128, GROUP_M=8, CSA=True, num_warps=4)
+        tiles, per_sm = triton.cdiv(M, 16) * triton.cdiv(N, 128), 1
     else:
         bn = min(128, max(32, triton.next_power_of_2(N)))   # narrow layers (conv1: N=32) waste no columns
-        kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=8, num_warps=4)
+        kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=8, CSA=False, num_warps=4)
         tiles = triton.cdiv(M, 16) * triton.cdiv(N, bn)
-    # split K until there are about 4 programs per SM, keeping at least 2 blocks of K per split
+    # split K until there are about per_sm programs per SM, keeping at least 2 blocks of K per split
     min_k = 2 * meta.get("BLOCK_K", 16)
-    meta["SPLIT_K"] = max(1, min(triton.cdiv(4 * sms, tiles), KW // min_k))
+    meta["SPLIT_K"] = max(1, min(triton.cdiv(per_sm * sms, tiles), KW // min_k))
     return kind, meta
 
 
@@ -602,6 +662,8 @@ def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None
     kind, meta = config or _gemm_config(M, N, KW, a_neg is None, a_pos.device)
     meta = dict(meta)
     split = meta.setdefault("SPLIT_K", 1)
+    if kind == "tile":
+        meta.setdefault("CSA", False)
     if kind == "gemv":
         grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
     else:
@@ -766,6 +828,7 @@ def _conv_setup(M, N, KW, out_map, threshold, device, config):
     kind, meta = config or _gemm_config(max(M, 257), N, KW, True, device)   # the tile kernel, whatever M
     meta = dict(meta)
     split = meta.setdefault("SPLIT_K", 1)
+    meta.setdefault("CSA", False)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
     ws, locks = _workspace(device, 2 * M * N, grid[0]) if split > 1 and M else (out, out)
     return out, out_neg, meta, grid, ws, locks
@@ -1031,9 +1094,9 @@ def _bench_gemm_row(M, N, K, bw, popc_rate):
 
 TUNE_CONFIGS = {
     "gemv": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4) for bm in (1, 2, 4)
-             for bn, bk in ((32, 64), (32, 128), (64, 32), (128, 32)) for sk in (1, 4, 8)],
-    "tile": [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, num_warps=w) for bm, bn in
-             ((16, 64), (16, 128), (32, 64), (32, 128), (64, 64)) for w in (4, 8) for sk in (1, 4)],
+             for bn, bk in ((16, 128), (16, 64), (32, 64), (64, 32)) for sk in (1, 4)],
+    "tile": [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, CSA=csa, num_warps=w) for bm, bn, w in
+             ((16, 64, 4), (16, 128, 4), (16, 64, 8), (32, 128, 8)) for sk in (1, 4) for csa in (False, True)],
 }
 
 
@@ -1082,12 +1145,13 @@ def _sass_report(folder):
         ptr = lambda n: "*fp32" if n.startswith(floats) else "*i32" if n in ("ws_ptr", "lock_ptr") else "*u32"
         scalar = lambda n: "fp32" if n == "threshold" else "i32"
         return {n: "constexpr" if n in constexprs else ptr(n) if n.endswith("_ptr") else scalar(n) for n in fn.arg_names}
-    plain = dict(A_BITS=1, BIT_SERIAL=False, HAS_BIAS=True, IMPLICIT=False, POOL=1, PACK_OUT=False, BLOCK_M=16,
-                 GROUP_M=8, SPLIT_K=1)
+    plain = dict(A_BITS=1, BIT_SERIAL=False, HAS_BIAS=True, IMPLICIT=False, POOL=1, PACK_OUT=False, CSA=False,
+                 BLOCK_M=16, GROUP_M=8, SPLIT_K=1)
     kernels = [("gemv_3popc", _ternary_gemv_kernel, dict(SYMMETRIC=False, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
                ("gemv_2popc", _ternary_gemv_kernel, dict(SYMMETRIC=True, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
                ("tile_3popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128)),
                ("tile_2popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_N=128)),
+               ("tile_3popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, CSA=True)),
                ("tile_bitserial8", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False, BLOCK_N=32)),
                ("conv_pool_pack", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, IMPLICIT=True, POOL=2, PACK_OUT=True))]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
@@ -1116,6 +1180,8 @@ def _bench_main():
     parser.add_argument("--tune", action="store_true", help="sweep kernel configs on a few shapes (default: off)")
     parser.add_argument("--sass", metavar="DIR", help="compile the GEMM kernels for sm_90 (no GPU needed), dump SASS to DIR, count instructions")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (default: off)")
+    parser.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+", metavar="MxNxK",
+                        help="--tune only these shapes, e.g. 16x8192x8192 (default: six shapes)")
     args = parser.parse_args()
     if args.sass:   # compiles for sm_90 without a GPU
         _sass_report(args.sass)
@@ -1126,8 +1192,8 @@ def _bench_main():
     print(f"# {props.name}, {props.multi_processor_count} SMs | torch {torch.__version__} | triton {triton.__version__} "
           f"| {datetime.date.today()}")
     if args.tune:
-        _tune([(1, 8192, 8192), (16, 8192, 8192), (128, 4096, 4096), (4096, 4096, 4096), (128, 256, 1024),
-               (8192, 64, 800)])
+        _tune(args.shapes or [(1, 8192, 8192), (16, 8192, 8192), (128, 4096, 4096), (4096, 4096, 4096),
+                              (128, 256, 1024), (8192, 64, 800)])
         return
     bw, popc_rate = _ceilings()
     print(f"ceilings: copy bandwidth {bw / 1e12:.2f} TB/s (read + write); popcount {popc_rate / 1e12:.2f} T/s "

@@ -114,10 +114,11 @@ SHAPES = [(1, 1, 1), (1, 7, 31), (3, 1, 32), (5, 9, 33), (2, 3, 1000), (37, 45, 
 CONFIGS = [None, ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, num_warps=4)),
            ("gemv", dict(BLOCK_M=4, BLOCK_N=16, BLOCK_K=4, num_warps=4)),
            ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, SPLIT_K=3, num_warps=4)),
-           ("gemv", dict(BLOCK_M=2, BLOCK_N=16, BLOCK_K=2, SPLIT_K=3, num_warps=4))]
+           ("gemv", dict(BLOCK_M=2, BLOCK_N=16, BLOCK_K=2, SPLIT_K=3, num_warps=4)),
+           ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, SPLIT_K=2, CSA=True, num_warps=4))]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["auto", "tile", "gemv", "tile-splitk", "gemv-splitk"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["auto", "tile", "gemv", "tile-splitk", "gemv-splitk", "tile-csa"])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_gemm_integer_sums_exact(M, N, K, config):
     a, w = rand_trits(M, K), rand_trits(N, K)
@@ -159,6 +160,10 @@ def test_gemm_bit_serial_pixels_exact():
     assert torch.equal(ternary_gemm_triton(planes, None, wp, wn, one, zero).cpu().long(), sp)
     assert torch.equal(ternary_gemm_triton(planes, None, wp, wn, zero, -one).cpu().long(), sn)
     assert torch.equal(ternary_gemm_triton(planes, None, wp, wn, one).cpu().long(), sp - sn)
+    # one plane alone: unsigned 1-bit values (bit 0 of each pixel), not trits
+    sp1, sn1 = int_sums(x & 1, w)
+    assert torch.equal(ternary_gemm_triton(planes[:1], None, wp, wn, one, zero).cpu().long(), sp1)
+    assert torch.equal(ternary_gemm_triton(planes[:1], None, wp, wn, zero, -one).cpu().long(), sn1)
 
 
 def test_gemm_any_strides():
@@ -1238,7 +1243,8 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     # (the compiler may unroll the K loop, so the count is a multiple). SWAR emulation needs >= 3 shifts per
     # word: popcounts left (partly) as SWAR show more SHF than twice the POPC.
     per_step = {"tile_3popc": 16 * 3, "tile_2popc": 16 * 2, "gemv_3popc": 16 * 3, "gemv_2popc": 16 * 2,
-                "tile_bitserial8": 4 * 2 * 8, "conv_pool_pack": 16 * 3}
+                "tile_bitserial8": 4 * 2 * 8, "conv_pool_pack": 16 * 3,
+                "tile_3popc_csa": 16 * 3}
     for name, n in per_step.items():
         assert counts[name]["POPC"] >= n and counts[name]["POPC"] % n == 0, (name, counts[name])
         assert counts[name]["SHF"] < 2 * counts[name]["POPC"], (name, counts[name])
