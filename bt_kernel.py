@@ -615,14 +615,17 @@ def _gemm_config(M, N, KW, bit_serial, device=None):
     if M <= 2 and not bit_serial:
         kind, meta = "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=16, BLOCK_K=128, num_warps=4)
         tiles = triton.cdiv(N, 16)
-    elif M <= 32 and not bit_serial:
-        kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=16, BLOCK_K=64, num_warps=4)
-        tiles = triton.cdiv(N, 16) * triton.cdiv(M, 2)
-    elif M <= 256 and not bit_serial:
-        # few row tiles, long K loops: carry-save adders pay here (128x4096x4096: 71 us against 83 without),
-        # not at large M (4096^3: 1855 against 1748 us), where the extra logic and registers cost more
+    elif M <= 256 and not bit_serial and M > 32 and triton.cdiv(M, 16) * triton.cdiv(N, 128) >= sms:
+        # few row tiles but enough of them for every SM, long K loops: carry-save adders pay here
+        # (128x4096x4096: 71 us, against 83 without them and 114 for the GEMV), not at large M (4096^3:
+        # 1855 against 1748 us) where their extra logic and registers cost more than the saved popcounts
         kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=128, GROUP_M=8, CSA=True, num_warps=4)
         tiles, per_sm = triton.cdiv(M, 16) * triton.cdiv(N, 128), 1
+    elif M <= 256 and not bit_serial:
+        # narrow [64 x 16] weight blocks for wide layers (16x8192x8192: 48.6 us against 59.4 for [32 x 64])
+        bn, bk = (16, 64) if M <= 32 and N >= 4096 else (64, 32)
+        kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        tiles = triton.cdiv(N, bn) * triton.cdiv(M, 2)
     else:
         bn = min(128, max(32, triton.next_power_of_2(N)))   # narrow layers (conv1: N=32) waste no columns
         kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=8, CSA=False, num_warps=4)
