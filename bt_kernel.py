@@ -179,6 +179,97 @@ def _pack_kernel(
         tl.store(neg_ptr + out, neg, mask=out_mask)
 
 
+@triton.jit
+def _pack_trits4_kernel(
+    # pointers
+    x_ptr,                        # int8 trits [R, K], K % 4 == 0, read as int32 words of 4 trits [R, K / 4]
+    pos_ptr, neg_ptr,             # outputs [R, KW] uint32
+    # sizes
+    R, K4, KW,
+    # strides (elements: int32 words of x, uint32 words of the planes)
+    stride_xr, stride_pr, stride_pk,
+    # meta-parameters
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # MODE 0 of _pack_kernel with a quarter of the work per trit: one load, flag tests and bit gathering
+    # for 4 trits at once, and a sum over 8 nibbles per output word instead of over 32 bits
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    q = tl.arange(0, 8)
+    r3 = r[:, None, None]
+    k3 = (w[:, None] * 8 + q[None, :])[None, :, :]                 # [1, BLOCK_W, 8] int32 word of x
+    x = tl.load(x_ptr + r3 * stride_xr + k3, mask=(r3 < R) & (k3 < K4), other=0).to(tl.uint32, bitcast=True)
+    # one trit per byte (little-endian: byte j of word i is trit 4i + j): +1 = 0x01 has bit 0 and not
+    # bit 1, -1 = 0xFF has bit 7; the four flags at bits 0, 8, 16, 24 gather into bits 0..3
+    p = (x ^ (x >> 1)) & x & 0x01010101
+    n = (x >> 7) & 0x01010101
+    p = (p | (p >> 7) | (p >> 14) | (p >> 21)) & 0xF
+    n = (n | (n >> 7) | (n >> 14) | (n >> 21)) & 0xF
+    shift = (q * 4).to(tl.uint32)[None, None, :]
+    pos = tl.sum(p << shift, axis=2)                                # disjoint nibbles: the sum is an OR
+    neg = tl.sum(n << shift, axis=2)
+    out = r[:, None] * stride_pr + w[None, :] * stride_pk
+    out_mask = (r[:, None] < R) & (w[None, :] < KW)
+    tl.store(pos_ptr + out, pos, mask=out_mask)
+    tl.store(neg_ptr + out, neg, mask=out_mask)
+
+
+@triton.jit
+def _slice_rows_kernel(
+    # pointers
+    x_ptr,                        # uint8 images [B, C, H, W], W + 2 * pad <= 32
+    rows_ptr,                     # output uint32 [B * C * H, 8]: bit (x + pad) of word p = bit p of pixel x
+    # sizes
+    ROWS, C, H, W, pad,
+    # strides (elements)
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    # meta-parameters
+    BLOCK_R: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)     # image row (b, c, y)
+    lane = tl.arange(0, 32)
+    y = r % H
+    c = (r // H) % C
+    b = r // (H * C)
+    ok = (r < ROWS)[:, None] & (lane < W)[None, :]
+    px = tl.load(x_ptr + (b * stride_xb + c * stride_xc + y * stride_xh)[:, None] + lane[None, :] * stride_xw,
+                 mask=ok, other=0).to(tl.uint32)
+    shift = (lane + pad).to(tl.uint32)[None, :]
+    for bit in tl.static_range(8):
+        word = tl.sum(((px >> bit) & 1) << shift, axis=1)
+        tl.store(rows_ptr + r * 8 + bit, word, mask=r < ROWS)
+
+
+@triton.jit
+def _im2col_rows_kernel(
+    # pointers
+    rows_ptr,                     # uint32 [B * C * H, 8] from _slice_rows_kernel
+    planes_ptr,                   # output [8, R, 1] uint32: the patch bits of pack_im2col (MODE 3, K <= 32)
+    # sizes
+    R, C, H, OH, OW, KH, KWD, conv_stride, pad,
+    # strides (elements)
+    stride_pbit, stride_pr,
+    # meta-parameters
+    BLOCK_R: tl.constexpr,
+):
+    # each patch word is KH * C row segments of KWD bits, cut from the sliced rows: the pixels' bits are
+    # taken apart once per image row, not once per patch (25 times for a 5x5 kernel)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    plane = tl.arange(0, 8)
+    b = r // (OH * OW)
+    oy = (r // OW) % OH
+    ox = r % OW
+    seg = (1 << KWD) - 1
+    acc = tl.zeros((BLOCK_R, 8), dtype=tl.uint32)
+    for ck in range(C * KH):
+        c = ck // KH
+        iy = oy * conv_stride + ck % KH - pad
+        ok = (r < R) & (iy >= 0) & (iy < H)                     # rows of vertical padding read as 0
+        row = tl.load(rows_ptr + ((b * C + c) * H + iy)[:, None] * 8 + plane[None, :], mask=ok[:, None], other=0)
+        acc |= ((row >> (ox * conv_stride).to(tl.uint32)[:, None]) & seg) << (ck * KWD)
+    tl.store(planes_ptr + plane[None, :] * stride_pbit + r[:, None] * stride_pr, acc, mask=(r < R)[:, None])
+
+
 def _new_planes(bits, rows, kw, device):
     # K-word-major storage [BITS, KW, R], viewed as [BITS, R, KW]
     return torch.empty((bits, kw, rows), dtype=torch.uint32, device=device).transpose(1, 2)
@@ -211,10 +302,43 @@ def _f32(t):
 def _pack_matrix(x, mode, threshold=0.0, thr=None):
     """_launch_pack of a matrix [R, K] (any strides): returns (pos, neg), each [R, KW]."""
     R, K = x.shape
+    if mode == 0 and K % 4 == 0 and x.stride(1) == 1 and x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0:
+        return _pack_trits4(x)
     if x.dtype == torch.float64:   # the kernel compares in float32
         x = x.float()
     pos, neg = _launch_pack(x[:, :, None, None], R, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode, threshold, thr)
     return pos[0], neg[0]
+
+
+def _pack_trits4(x, blocks=None):
+    """pack_bitplanes of int8 trits [R, K] with K % 4 == 0, unit column stride and 4-byte aligned rows."""
+    R, K = x.shape
+    KW = triton.cdiv(K, 32)
+    pos, neg = _new_planes(1, R, KW, x.device)[0], _new_planes(1, R, KW, x.device)[0]
+    if R == 0:
+        return pos, neg
+    x4 = x.view(torch.int32)
+    BLOCK_R, BLOCK_W = blocks or ((16, 2) if _INTERPRET else (32, 8))
+    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KW, BLOCK_W))
+    _pack_trits4_kernel[grid](x4, pos, neg, R, K // 4, KW, x4.stride(0), pos.stride(0), pos.stride(1),
+                              BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4)
+    return pos, neg
+
+
+def _pack_pixel_patches(x, OH, OW, kh, kw, stride, padding):
+    """pack_im2col's 8 bitplanes of uint8 x [B, C, H, W] when a patch fits one word (C*kh*kw <= 32) and a
+    padded row one word (W + 2*padding <= 32): rows are bit-sliced once, then cut into patches."""
+    B, C, H, W = x.shape
+    R = B * OH * OW
+    rows = torch.empty((B * C * H, 8), dtype=torch.uint32, device=x.device)
+    block = 16 if _INTERPRET else 64
+    _slice_rows_kernel[(triton.cdiv(B * C * H, block),)](x, rows, B * C * H, C, H, W, padding, *x.stride(),
+                                                         BLOCK_R=block, num_warps=4)
+    planes = _new_planes(8, R, 1, x.device)
+    block = 32 if _INTERPRET else 128
+    _im2col_rows_kernel[(triton.cdiv(R, block),)](rows, planes, R, C, H, OH, OW, kh, kw, stride, padding,
+                                                  planes.stride(0), planes.stride(1), BLOCK_R=block, num_warps=4)
+    return planes
 
 
 def _check_device(*tensors, allow_cpu=False):
@@ -321,6 +445,8 @@ def pack_im2col(x, kernel_size, stride=1, padding=0, threshold=None):
     if threshold is None:
         if x.dtype != torch.uint8:
             raise TypeError(f"bit-serial packing takes uint8 input, got {x.dtype}")
+        if K <= 32 and W + 2 * padding <= 32 and R:   # the first conv of small images: a faster way, same planes
+            return _pack_pixel_patches(x, OH, OW, kh, kw, stride, padding), (OH, OW)
         planes, _ = _launch_pack(x, R, K, geometry, mode=3, bits=8)
         return planes, (OH, OW)
     if not x.is_floating_point():

@@ -107,6 +107,25 @@ def test_pack_im2col_matches_unfold():
         assert torch.equal(unpack_bitplanes(planes[b], torch.zeros_like(planes[b]), 25).long(), (cols >> b) & 1)
 
 
+def test_pack_fast_paths_match_general_kernel():
+    # int8 trits four to a word (rows of K % 4 == 0, aligned) and pixel patches cut from bit-sliced rows
+    # (a patch and a padded row in one word each) against the one-element-per-lane pack kernel
+    g = torch.Generator().manual_seed(4)
+    wide = torch.randint(-1, 2, (9, 300), dtype=torch.int8, generator=g).to(DEVICE)
+    for x in (wide[:, :200], wide[:, 4:100], wide[:, :4], wide[:, 1:101], wide[:, :98]):   # last two: general
+        R, K = x.shape
+        general = bt_kernel._launch_pack(x[:, :, None, None], R, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode=0)
+        pos, neg = pack_bitplanes(x)
+        assert torch.equal(pos, general[0][0]) and torch.equal(neg, general[1][0])
+        assert torch.equal(unpack_bitplanes(pos, neg, K), x)
+    for B, C, H, W, k, s, p in ((2, 1, 28, 28, 5, 1, 0), (3, 2, 9, 8, 3, 2, 1), (1, 1, 6, 30, 2, 1, 1)):
+        img = torch.randint(0, 256, (B, C, H, W), dtype=torch.uint8, generator=g).to(DEVICE)
+        planes, (OH, OW) = pack_im2col(img, k, stride=s, padding=p)
+        general, _ = bt_kernel._launch_pack(img, B * OH * OW, C * k * k, (OH, OW, k, k, H, W, s, p, True), mode=3,
+                                            bits=8)
+        assert torch.equal(planes, general)
+
+
 # -----------------------------------------------------------------------------
 # GEMM against integer and float64 references
 
