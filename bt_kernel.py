@@ -7,12 +7,17 @@ Needs only torch and triton: copy this file alone into another project.
     w_pos, w_neg = pack_bitplanes(w_trits)            # int8 [N, K] in {-1, 0, +1}
     y = ternary_gemm_triton(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias)   # float32 [M, N]
 
+    # inference chains: implicit-GEMM conv on channel-packed maps, pooled, ternarized and packed for the next layer
+    a_pos, a_neg = ternary_conv_packed(a_pos, a_neg, *pack_conv_weight(w_trits_4d), alpha_p, alpha_n, bias,
+                                       kernel_size=5, pool=2, threshold=0.5)
+
     python bt_kernel.py            # the kernel benchmark tables of `make bench` (needs a GPU)
+    python bt_kernel.py --tune     # sweep kernel configs (--shapes 16x8192x8192 ...)
     python bt_kernel.py --sass DIR # SASS for sm_90 and its instruction counts (no GPU needed)
 
-Measured (NVIDIA H200, Triton 3.6, 2026-11-29): 4096x4096x4096 at 79 ternary TOP/s with learned
-alpha_p/alpha_n (94% of the 3-popcount ceiling), 114 TOP/s with one scale; a 1x8192x8192 GEMV 2.9x
-faster than torch bf16 (README: the whole table, and the targets it misses).
+Measured (NVIDIA H200, Triton 3.6, 2026-11-29): 4096x4096x4096 at 78.6 ternary TOP/s with learned
+alpha_p/alpha_n (93% of the 3-popcount ceiling), 116 TOP/s with one scale; a 1x8192x8192 GEMV 3.4x
+faster than torch bf16; 16x8192x8192 0.73x of bf16 (README: the whole table, and the targets it misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
 
@@ -40,6 +45,15 @@ Per pair of 32-trit words, since the pos and neg planes never overlap:
     Sp = P3 - P2,  Sn = P3 - P1           3 popcounts for learned asymmetric scales (TTQ)
     Sp - Sn = P1 - P2                     2 popcounts when alpha_n is None (one scale per channel)
 Bit-serial A (an = 0): Sp = popc(ap & bp), Sn = popc(ap & bn), shifted left by the bit's weight.
+With CSA (tile kernel), the product words of three K steps go through a carry-save adder first,
+popc(x) + popc(y) + popc(z) = popc(x ^ y ^ z) + 2 popc(maj(x, y, z)): 2 popcounts for 3 words.
+
+Channel-packed maps (inference)
+-------------------------------
+A map of trits [B, H, W, C] is the matrix [B*H*W, C] packed and seen as [B, H, W, CW]. A conv reads
+its patches straight from it (implicit GEMM): K words in (ky, kx, channel word) order, the order of
+pack_conv_weight. ternary_conv_packed can max-pool, ternarize and pack in its epilogue, so the next
+layer's input is again such a map and no float activation is ever written.
 The sums are int32. The epilogue is float64 and every product in it is exact (a float32 scale times an
 integer below 2^29), so the output, rounded once to float32, does not depend on FMA contraction: the
 numpy path of bt_infer.py reproduces it bit for bit.
