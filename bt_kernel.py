@@ -933,10 +933,26 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
     N, KW = w_pos.shape
     if KW != kh * kx * CW:
         raise ValueError(f"weights have {KW} words per row, a {kh}x{kx} patch of {CW}-word positions has {kh * kx * CW}")
-    _check_conv_scales(N, alpha_p, alpha_n, bias, threshold)
+    for name, t in (("alpha_p", alpha_p), ("alpha_n", alpha_n), ("bias", bias)):
+        if (t is not None or name == "alpha_p") and (
+                not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != (N,)):
+            raise ValueError(f"{name} must be a float tensor of shape ({N},)")
+    if threshold is not None and not float(threshold) >= 0:
+        raise ValueError(f"threshold must be >= 0 or None, got {threshold}")
     _check_device(a_pos, w_pos, w_neg, alpha_p, *[t for t in (a_neg, alpha_n, bias) if t is not None])
+
     M = B * PH * PW * pool * pool
-    out, out_neg, meta, grid, ws, locks = _conv_setup(M, N, KW, (B, PH, PW), threshold, a_pos.device, config)
+    if threshold is None:
+        out = out_neg = torch.empty((B, PH, PW, N), dtype=torch.float32, device=a_pos.device)
+    else:
+        out = torch.empty((B, PH, PW, triton.cdiv(N, 32)), dtype=torch.uint32, device=a_pos.device)
+        out_neg = torch.empty_like(out)
+    kind, meta = config or _gemm_config(max(M, 257), N, KW, True, a_pos.device)   # the tile kernel, whatever M
+    meta = dict(meta)
+    split = meta.setdefault("SPLIT_K", 1)
+    meta.setdefault("CSA", False)
+    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0]) if split > 1 and M else (out, out)
     if M:
         ap32, an32, b32 = _f32(alpha_p), _f32(alpha_n), _f32(bias)
         _launch_gemm.compiled = _ternary_gemm_kernel[grid](
@@ -948,33 +964,6 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
             A_BITS=bits, BIT_SERIAL=bit_serial, SYMMETRIC=alpha_n is None, HAS_BIAS=bias is not None,
             IMPLICIT=True, POOL=pool, PACK_OUT=threshold is not None, **meta)
     return out if threshold is None else (out, out_neg)
-
-
-def _check_conv_scales(N, alpha_p, alpha_n, bias, threshold):
-    for name, t in (("alpha_p", alpha_p), ("alpha_n", alpha_n), ("bias", bias)):
-        if (t is not None or name == "alpha_p") and (
-                not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != (N,)):
-            raise ValueError(f"{name} must be a float tensor of shape ({N},)")
-    if threshold is not None and not float(threshold) >= 0:
-        raise ValueError(f"threshold must be >= 0 or None, got {threshold}")
-
-
-def _conv_setup(M, N, KW, out_map, threshold, device, config):
-    """Output buffers (float32 [*out_map, N], or pos/neg words [*out_map, ceil(N/32)]), meta-parameters,
-    grid and split-K workspace of a conv launch."""
-    if threshold is None:
-        out = torch.empty((*out_map, N), dtype=torch.float32, device=device)
-        out_neg = out
-    else:
-        out = torch.empty((*out_map, triton.cdiv(N, 32)), dtype=torch.uint32, device=device)
-        out_neg = torch.empty_like(out)
-    kind, meta = config or _gemm_config(max(M, 257), N, KW, True, device)   # the tile kernel, whatever M
-    meta = dict(meta)
-    split = meta.setdefault("SPLIT_K", 1)
-    meta.setdefault("CSA", False)
-    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-    ws, locks = _workspace(device, 2 * M * N, grid[0]) if split > 1 and M else (out, out)
-    return out, out_neg, meta, grid, ws, locks
 
 
 def ternary_gemm_reference(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bias=None, K=None):
