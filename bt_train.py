@@ -14,6 +14,7 @@ Fashion-MNIST from Debian's dataset-fashion-mnist), every file checked by MD5.
 """
 import argparse
 import contextlib
+import gc
 import glob
 import gzip
 import hashlib
@@ -620,6 +621,10 @@ def main(argv=None):
         print(f"total time {time.time() - t_start:.1f} s (data, training, evaluation and export)")
     if distributed:
         dist.barrier()
+        # DDP sits in a reference cycle: free it and its hold on the process group now, not at exit,
+        # where the process group's threads can abort the process
+        del net, trainer
+        gc.collect()
         dist.destroy_process_group()
 
 
