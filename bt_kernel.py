@@ -1346,7 +1346,8 @@ def _bench_main():
     # GEMM table
     Ms = (1, 16, 128, 1024, 4096) if not args.quick else (1, 16, 4096)
     shapes = [(M, NK, NK) for NK in (1024, 4096, 8192) for M in Ms]
-    shapes += [(128, 256, 1024), (128 * 64, 64, 800), (10000, 256, 1024), (10000 * 64, 64, 800)]   # MNIST fc1, conv2
+    # the default LeNet (64,128,512) as GEMMs: fc1 and conv2 (im2col rows = images x 8x8 outputs), batch 128 and 10k
+    shapes += [(128, 512, 2048), (128 * 64, 128, 1600), (10000, 512, 2048), (10000 * 64, 128, 1600)]
     print("times in us per call from CUDA-graph replays (weights rotated beyond L2); t3: TTQ scales, 3 popcounts per "
           "word pair; t2: one scale, 2; pack+t3: float activations packed first; eager: one Python call")
     hdr = (f"{'M':>6} {'N':>5} {'K':>5} | {'t3':>8} {'t2':>8} {'pack+t3':>8} {'bf16':>8} {'fp32':>8} | {'TOP/s':>6} "
