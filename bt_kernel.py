@@ -790,6 +790,32 @@ def _workspace(device, words, tiles):
     return ws, locks
 
 
+def _launch_tile(a, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c_neg, meta, M, N, KW, conv=None,
+                 pool=1, threshold=None):
+    """The tile kernel, no checks. Plain rows: a [BITS, M, KW], c [M, N]. conv=(OH, OW, KX, CW, stride):
+    an implicit-GEMM conv over maps a [BITS, B, H, W, CW] into c [B, PH, PW, N or words] (c_neg too when
+    threshold packs the output). a_neg=None: A is bit-serial."""
+    meta = dict(meta)
+    split = meta.setdefault("SPLIT_K", 1)
+    meta.setdefault("CSA", False)
+    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    ws, locks = _workspace(a.device, 2 * M * N, grid[0]) if split > 1 else (c, c)
+    implicit = conv is not None
+    if not implicit:   # plain rows: a 1x1 map per row, K words read straight along the row
+        conv, a_strides, c_strides = (1, 1, 1, KW, 1), (a.stride(0), a.stride(1), 0, 0, a.stride(2)), c.stride()
+    else:
+        a_strides, c_strides = a.stride(), c.stride()[2:]
+    symmetric = alpha_n is None
+    _launch_gemm.compiled = _ternary_gemm_kernel[grid](
+        a, a if a_neg is None else a_neg, b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n,
+        alpha_p if bias is None else bias, c, c_neg, ws, locks,
+        M, N, KW, *conv, 0.0 if threshold is None else float(threshold),
+        *a_strides, b_pos.stride(0), b_pos.stride(1), *c_strides,
+        A_BITS=a.shape[0], BIT_SERIAL=a_neg is None, SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
+        IMPLICIT=implicit, POOL=pool, PACK_OUT=threshold is not None, **meta)
+    return c
+
+
 def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None, out=None):
     """a_pos [BITS, M, KW] (a_neg [1, M, KW] or None for unsigned bit-serial A); no checks.
 
@@ -800,32 +826,19 @@ def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None
     c = torch.empty((M, N), dtype=torch.float32, device=a_pos.device) if out is None else out
     if M == 0 or N == 0:
         return c
-    symmetric = alpha_n is None
-    an = a_pos if a_neg is None else a_neg
     kind, meta = config or _gemm_config(M, N, KW, a_neg is None, a_pos.device)
+    if kind == "tile":
+        return _launch_tile(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c, meta, M, N, KW)
     meta = dict(meta)
     split = meta.setdefault("SPLIT_K", 1)
-    if kind == "tile":
-        meta.setdefault("CSA", False)
-    if kind == "gemv":
-        grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
-    else:
-        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-    ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1] if kind == "gemv" else grid[0]) \
-        if split > 1 else (c, c)
-    common = dict(SYMMETRIC=symmetric, HAS_BIAS=bias is not None)
-    args = (a_pos, an, b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n,
-            alpha_p if bias is None else bias, c, ws, locks, M, N, KW)
-    if kind == "gemv":
-        _launch_gemm.compiled = _ternary_gemv_kernel[grid](
-            *args, a_pos.stride(1), a_pos.stride(2), b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
-            **common, **meta)
-    else:
-        # plain rows: a 1x1 map per row, K words read straight along the row
-        args = args[:8] + (c,) + args[8:] + (1, 1, 1, KW, 1, 0.0)
-        _launch_gemm.compiled = _ternary_gemm_kernel[grid](
-            *args, a_pos.stride(0), a_pos.stride(1), 0, 0, a_pos.stride(2), b_pos.stride(0), b_pos.stride(1),
-            c.stride(0), c.stride(1), A_BITS=bits, BIT_SERIAL=a_neg is None, IMPLICIT=False, POOL=1, PACK_OUT=False, **common, **meta)
+    grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
+    ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1]) if split > 1 else (c, c)
+    symmetric = alpha_n is None
+    _launch_gemm.compiled = _ternary_gemv_kernel[grid](
+        a_pos, a_pos if a_neg is None else a_neg, b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n,
+        alpha_p if bias is None else bias, c, ws, locks, M, N, KW,
+        a_pos.stride(1), a_pos.stride(2), b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
+        SYMMETRIC=symmetric, HAS_BIAS=bias is not None, **meta)
     return c
 
 
@@ -947,22 +960,10 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
     else:
         out = torch.empty((B, PH, PW, triton.cdiv(N, 32)), dtype=torch.uint32, device=a_pos.device)
         out_neg = torch.empty_like(out)
-    kind, meta = config or _gemm_config(max(M, 257), N, KW, True, a_pos.device)   # the tile kernel, whatever M
-    meta = dict(meta)
-    split = meta.setdefault("SPLIT_K", 1)
-    meta.setdefault("CSA", False)
-    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-    ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0]) if split > 1 and M else (out, out)
     if M:
-        ap32, an32, b32 = _f32(alpha_p), _f32(alpha_n), _f32(bias)
-        _launch_gemm.compiled = _ternary_gemm_kernel[grid](
-            a, a if bit_serial else a_neg[None], w_pos, w_neg, ap32, ap32 if alpha_n is None else an32,
-            ap32 if bias is None else b32, out, out_neg, ws, locks,
-            M, N, KW, OH, OW, kx, CW, stride, 0.0 if threshold is None else float(threshold),
-            a.stride(0), a.stride(1), a.stride(2), a.stride(3), a.stride(4), w_pos.stride(0), w_pos.stride(1),
-            out.stride(2), out.stride(3),
-            A_BITS=bits, BIT_SERIAL=bit_serial, SYMMETRIC=alpha_n is None, HAS_BIAS=bias is not None,
-            IMPLICIT=True, POOL=pool, PACK_OUT=threshold is not None, **meta)
+        _, meta = config or _gemm_config(max(M, 257), N, KW, True, a_pos.device)   # the tile kernel, whatever M
+        _launch_tile(a, None if bit_serial else a_neg[None], w_pos, w_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias),
+                     out, out_neg, meta, M, N, KW, conv=(OH, OW, kx, CW, stride), pool=pool, threshold=threshold)
     return out if threshold is None else (out, out_neg)
 
 
