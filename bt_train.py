@@ -378,16 +378,37 @@ class Trainer:
         self.opt.step()
         self.loss_sum += loss.detach()
 
+    def warm_up(self, steps=3):
+        """Run `steps` steps on the current batch (cuDNN plans, Triton autotuning and the AdamW state are made
+        here, not under graph capture), then rewind model, optimizer, loss and RNG in place: the run trains on
+        its own steps only, and the graph keeps the tensors it was captured with."""
+        def tensors():
+            opt_state = [v for st in self.opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+            return [*self.model.parameters(), *self.model.buffers(), *opt_state, self.loss_sum]
+        saved = {id(t): t.detach().clone() for t in tensors()}
+        cuda = self.device.type == "cuda"
+        rng = torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state()
+        for _ in range(steps):
+            self._step()
+        with torch.no_grad():
+            for t in tensors():
+                if id(t) in saved:
+                    t.copy_(saved[id(t)])
+                else:           # optimizer state made by the first step: Adam's starts at zero
+                    t.zero_()
+        if cuda:
+            torch.cuda.set_rng_state(rng, self.device)
+        else:
+            torch.set_rng_state(rng)
+
     def step(self, idx):
         self.idx.copy_(idx, non_blocking=True)
         if self.graphed and self.graph is None:
-            # warm up on a side stream (cuDNN/Triton autotune, AdamW state), then capture; the warm-up
-            # steps are real steps on the first batch (3 extra of the run's 14070) and count in epoch 1's loss
+            # warm up on a side stream, as graph capture wants, then capture one step
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                for _ in range(3):
-                    self._step()
+                self.warm_up()
             torch.cuda.current_stream().wait_stream(s)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):

@@ -1158,6 +1158,40 @@ def _tiny_data(monkeypatch):
     monkeypatch.setattr(bt_train, "load_dataset", lambda name, root: data)
 
 
+@pytest.mark.parametrize("optimizer_state", ["fresh", "resumed"])
+def test_graph_warm_up_leaves_no_trace(optimizer_state):
+    # the CUDA-graph path warms up with real steps before capture, then rewinds: afterwards a step must
+    # give what the same step gives without the warm-up (weights, BatchNorm buffers, AdamW state, loss)
+    import copy
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    args = bt_train.get_args(["--device", "cpu", "--batch", "16", "--channels", "4,8,16"])
+    torch.manual_seed(0)
+    model = bt_train.build_model((4, 8, 16))
+    trainers = []
+    for m in (model, copy.deepcopy(model)):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+        trainers.append(bt_train.Trainer(m, opt, x, y, args, graphed=False))
+    first, second = torch.arange(16), torch.arange(16, 32)
+    if optimizer_state == "resumed":
+        for t in trainers:
+            torch.manual_seed(5)
+            t.step(first)
+    warmed, plain = trainers
+    torch.manual_seed(7)
+    warmed.idx.copy_(second)
+    warmed.warm_up()
+    warmed.step(second)
+    torch.manual_seed(7)
+    plain.step(second)
+    for (name, a), b in zip(warmed.model.state_dict().items(), plain.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for p_w, p_p in zip(warmed.model.parameters(), plain.model.parameters()):
+        for k, v in warmed.opt.state[p_w].items():
+            assert torch.equal(v, plain.opt.state[p_p][k]), k
+    assert torch.equal(warmed.loss_sum, plain.loss_sum)
+
+
 def _train(tmp_path, *extra):
     argv = ["--device", "cpu", "--epochs", "2", "--batch", "64", "--channels", "4,8,16", "--seed", "3",
             "--export", str(tmp_path / "e.pt"), "--checkpoint", str(tmp_path / "c.pt"), *extra]
