@@ -10,6 +10,7 @@ import shutil
 if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib
 import datetime
 import gc
 import gzip
@@ -1151,10 +1152,14 @@ def test_terngrad_ddp_hook_gloo(tmp_path):
 # training script: resume, NaN stop, CLI errors, atomic writes (CPU, tiny data)
 
 
-def _tiny_data(monkeypatch):
+def _tiny_tensors():
     g = torch.Generator().manual_seed(0)
-    data = (torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (256,), generator=g),
+    return (torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (256,), generator=g),
             torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (64,), generator=g))
+
+
+def _tiny_data(monkeypatch):
+    data = _tiny_tensors()
     monkeypatch.setattr(bt_train, "load_dataset", lambda name, root: data)
 
 
@@ -1200,6 +1205,31 @@ def _train(tmp_path, *extra):
     except SystemExit as e:
         return e.code
     return 0
+
+
+def _train_ddp_worker(rank, world, port, folder):
+    # what `make train-ddp DEVICE=cpu` runs: torchrun's environment, gloo, TernGrad, then export by rank 0
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    data = _tiny_tensors()
+    bt_train.load_dataset = lambda name, root: data
+    with open(os.path.join(folder, f"log{rank}.txt"), "w") as log, contextlib.redirect_stdout(log):
+        bt_train.main(["--device", "cpu", "--epochs", "2", "--batch", "32", "--channels", "4,8,16", "--terngrad",
+                       "--export", os.path.join(folder, "e.pt"), "--checkpoint", os.path.join(folder, "c.pt")])
+
+
+def test_train_ddp_terngrad_two_processes(tmp_path):
+    import socket
+    with socket.socket() as s:   # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_train_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    log = (tmp_path / "log0.txt").read_text()
+    assert "128 train images per process x 2" in log and log.count("kB/step/worker (15.9x < float32)") == 2, log
+    assert (tmp_path / "log1.txt").read_text() == ""                  # rank 1 trains silently
+    state = load_export(tmp_path / "e.pt")                           # rank 0 exported a consistent model
+    preds = run_numpy(state, _tiny_tensors()[2].numpy()).argmax(1)
+    assert np.array_equal(preds, state["reference_predictions"].numpy())
 
 
 def test_resume_gives_the_same_weights(tmp_path, monkeypatch):
