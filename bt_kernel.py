@@ -1261,9 +1261,10 @@ def _tune(shapes):
 def _sass_report(folder):
     """Compile the GEMM kernels for sm_90 (no GPU needed: Triton's own ptxas), dump SASS, count instructions.
 
-    What matters: one POPC per popcount, no SWAR emulation (dozens of SHF/LOP3/IMAD per word), no spills,
-    and in the GEMV no shared-memory round trip (BAR, LDS) inside the K loop. Compiled as a launch on large
-    contiguous operands specializes them: unit K and column strides, 16-divisible pointers, sizes, row strides."""
+    What matters: one POPC per popcount, no SWAR emulation (dozens of SHF/LOP3/IMAD per word), no spills;
+    BAR and LDS count shared-memory layout conversions (in the GEMV's K loop: the weights are loaded K-fastest
+    and multiplied N-fastest). Compiled as a launch on large contiguous operands specializes them: unit K and
+    column strides, 16-divisible pointers, sizes and row strides."""
     import collections
     import re
     import subprocess
