@@ -1198,6 +1198,19 @@ def _rotation(bytes_per_call, l2=60 << 20):
     return max(1, min(10, math.ceil(3 * l2 / max(bytes_per_call, 1))))
 
 
+def _gemlite_ternary(w_trits):
+    """The nearest peer, if installed: gemlite's A16W158 layer (ternary weights, fp16 activations), or None."""
+    try:
+        from gemlite.helper import A16W158_INT
+    except Exception:   # not installed (or its import-time device probe failed): the column stays empty
+        return None
+    layer = A16W158_INT(device=w_trits.device, dtype=torch.float16).from_weights(
+        w_trits.half(), torch.tensor(1.0, device=w_trits.device))
+    if isinstance(getattr(layer, "scales", None), torch.Tensor):   # gemlite 0.6 leaves them on the CPU
+        layer.scales.data = layer.scales.data.to(w_trits.device)
+    return layer
+
+
 def _bench_gemm_row(M, N, K, bw, popc_rate):
     KW = triton.cdiv(K, 32)
     _, ap, an, ws, alpha_p, alpha_n = _gemm_inputs(M, N, K, _rotation(2 * N * KW * 4))
@@ -1213,8 +1226,20 @@ def _bench_gemm_row(M, N, K, bw, popc_rate):
     bf16 = lambda i: torch.nn.functional.linear(xb, wb[i % len(wb)])
     wf = [w.float() for w in wb[:_rotation(4 * N * K)]]
     f32 = lambda i: torch.nn.functional.linear(x, wf[i % len(wf)])
+    contenders = [("t3", t3), ("t2", t2), ("pack+t3", packed), ("bf16", bf16), ("fp32", f32)]
+    try:
+        layers = [_gemlite_ternary(unpack_bitplanes(*w, K)) for w in ws]   # 2 bits per weight too: same rotation
+        if layers[0] is not None:
+            xh = x.half()
+            ref = xh.float() @ unpack_bitplanes(*ws[0], K).float().T
+            err = ((layers[0](xh).float() - ref).norm() / ref.norm()).item()
+            if not err < 1e-2:   # time no peer that computes something else
+                raise RuntimeError(f"relative error {err:.1e} against a float reference")
+            contenders.append(("gemlite", lambda i: layers[i % len(layers)](xh)))
+    except Exception as e:   # a broken peer costs its column, not the table
+        print(f"gemlite skipped at {M}x{N}x{K}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     torch.backends.cuda.matmul.allow_tf32 = False
-    ms = {name: _graph_ms(fn) for name, fn in (("t3", t3), ("t2", t2), ("pack+t3", packed), ("bf16", bf16), ("fp32", f32))}
+    ms = {name: _graph_ms(fn) for name, fn in contenders}
     ms["t3 eager"], ms["bf16 eager"] = _eager_ms(t3), _eager_ms(bf16)
     t = ms["t3"] * 1e-3
     tops = 2 * M * N * K / t / 1e12
@@ -1350,14 +1375,21 @@ def _bench_main():
         print(f"pack {R}x{K} {str(dtype).replace('torch.', ''):8}: {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s "
               f"= {100 * nbytes / ms / 1e-3 / bw:3.0f}% of copy bandwidth")
     # GEMM table
+    try:
+        import gemlite
+        print(f"gemlite {getattr(gemlite, '__version__', '?')} installed: timed beside us")
+    except Exception:
+        pass
     Ms = (1, 16, 128, 1024, 4096) if not args.quick else (1, 16, 4096)
     shapes = [(M, NK, NK) for NK in (1024, 4096, 8192) for M in Ms]
     # the default LeNet (64,128,512) as GEMMs: fc1 and conv2 (im2col rows = images x 8x8 outputs), batch 128 and 10k
     shapes += [(128, 512, 2048), (128 * 64, 128, 1600), (10000, 512, 2048), (10000 * 64, 128, 1600)]
     print("times in us per call from CUDA-graph replays (weights rotated beyond L2); t3: TTQ scales, 3 popcounts per "
-          "word pair; t2: one scale, 2; pack+t3: float activations packed first; eager: one Python call")
+          "word pair; t2: one scale, 2; pack+t3: float activations packed first; eager: one Python call; gemlite "
+          "(if installed): its A16W158 layer, ternary weights and fp16 activations; gl/t3, gl/p+t3 > 1: we are faster")
     hdr = (f"{'M':>6} {'N':>5} {'K':>5} | {'t3':>8} {'t2':>8} {'pack+t3':>8} {'bf16':>8} {'fp32':>8} | {'TOP/s':>6} "
-           f"{'%popc':>5} {'%BW':>4} | {'bf16/t3':>7} {'bf16/t2':>7} | {'t3 eager':>8} {'bf16 eager':>10}")
+           f"{'%popc':>5} {'%BW':>4} | {'bf16/t3':>7} {'bf16/t2':>7} | {'t3 eager':>8} {'bf16 eager':>10} | "
+           f"{'gemlite':>8} {'gl/t3':>6} {'gl/p+t3':>7}")
     print(hdr)
     print("-" * len(hdr))
     for M, N, K in shapes:
@@ -1365,7 +1397,10 @@ def _bench_main():
         us = {k: v * 1e3 for k, v in ms.items()}
         print(f"{M:>6} {N:>5} {K:>5} | {us['t3']:8.2f} {us['t2']:8.2f} {us['pack+t3']:8.2f} {us['bf16']:8.2f} "
               f"{us['fp32']:8.2f} | {tops:6.1f} {pct_popc:5.0f} {pct_bw:4.0f} | {us['bf16'] / us['t3']:7.2f} "
-              f"{us['bf16'] / us['t2']:7.2f} | {us['t3 eager']:8.2f} {us['bf16 eager']:10.2f}", flush=True)
+              f"{us['bf16'] / us['t2']:7.2f} | {us['t3 eager']:8.2f} {us['bf16 eager']:10.2f} | "
+              + (f"{us['gemlite']:8.2f} {us['gemlite'] / us['t3']:6.2f} {us['gemlite'] / us['pack+t3']:7.2f}"
+                 if "gemlite" in us else f"{'-':>8} {'-':>6} {'-':>7}"),
+              flush=True)
         torch.cuda.empty_cache()
 
 
