@@ -1330,13 +1330,15 @@ def test_sass_has_popc_and_no_spills(tmp_path):
               for line in r.stdout.splitlines()[1:]}
     # per thread and K step: [BLOCK_M x BLOCK_N] / 128 threads (tile) or [BLOCK_K x BLOCK_N] / 128 (gemv) word
     # pairs, 3 popcounts each with TTQ scales, 2 with one scale, 2 per bit plane bit-serially: one POPC apiece
-    # (the compiler may unroll the K loop, so the count is a multiple). SWAR emulation needs >= 3 shifts per
-    # word: popcounts left (partly) as SWAR show more SHF than twice the POPC.
+    # at least (the compiler may unroll or peel the K loop: Triton 3.6 gives the GEMV 50 where 3.8 gives 48).
+    # A popcount left as SWAR code keeps its masks 0x55555555 and 0x33333333 as immediates (checked: the same
+    # SWAR on int32, where the shifts are arithmetic, compiles to no POPC and keeps both masks).
     per_step = {"tile_3popc": 16 * 3, "tile_2popc": 16 * 2, "gemv_3popc": 16 * 3, "gemv_2popc": 16 * 2,
                 "tile_bitserial8": 4 * 2 * 8, "conv_pool_pack": 16 * 3,
                 "tile_3popc_csa": 16 * 3}
     for name, n in per_step.items():
-        assert counts[name]["POPC"] >= n and counts[name]["POPC"] % n == 0, (name, counts[name])
-        assert counts[name]["SHF"] < 2 * counts[name]["POPC"], (name, counts[name])
+        assert counts[name]["POPC"] >= n, (name, counts[name])
+        sass = (tmp_path / f"{name}.sass").read_text()
+        assert "0x55555555" not in sass and "0x33333333" not in sass, f"{name}: SWAR popcount left in SASS"
     for name, c in counts.items():
         assert c["STL"] == 0 and c["LDL"] == 0, f"{name} spills to local memory"
