@@ -1253,7 +1253,8 @@ TUNE_CONFIGS = {
     "gemv": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bm in (1, 2, 4)
              for bn, bk in ((16, 128), (16, 64), (32, 64), (64, 32)) for sk in (1, 4) for w in (4, 8)],
     "tile": [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, CSA=csa, num_warps=w) for bm, bn, w in
-             ((16, 64, 4), (16, 128, 4), (16, 64, 8), (32, 128, 8)) for sk in (1, 4) for csa in (False, True)],
+             ((16, 64, 4), (16, 128, 4), (16, 64, 8), (16, 128, 8), (32, 128, 8)) for sk in (1, 4)
+             for csa in (False, True)],
 }
 
 
@@ -1290,9 +1291,10 @@ def _sass_report(folder):
     """Compile the GEMM kernels for sm_90 (no GPU needed: Triton's own ptxas), dump SASS, count instructions.
 
     What matters: one POPC per popcount, no SWAR emulation (dozens of SHF/LOP3/IMAD per word), no spills;
-    BAR and LDS count shared-memory layout conversions (in the GEMV's K loop: the weights are loaded K-fastest
-    and multiplied N-fastest). Compiled as a launch on large contiguous operands specializes them: unit K and
-    column strides, 16-divisible pointers, sizes and row strides."""
+    BAR and LDS count shared-memory layout conversions. Each kernel is specialized as the library launches
+    it on large operands: pack_bitplanes' K-word-major planes (unit row and weight-column strides, the K
+    strides 16-divisible), channel-packed maps (unit word stride) for the conv, 16-divisible pointers and
+    sizes, the default GEMV config for M = 1."""
     import collections
     import re
     import subprocess
@@ -1307,21 +1309,28 @@ def _sass_report(folder):
         return {n: "constexpr" if n in constexprs else ptr(n) if n.endswith("_ptr") else scalar(n) for n in fn.arg_names}
     plain = dict(A_BITS=1, BIT_SERIAL=False, HAS_BIAS=True, IMPLICIT=False, POOL=1, PACK_OUT=False, CSA=False,
                  BLOCK_M=16, GROUP_M=8, SPLIT_K=1)
-    kernels = [("gemv_3popc", _ternary_gemv_kernel, dict(SYMMETRIC=False, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
-               ("gemv_2popc", _ternary_gemv_kernel, dict(SYMMETRIC=True, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)),
-               ("tile_3popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128)),
-               ("tile_2popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_N=128)),
-               ("tile_3popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, CSA=True)),
-               ("tile_bitserial8", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False, BLOCK_N=32)),
-               ("conv_pool_pack", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, IMPLICIT=True, POOL=2, PACK_OUT=True))]
+    # launch specializations: strides equal to 1, and which other strides are 16-divisible
+    gemv = (dict(stride_am=1, stride_ak=1, stride_bn=1, stride_cn=1), ("stride_bk", "stride_cm"))
+    rows = (dict(stride_ab=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_ak", "stride_bk", "stride_cm"))
+    maps = (dict(stride_ak=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_bk"))   # map strides: CW multiples
+    m1 = dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)
+    kernels = [("gemv_3popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv, 8),
+               ("gemv_2popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=True), gemv, 8),
+               ("tile_3popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128), rows, 4),
+               ("tile_2popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_N=128), rows, 4),
+               ("tile_3popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, CSA=True), rows, 4),
+               ("tile_bitserial8", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False,
+                                                              BLOCK_N=32), rows, 4),
+               ("conv_pool_pack", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, IMPLICIT=True, POOL=2,
+                                                             PACK_OUT=True), maps, 4)]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
-    for tag, fn, constexprs in kernels:
-        constexprs = dict(constexprs, stride_ak=1, stride_bk=1, stride_cn=1)
+    for tag, fn, constexprs, (ones, div16), warps in kernels:
+        constexprs = dict(constexprs, **ones)
         aligned = [(fn.arg_names.index(n),) for n in fn.arg_names if n not in constexprs and
-                   (n.endswith("_ptr") or n in ("N", "KW", "stride_am", "stride_ab", "stride_bn", "stride_cm"))]
+                   (n.endswith("_ptr") or n in ("N", "KW") + div16)]
         k = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs,
                                      attrs={i: [["tt.divisibility", 16]] for i in aligned}),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
         cubin = os.path.join(folder, tag + ".cubin")
         with open(cubin, "wb") as f:
             f.write(k.asm["cubin"])
