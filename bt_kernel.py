@@ -1199,13 +1199,21 @@ def _rotation(bytes_per_call, l2=60 << 20):
     return max(1, min(10, math.ceil(3 * l2 / max(bytes_per_call, 1))))
 
 
-def _gemlite_ternary(w_trits):
-    """The nearest peer, if installed: gemlite's A16W158 layer (ternary weights, fp16 activations), or None."""
+def _gemlite():
+    """The nearest peer's module if installed, else None (its import also fails where it finds no GPU)."""
     try:
-        from gemlite.helper import A16W158_INT
-    except Exception:   # not installed (or its import-time device probe failed): the column stays empty
+        import gemlite.helper
+        return gemlite
+    except Exception:
         return None
-    layer = A16W158_INT(device=w_trits.device, dtype=torch.float16).from_weights(
+
+
+def _gemlite_ternary(w_trits):
+    """gemlite's A16W158 layer (ternary weights, fp16 activations) of int8 trits [N, K], or None."""
+    gemlite = _gemlite()
+    if gemlite is None:
+        return None
+    layer = gemlite.helper.A16W158_INT(device=w_trits.device, dtype=torch.float16).from_weights(
         w_trits.half(), torch.tensor(1.0, device=w_trits.device))
     if isinstance(getattr(layer, "scales", None), torch.Tensor):   # gemlite 0.6 leaves them on the CPU
         layer.scales.data = layer.scales.data.to(w_trits.device)
@@ -1385,11 +1393,8 @@ def _bench_main():
         print(f"pack {R}x{K} {str(dtype).replace('torch.', ''):8}: {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s "
               f"= {100 * nbytes / ms / 1e-3 / bw:3.0f}% of copy bandwidth")
     # GEMM table
-    try:
-        import gemlite
-        print(f"gemlite {getattr(gemlite, '__version__', '?')} installed: timed beside us")
-    except Exception:
-        pass
+    if _gemlite() is not None:
+        print(f"gemlite {getattr(_gemlite(), '__version__', '?')} installed: timed beside us")
     Ms = (1, 16, 128, 1024, 4096) if not args.quick else (1, 16, 4096)
     shapes = [(M, NK, NK) for NK in (1024, 4096, 8192) for M in Ms]
     # the default LeNet (64,128,512) as GEMMs: fc1 and conv2 (im2col rows = images x 8x8 outputs), batch 128 and 10k

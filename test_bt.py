@@ -1330,7 +1330,7 @@ def test_sass_has_popc_and_no_spills(tmp_path):
               for line in r.stdout.splitlines()[1:]}
     # per thread and K step: [BLOCK_M x BLOCK_N] / 128 threads (tile) or [BLOCK_K x BLOCK_N] / 256 (gemv) word
     # pairs, 3 popcounts each with TTQ scales, 2 with one scale, 2 per bit plane bit-serially: one POPC apiece
-    # at least (the compiler may unroll or peel the K loop: Triton 3.6 gives the GEMV 50 where 3.8 gives 48).
+    # at least (the compiler may unroll or peel the K loop: Triton 3.6 gave a GEMV 50 where 3.8 gave 48).
     # A popcount left as SWAR code keeps its masks 0x55555555 and 0x33333333 as immediates (checked: the same
     # SWAR on int32, where the shifts are arithmetic, compiles to no POPC and keeps both masks).
     per_step = {"tile_3popc": 16 * 3, "tile_2popc": 16 * 2, "gemv_3popc": 8 * 3, "gemv_2popc": 8 * 2,
