@@ -120,6 +120,19 @@ def _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2, 
         return q3 - _popc(s2), q3 - _popc(s1), r3 - _popc(c2), r3 - _popc(c1)
 
 
+@triton.jit
+def _gdc_wait():
+    # programmatic dependent launch: wait until the kernel before this one has finished and its writes are visible
+    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _gdc_launch_dependents():
+    # ... and let the kernel after this one be scheduled now: its programs wait in _gdc_wait until this one ends
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
 # -----------------------------------------------------------------------------
 # pack: ternarize (or take bits of) a tensor and pack it into uint32 bitplanes, im2col on the fly
 
@@ -681,10 +694,32 @@ def _ternary_gemm_kernel(
 
 
 @triton.jit
+def _gemv_row_sums(a_pos_ptr, a_neg_ptr, b_pos_ptr, b_neg_ptr, bn, k_lo, k_hi, stride_ak, stride_bn, stride_bk,
+                   SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(Sp, Sn) [1, BLOCK_N] of one activation row against the weight rows bn, over K words [k_lo, k_hi).
+    Everything stays 2D [BLOCK_K, BLOCK_N]: the weight words are used in the layout they are loaded in
+    (16-byte vectors, no shared-memory shuffle per step) and the activation words broadcast along N."""
+    offs_k = tl.arange(0, BLOCK_K)
+    b_offs = offs_k[:, None] * stride_bk + bn[None, :] * stride_bn
+    acc_p = tl.zeros((BLOCK_K, bn.shape[0]), dtype=tl.int32)
+    acc_n = tl.zeros((BLOCK_K, bn.shape[0]), dtype=tl.int32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_ok = (k0 + offs_k) < k_hi                  # words past the range load as 0 and add nothing
+        ap = tl.load(a_pos_ptr + (k0 + offs_k) * stride_ak, mask=k_ok, other=0)[:, None]
+        an = tl.load(a_neg_ptr + (k0 + offs_k) * stride_ak, mask=k_ok, other=0)[:, None]
+        wp = tl.load(b_pos_ptr + k0 * stride_bk + b_offs, mask=k_ok[:, None], other=0)
+        wn = tl.load(b_neg_ptr + k0 * stride_bk + b_offs, mask=k_ok[:, None], other=0)
+        sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
+        acc_p += sp
+        acc_n += sn
+    return tl.sum(acc_p, axis=0)[None, :], tl.sum(acc_n, axis=0)[None, :]
+
+
+@triton.jit
 def _ternary_gemv_kernel(
     # pointers
     a_pos_ptr, a_neg_ptr,         # activations [M, KW] uint32, trits
-    b_pos_ptr, b_neg_ptr,         # weights [N, KW] uint32
+    b_pos_ptr, b_neg_ptr,         # weights [N, KW] uint32 (row-major suits BLOCK_M = 1 best)
     alpha_p_ptr, alpha_n_ptr, bias_ptr,
     c_ptr,
     ws_ptr, lock_ptr,             # split-K workspace, as above
@@ -696,41 +731,66 @@ def _ternary_gemv_kernel(
     stride_cm, stride_cn,
     # meta-parameters
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,        # 1: one activation row per program (2D); more: rows share each weight block (3D)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,            # launched with programmatic dependent launch (sm_90+)
 ):
+    if PDL:
+        # Let the next kernel be scheduled now, then wait for the previous one to finish before touching memory:
+        # memory order stays that of plain launches, and the launch gaps between short kernels overlap. (Each
+        # kernel's own wait keeps the next one from reading C early. Waiting first measured slower: 1x1024x1024
+        # 2.80 against 2.24 us.)
+        _gdc_launch_dependents()
+        _gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     am = offs_m % M
     bn = offs_n % N
     k_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = tl.program_id(2) * k_per
     k_hi = min(KW, k_lo + k_per)
-    # accumulate elementwise and reduce over K once at the end: no cross-thread reduction per step
-    acc3_p = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
-    acc3_n = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < k_hi                            # words past the range load as 0 and add nothing
-        a_offs = am[:, None] * stride_am + kk[None, :] * stride_ak
-        b_offs = kk[:, None] * stride_bk + bn[None, :] * stride_bn
-        ap = tl.load(a_pos_ptr + a_offs, mask=k_ok[None, :], other=0)[:, :, None]
-        an = tl.load(a_neg_ptr + a_offs, mask=k_ok[None, :], other=0)[:, :, None]
-        wp = tl.load(b_pos_ptr + b_offs, mask=k_ok[:, None], other=0)[None, :, :]
-        wn = tl.load(b_neg_ptr + b_offs, mask=k_ok[:, None], other=0)[None, :, :]
-        sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
-        acc3_p += sp
-        acc3_n += sn
-    acc_p = tl.sum(acc3_p, axis=1)
-    acc_n = tl.sum(acc3_n, axis=1)
+    if BLOCK_M == 1:
+        acc_p, acc_n = _gemv_row_sums(a_pos_ptr + pid_m * stride_am, a_neg_ptr + pid_m * stride_am, b_pos_ptr,
+                                      b_neg_ptr, bn, k_lo, k_hi, stride_ak, stride_bn, stride_bk, SYMMETRIC, BLOCK_K)
+    else:
+        # accumulate elementwise and reduce over K once at the end: no cross-thread reduction per step
+        offs_k = tl.arange(0, BLOCK_K)
+        acc3_p = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
+        acc3_n = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < k_hi
+            a_offs = am[:, None] * stride_am + kk[None, :] * stride_ak
+            b_offs = kk[:, None] * stride_bk + bn[None, :] * stride_bn
+            ap = tl.load(a_pos_ptr + a_offs, mask=k_ok[None, :], other=0)[:, :, None]
+            an = tl.load(a_neg_ptr + a_offs, mask=k_ok[None, :], other=0)[:, :, None]
+            wp = tl.load(b_pos_ptr + b_offs, mask=k_ok[:, None], other=0)[None, :, :]
+            wn = tl.load(b_neg_ptr + b_offs, mask=k_ok[:, None], other=0)[None, :, :]
+            sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
+            acc3_p += sp
+            acc3_n += sn
+        acc_p = tl.sum(acc3_p, axis=1)
+        acc_n = tl.sum(acc3_n, axis=1)
     tile = pid_m * tl.num_programs(0) + pid_n
     _finish(acc_p, acc_n, offs_m, offs_n, tile, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_ptr, ws_ptr,
             lock_ptr, M, N, stride_cm, stride_cn, 0.0, SYMMETRIC, HAS_BIAS, SPLIT_K, False, 1)
 
 
 _SM_COUNT = {}
+_PDL = {}
+
+
+def _pdl(device):
+    """Programmatic dependent launch for the short GEMV kernels: sm_90 and later, not in the interpreter.
+    1x8192x8192 on an H200, chains of 10 calls: 6.84 against 7.15 us; 1x1024x1024 2.24 against 2.89."""
+    if _INTERPRET or device.type != "cuda":
+        return False
+    if device not in _PDL:
+        _PDL[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _PDL[device]
+
 
 
 def _sm_count(device):
@@ -741,19 +801,26 @@ def _sm_count(device):
     return _SM_COUNT[device]
 
 
-def _gemm_config(M, N, KW, bit_serial, device=None):
-    """(kernel, meta-parameters) by shape: the fastest in `python bt_kernel.py --tune` on an H200."""
+def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False):
+    """(kernel, meta-parameters) by shape (b_rows: the weights are row-major, K words contiguous): the
+    fastest in `python bt_kernel.py --tune` and exp sweeps on an H200."""
     if _INTERPRET:   # small tiles keep the numpy emulation quick
         if M <= 4 and not bit_serial:
-            return "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=32, BLOCK_K=8, SPLIT_K=1, num_warps=4)
+            return "gemv", dict(BLOCK_M=1 if M <= 2 else 4, BLOCK_N=32, BLOCK_K=8, SPLIT_K=1, num_warps=4)
         return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, CSA=True, num_warps=4)
     sms = _sm_count(device) if device is not None else 132
     per_sm = 4
-    if M <= 2 and not bit_serial:
-        # 8 warps at 64 registers: twice the resident warps of 4 at 128 (ncu, 1x8192x8192 with 4 warps:
-        # 23% occupancy, register-bound, 28% of DRAM throughput); 9.15 against 10.28 us
-        kind, meta = "gemv", dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=16, BLOCK_K=128, num_warps=8)
-        tiles = triton.cdiv(N, 16)
+    if not bit_serial and (M <= 2 or (M <= 32 and b_rows)):
+        # one row per program, 2048 weight words a step, the longest K block that keeps the programs to one
+        # wave, [128 x 16] at least (1x8192x8192: row-major [16 x 128] on 8 warps 7.05 us, K-word-major on 4
+        # warps 8.49, the 3D kernel 8.80; 16x8192x8192 row-major [128 x 16] 39.8, the 3D kernel 48.4). Rows
+        # sharing a weight block read it from L2. K-word-major weights suit it only for M <= 2.
+        bk = min(128, triton.next_power_of_2(KW))
+        bn = min(128, 2048 // bk)
+        while M * triton.cdiv(N, bn) > 4 * sms and bk > 16:
+            bk, bn = bk // 2, bn * 2
+        kind, meta = "gemv", dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if b_rows else 4)
+        tiles, per_sm = M * triton.cdiv(N, bn), 1   # split K only where there are fewer programs than SMs
     elif M <= 256 and not bit_serial and M > 32 and triton.cdiv(M, 16) * triton.cdiv(N, 128) >= sms:
         # few row tiles but enough of them for every SM, long K loops: carry-save adders pay here
         # (128x4096x4096: 71 us, against 83 without them and 114 for the GEMV), not at large M (4096^3:
@@ -825,7 +892,7 @@ def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None
     c = torch.empty((M, N), dtype=torch.float32, device=a_pos.device) if out is None else out
     if M == 0 or N == 0:
         return c
-    kind, meta = config or _gemm_config(M, N, KW, a_neg is None, a_pos.device)
+    kind, meta = config or _gemm_config(M, N, KW, a_neg is None, a_pos.device, b_rows=b_pos.stride(1) == 1)
     if kind == "tile":
         return _launch_tile(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c, meta, M, N, KW)
     meta = dict(meta)
@@ -833,11 +900,13 @@ def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None
     grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
     ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1]) if split > 1 else (c, c)
     symmetric = alpha_n is None
+    pdl = _pdl(a_pos.device)
     _launch_gemm.compiled = _ternary_gemv_kernel[grid](
         a_pos, a_pos if a_neg is None else a_neg, b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n,
         alpha_p if bias is None else bias, c, ws, locks, M, N, KW,
-        a_pos.stride(1), a_pos.stride(2), b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
-        SYMMETRIC=symmetric, HAS_BIAS=bias is not None, **meta)
+        # one row: a row stride of 0 (never used) lets Triton see 16-byte aligned activation rows and vectorize
+        a_pos.stride(1) if M > 1 else 0, a_pos.stride(2), b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
+        SYMMETRIC=symmetric, HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl, **meta)
     return c
 
 
@@ -1190,6 +1259,8 @@ def _gemm_inputs(M, N, K, sets, device="cuda"):
     a = torch.randint(-1, 2, (M, K), dtype=torch.int8, device=device)
     ap, an = pack_bitplanes(a)
     ws = [pack_bitplanes(torch.randint(-1, 2, (N, K), dtype=torch.int8, device=device)) for _ in range(sets)]
+    if M <= 32:   # served a few rows at a time (decoding), weights are kept in the GEMV's layout: row-major
+        ws = [(p.contiguous(), n.contiguous()) for p, n in ws]
     alpha_p, alpha_n = torch.rand(N, device=device) + 0.5, torch.rand(N, device=device) + 0.5
     return a, ap, an, ws, alpha_p, alpha_n
 
@@ -1303,7 +1374,8 @@ def _sass_report(folder):
     BAR and LDS count shared-memory layout conversions. Each kernel is specialized as the library launches
     it on large operands: pack_bitplanes' K-word-major planes (unit row and weight-column strides, the K
     strides 16-divisible), channel-packed maps (unit word stride) for the conv, 16-divisible pointers and
-    sizes, the default GEMV config for M = 1."""
+    sizes, the default GEMV configs for M = 1 (row-major and K-word-major weights) and M = 16 (row-major:
+    one row per program; K-word-major: the 3D kernel, two rows per program)."""
     import collections
     import re
     import subprocess
@@ -1319,12 +1391,20 @@ def _sass_report(folder):
     plain = dict(A_BITS=1, BIT_SERIAL=False, HAS_BIAS=True, IMPLICIT=False, POOL=1, PACK_OUT=False, CSA=False,
                  BLOCK_M=16, GROUP_M=8, SPLIT_K=1)
     # launch specializations: strides equal to 1, and which other strides are 16-divisible
-    gemv = (dict(stride_am=1, stride_ak=1, stride_bn=1, stride_cn=1), ("stride_bk", "stride_cm"))
+    gemv = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("stride_am", "stride_bn", "stride_cm"))   # row-major W
+    gemv_kmajor = (dict(stride_ak=1, stride_bn=1, stride_cn=1), ("stride_am", "stride_bk", "stride_cm"))
+    gemv16 = (dict(stride_am=1, stride_bk=1, stride_cn=1), ("stride_ak", "stride_bn", "stride_cm"))   # 16 rows
+    gemv_rows = (dict(stride_am=1, stride_bn=1, stride_cn=1), ("stride_ak", "stride_bk", "stride_cm"))
     rows = (dict(stride_ab=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_ak", "stride_bk", "stride_cm"))
     maps = (dict(stride_ak=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_bk"))   # map strides: CW multiples
-    m1 = dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)
+    m1 = dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, PDL=True)
+    m16 = dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=128, BLOCK_K=16, SPLIT_K=1, PDL=True)
+    m16_3d = dict(HAS_BIAS=True, BLOCK_M=2, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, PDL=True)
     kernels = [("gemv_3popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv, 8),
                ("gemv_2popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=True), gemv, 8),
+               ("gemv_3popc_kmajor", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv_kmajor, 4),
+               ("gemv16_3popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=False), gemv16, 8),
+               ("gemv2rows_3popc", _ternary_gemv_kernel, dict(m16_3d, SYMMETRIC=False), gemv_rows, 4),
                ("tile_3popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128), rows, 4),
                ("tile_2popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_N=128), rows, 4),
                ("tile_3popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, CSA=True), rows, 4),
@@ -1351,7 +1431,7 @@ def _sass_report(folder):
         regs = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
         keys = ("POPC", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA")
-        print(f"  {tag:16} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
+        print(f"  {tag:17} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
               + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys))
 
 
@@ -1401,7 +1481,8 @@ def _bench_main():
     shapes = [(M, NK, NK) for NK in (1024, 4096, 8192) for M in Ms]
     # the default LeNet (64,128,512) as GEMMs: fc1 and conv2 (im2col rows = images x 8x8 outputs), batch 128 and 10k
     shapes += [(128, 512, 2048), (128 * 64, 128, 1600), (10000, 512, 2048), (10000 * 64, 128, 1600)]
-    print("times in us per call from CUDA-graph replays (weights rotated beyond L2); t3: TTQ scales, 3 popcounts per "
+    print("times in us per call from CUDA-graph replays (weights rotated beyond L2; row-major for M <= 32, the GEMV's "
+          "layout, else pack_bitplanes' K-word-major); t3: TTQ scales, 3 popcounts per "
           "word pair; t2: one scale, 2; pack+t3: float activations packed first; eager: one Python call; gemlite "
           "(if installed): its A16W158 layer, ternary weights and fp16 activations; gl/t3, gl/p+t3 > 1: we are faster")
     hdr = (f"{'M':>6} {'N':>5} {'K':>5} | {'t3':>8} {'t2':>8} {'pack+t3':>8} {'bf16':>8} {'fp32':>8} | {'TOP/s':>6} "

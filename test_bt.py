@@ -136,10 +136,12 @@ CONFIGS = [None, ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, num_warps=4)),
            ("gemv", dict(BLOCK_M=4, BLOCK_N=16, BLOCK_K=4, num_warps=4)),
            ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, SPLIT_K=3, num_warps=4)),
            ("gemv", dict(BLOCK_M=2, BLOCK_N=16, BLOCK_K=2, SPLIT_K=3, num_warps=4)),
-           ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, SPLIT_K=2, CSA=True, num_warps=4))]
+           ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, SPLIT_K=2, CSA=True, num_warps=4)),
+           ("gemv", dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=4, SPLIT_K=2, num_warps=4))]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["auto", "tile", "gemv", "tile-splitk", "gemv-splitk", "tile-csa"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["auto", "tile", "gemv", "tile-splitk", "gemv-splitk", "tile-csa",
+                                                 "gemv-row-splitk"])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_gemm_integer_sums_exact(M, N, K, config):
     a, w = rand_trits(M, K), rand_trits(N, K)
@@ -153,6 +155,25 @@ def test_gemm_integer_sums_exact(M, N, K, config):
     assert torch.equal(run(one, zero).cpu().long(), sp)
     assert torch.equal(run(zero, -one).cpu().long(), sn)
     assert torch.equal(run(one, None).cpu().long(), sp - sn)      # symmetric: 2 popcounts
+
+
+@pytest.mark.parametrize("M", [1, 2])
+def test_gemv_row_major_weights_exact(M):
+    # the one-row GEMV streams whole weight rows when they are row-major (the layout it is tuned for);
+    # K-word-major planes (pack_bitplanes' own) must give the same sums, with and without split-K
+    N, K = 37, 1000
+    a, w = rand_trits(M, K), rand_trits(N, K)
+    ap, an = pack_bitplanes(a)
+    wp, wn = pack_bitplanes(w)
+    sp, sn = int_sums(a, w)
+    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
+    for wp_, wn_ in ((wp.contiguous(), wn.contiguous()), (wp, wn)):
+        for config in (None, ("gemv", dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=16, SPLIT_K=3, num_warps=4))):
+            run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n,
+                                                                  None, config)
+            assert torch.equal(run(one, zero).cpu().long(), sp)
+            assert torch.equal(run(zero, -one).cpu().long(), sn)
+            assert torch.equal(run(one, None).cpu().long(), sp - sn)
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -1328,18 +1349,24 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     counts = {line.split()[0]: dict(zip(line.split()[1::2], map(int, line.split()[2::2])))
               for line in r.stdout.splitlines()[1:]}
-    # per thread and K step: [BLOCK_M x BLOCK_N] / 128 threads (tile) or [BLOCK_K x BLOCK_N] / 256 (gemv) word
+    # per thread and K step: [BLOCK_M x BLOCK_N] / 128 threads (tile) or [BLOCK_M x BLOCK_K x BLOCK_N] / 32 warps (gemv) word
     # pairs, 3 popcounts each with TTQ scales, 2 with one scale, 2 per bit plane bit-serially: one POPC apiece
     # at least (the compiler may unroll or peel the K loop: Triton 3.6 gave a GEMV 50 where 3.8 gave 48).
     # A popcount left as SWAR code keeps its masks 0x55555555 and 0x33333333 as immediates (checked: the same
     # SWAR on int32, where the shifts are arithmetic, compiles to no POPC and keeps both masks).
     per_step = {"tile_3popc": 16 * 3, "tile_2popc": 16 * 2, "gemv_3popc": 8 * 3, "gemv_2popc": 8 * 2,
+                "gemv_3popc_kmajor": 16 * 3, "gemv16_3popc": 8 * 3, "gemv2rows_3popc": 16 * 3,
                 "tile_bitserial8": 4 * 2 * 8, "conv_pool_pack": 16 * 3,
                 "tile_3popc_csa": 16 * 3}
     for name, n in per_step.items():
         assert counts[name]["POPC"] >= n, (name, counts[name])
         sass = (tmp_path / f"{name}.sass").read_text()
         assert "0x55555555" not in sass and "0x33333333" not in sass, f"{name}: SWAR popcount left in SASS"
+    # the GEMVs launch with programmatic dependent launch: griddepcontrol.wait and .launch_dependents compile
+    # to ACQBULK and PREEXIT
+    for name in ("gemv_3popc", "gemv_2popc", "gemv_3popc_kmajor", "gemv16_3popc", "gemv2rows_3popc"):
+        sass = (tmp_path / f"{name}.sass").read_text()
+        assert "ACQBULK" in sass and "PREEXIT" in sass, f"{name}: no PDL instructions"
     # No kernel spills, with one bounded exception: the CSA tile kernel in its default [16 x 128] tile on 4
     # warps. Triton 3.6 fits it as launched in 219 registers (the H200's --tune log), 3.8 needs 255 and 16
     # bytes of stack. 8 warps fit it on 3.8 too, but hold half the outputs per thread, which cost 9% in the
