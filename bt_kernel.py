@@ -16,9 +16,9 @@ Needs only torch and triton: copy this file alone into another project.
     python bt_kernel.py --sass DIR # SASS for sm_90 and its instruction counts (no GPU needed)
 
 Measured (NVIDIA H200, Triton 3.6, 2026-11-29): 4096x4096x4096 at 78.5 ternary TOP/s with learned
-alpha_p/alpha_n (93% of the 3-popcount ceiling), 116 TOP/s with one scale; a 1x8192x8192 GEMV 3.8x
-faster than torch bf16 and 2.0x faster than gemlite's ternary layer; 16x8192x8192 0.71x of bf16
-(README: the whole table, and the targets it misses).
+alpha_p/alpha_n (93% of the 3-popcount ceiling), 116 TOP/s with one scale; a 1x8192x8192 GEMV (row-major
+weights) 5.4x faster than torch bf16 and 2.9x faster than gemlite's ternary layer; 16x8192x8192 0.87x
+of bf16 and 1.15x of gemlite (README: the whole table, and the targets it misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
 
@@ -32,7 +32,8 @@ Bit 0 is the least significant bit. Padding columns (32 * KW > K) are 0 in both 
 ever set in both planes. The shape is logical; the memory order is free (any strides are accepted).
 pack_bitplanes stores the words K-word-major (a contiguous [KW, R] tensor, returned transposed as
 [R, KW]) because the GEMM loads, at each K step, one word for every row of its tile: consecutive rows
-are then consecutive addresses. Unsigned integers (8-bit pixels) are packed bit-serially: planes
+are then consecutive addresses. The one-row GEMV (M <= 32) prefers row-major weights (.contiguous()):
+each program then streams whole runs of a weight row. Unsigned integers (8-bit pixels) are packed bit-serially: planes
 [BITS, R, KW], plane b holding bit b of every value.
 
 The GEMM
@@ -402,6 +403,9 @@ def pack_bitplanes(x, threshold=None):
     may also be a float tensor [R]: one threshold per row (per output channel of a weight matrix).
     CUDA tensors go through the Triton kernel; CPU tensors too under TRITON_INTERPRET=1, else through
     torch ops with the same result (row-major storage).
+
+    The planes come back K-word-major, the layout of the tile kernels (M > 32). Weights for a few rows at a
+    time (M <= 32: single samples, decoding) run faster row-major: pass pos.contiguous(), neg.contiguous().
     """
     _check_matrix(x, "x")
     R, K = x.shape
@@ -809,7 +813,7 @@ def _sm_count(device):
 
 def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False):
     """(kernel, meta-parameters) by shape (b_rows: the weights are row-major, K words contiguous): the
-    fastest in `python bt_kernel.py --tune` and exp sweeps on an H200."""
+    fastest in `python bt_kernel.py --tune` and config sweeps on an H200 (README: Speed)."""
     if _INTERPRET:   # small tiles keep the numpy emulation quick
         if M <= 4 and not bit_serial:
             return "gemv", dict(BLOCK_M=1 if M <= 2 else 4, BLOCK_N=32, BLOCK_K=8, SPLIT_K=1, num_warps=4)
@@ -817,10 +821,11 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False):
     sms = _sm_count(device) if device is not None else 132
     per_sm = 4
     if not bit_serial and (M <= 2 or (M <= 32 and b_rows)):
-        # one row per program, 2048 weight words a step, the longest K block that keeps the programs to one
-        # wave, [128 x 16] at least (1x8192x8192: row-major [16 x 128] on 8 warps 7.05 us, K-word-major on 4
-        # warps 8.49, the 3D kernel 8.80; 16x8192x8192 row-major [128 x 16] 39.8, the 3D kernel 48.4). Rows
-        # sharing a weight block read it from L2. K-word-major weights suit it only for M <= 2.
+        # one row per program, [BLOCK_N rows x BLOCK_K words] = 2048 weight words a step, the longest K block
+        # that keeps the programs to one wave, 16 words at least (1x8192x8192 before PDL and evict_first:
+        # row-major [16 x 128] on 8 warps 7.52 us, K-word-major on 4 warps 8.49, the 3D kernel 8.80;
+        # 16x8192x8192 row-major [128 x 16] 39.8, the 3D kernel 48.4). Rows sharing a weight block read it
+        # from L2. K-word-major weights suit it only for M <= 2.
         bk = min(128, triton.next_power_of_2(KW))
         bn = min(128, 2048 // bk)
         while M * triton.cdiv(N, bn) > 4 * sms and bk > 16:
