@@ -33,8 +33,8 @@ ever set in both planes. The shape is logical; the memory order is free (any str
 pack_bitplanes stores the words K-word-major (a contiguous [KW, R] tensor, returned transposed as
 [R, KW]) because the GEMM loads, at each K step, one word for every row of its tile: consecutive rows
 are then consecutive addresses. The one-row GEMV (M <= 32) prefers row-major weights (.contiguous()):
-each program then streams whole runs of a weight row. Unsigned integers (8-bit pixels) are packed bit-serially: planes
-[BITS, R, KW], plane b holding bit b of every value.
+each program then streams whole runs of a weight row. Unsigned integers (8-bit pixels) are packed
+bit-serially: planes [BITS, R, KW], plane b holding bit b of every value.
 
 The GEMM
 --------
@@ -800,7 +800,6 @@ def _pdl(device):
     if device not in _PDL:
         _PDL[device] = torch.cuda.get_device_capability(device)[0] >= 9
     return _PDL[device]
-
 
 
 def _sm_count(device):

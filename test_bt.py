@@ -1349,8 +1349,8 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     counts = {line.split()[0]: dict(zip(line.split()[1::2], map(int, line.split()[2::2])))
               for line in r.stdout.splitlines()[1:]}
-    # per thread and K step: [BLOCK_M x BLOCK_N] / 128 threads (tile) or [BLOCK_M x BLOCK_K x BLOCK_N] / 32 warps (gemv) word
-    # pairs, 3 popcounts each with TTQ scales, 2 with one scale, 2 per bit plane bit-serially: one POPC apiece
+    # per thread and K step: [BLOCK_M x BLOCK_N] (tile) or [BLOCK_M x BLOCK_K x BLOCK_N] (gemv) word pairs over
+    # the threads (128 on 4 warps, 256 on 8), 3 popcounts each with TTQ scales, 2 with one scale, 2 per bit plane bit-serially: one POPC apiece
     # at least (the compiler may unroll or peel the K loop: Triton 3.6 gave a GEMV 50 where 3.8 gave 48).
     # A popcount left as SWAR code keeps its masks 0x55555555 and 0x33333333 as immediates (checked: the same
     # SWAR on int32, where the shifts are arithmetic, compiles to no POPC and keeps both masks).
