@@ -228,12 +228,13 @@ def _pack_trits4_kernel(
     r3 = r[:, None, None]
     k3 = (w[:, None] * 8 + q[None, :])[None, :, :]                 # [1, BLOCK_W, 8] int32 word of x
     x = tl.load(x_ptr + r3 * stride_xr + k3, mask=(r3 < R) & (k3 < K4), other=0).to(tl.uint32, bitcast=True)
-    # one trit per byte (little-endian: byte j of word i is trit 4i + j): +1 = 0x01 has bit 0 and not
-    # bit 1, -1 = 0xFF has bit 7; the four flags at bits 0, 8, 16, 24 gather into bits 0..3
-    p = (x ^ (x >> 1)) & x & 0x01010101
-    n = (x >> 7) & 0x01010101
-    p = (p | (p >> 7) | (p >> 14) | (p >> 21)) & 0xF
-    n = (n | (n >> 7) | (n >> 14) | (n >> 21)) & 0xF
+    # one trit per byte (little-endian: byte j of word i is trit 4i + j): +1 = 0x01 has bit 0 and not bit 7,
+    # -1 = 0xFF has bit 7. The flags, at bits 0, 8, 16 and 24, gather into bits 28..31 of one multiply
+    # (by 2^28 + 2^21 + 2^14 + 2^7: the other partial products land on distinct bits below 28 or past 31,
+    # so nothing carries into the nibble), and a shift brings the nibble down.
+    s7 = x >> 7
+    p = ((x ^ s7) & x & 0x01010101) * 0x10204080 >> 28
+    n = (s7 & 0x01010101) * 0x10204080 >> 28
     shift = (q * 4).to(tl.uint32)[None, None, :]
     pos = tl.sum(p << shift, axis=2)                                # disjoint nibbles: the sum is an OR
     neg = tl.sum(n << shift, axis=2)
