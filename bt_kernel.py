@@ -699,16 +699,30 @@ def _ternary_gemm_kernel(
 
 
 @triton.jit
-def _gemv_row_sums(a_pos_ptr, a_neg_ptr, b_pos_ptr, b_neg_ptr, bn, k_lo, k_hi, stride_ak, stride_bn, stride_bk,
-                   SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr, W_EVICT: tl.constexpr):
-    """(Sp, Sn) [1, BLOCK_N] of one activation row against the weight rows bn, over K words [k_lo, k_hi).
-    Everything stays 2D [BLOCK_K, BLOCK_N]: the weight words are used in the layout they are loaded in
-    (16-byte vectors, no shared-memory shuffle per step) and the activation words broadcast along N."""
+def _row_products(a_pos_ptrs, a_neg_ptrs, k_ok, wp, wn, SYMMETRIC: tl.constexpr):
+    # one activation row's K words [BLOCK_K] against a weight block [BLOCK_K, BLOCK_N], broadcast along N
+    ap = tl.load(a_pos_ptrs, mask=k_ok, other=0)[:, None]
+    an = tl.load(a_neg_ptrs, mask=k_ok, other=0)[:, None]
+    return _trit_products(ap, an, wp, wn, SYMMETRIC)
+
+
+@triton.jit
+def _gemv_row_sums(a_pos_ptr, a_neg_ptr, b_pos_ptr, b_neg_ptr, bn, m0, M, k_lo, k_hi, stride_am, stride_ak,
+                   stride_bn, stride_bk, SYMMETRIC: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                   W_EVICT: tl.constexpr, STAGES: tl.constexpr):
+    """(Sp, Sn) [ROWS, BLOCK_N] of activation rows m0.. (up to 4, modulo M) against the weight rows bn, over
+    K words [k_lo, k_hi). Everything stays 2D [BLOCK_K, BLOCK_N]: the weight words are used in the layout
+    they are loaded in (16-byte vectors, no shared-memory shuffle per step), each row's activation words
+    broadcast along N, and every row reuses the weight block from registers (not from L2)."""
     offs_k = tl.arange(0, BLOCK_K)
     b_offs = offs_k[:, None] * stride_bk + bn[None, :] * stride_bn
-    acc_p = tl.zeros((BLOCK_K, bn.shape[0]), dtype=tl.int32)
-    acc_n = tl.zeros((BLOCK_K, bn.shape[0]), dtype=tl.int32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    a0 = (m0 % M) * stride_am
+    a1 = ((m0 + 1) % M) * stride_am
+    a2 = ((m0 + 2) % M) * stride_am
+    a3 = ((m0 + 3) % M) * stride_am
+    zero = tl.zeros((BLOCK_K, bn.shape[0]), dtype=tl.int32)
+    p0, n0, p1, n1, p2, n2, p3, n3 = zero, zero, zero, zero, zero, zero, zero, zero
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k_ok = (k0 + offs_k) < k_hi                  # words past the range load as 0 and add nothing
         # the weights first (from DRAM), then the activation words (L2 hits). With one row nobody re-reads a
         # weight word: evict_first keeps the stream from pushing the activations out of L2 (1x8192x8192: 6.39
@@ -716,12 +730,30 @@ def _gemv_row_sums(a_pos_ptr, a_neg_ptr, b_pos_ptr, b_neg_ptr, bn, k_lo, k_hi, s
         # against 39.7 with it)
         wp = tl.load(b_pos_ptr + k0 * stride_bk + b_offs, mask=k_ok[:, None], other=0, eviction_policy=W_EVICT)
         wn = tl.load(b_neg_ptr + k0 * stride_bk + b_offs, mask=k_ok[:, None], other=0, eviction_policy=W_EVICT)
-        ap = tl.load(a_pos_ptr + (k0 + offs_k) * stride_ak, mask=k_ok, other=0)[:, None]
-        an = tl.load(a_neg_ptr + (k0 + offs_k) * stride_ak, mask=k_ok, other=0)[:, None]
-        sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
-        acc_p += sp
-        acc_n += sn
-    return tl.sum(acc_p, axis=0)[None, :], tl.sum(acc_n, axis=0)[None, :]
+        a_offs = (k0 + offs_k) * stride_ak
+        sp, sn = _row_products(a_pos_ptr + a0 + a_offs, a_neg_ptr + a0 + a_offs, k_ok, wp, wn, SYMMETRIC)
+        p0, n0 = p0 + sp, n0 + sn
+        if ROWS > 1:
+            sp, sn = _row_products(a_pos_ptr + a1 + a_offs, a_neg_ptr + a1 + a_offs, k_ok, wp, wn, SYMMETRIC)
+            p1, n1 = p1 + sp, n1 + sn
+        if ROWS > 2:
+            sp, sn = _row_products(a_pos_ptr + a2 + a_offs, a_neg_ptr + a2 + a_offs, k_ok, wp, wn, SYMMETRIC)
+            p2, n2 = p2 + sp, n2 + sn
+            sp, sn = _row_products(a_pos_ptr + a3 + a_offs, a_neg_ptr + a3 + a_offs, k_ok, wp, wn, SYMMETRIC)
+            p3, n3 = p3 + sp, n3 + sn
+    # reduce over K once, then place each row's sums in its row of [ROWS, BLOCK_N]
+    row = tl.arange(0, ROWS)[:, None]
+    acc_p = tl.where(row == 0, tl.sum(p0, axis=0)[None, :], 0)
+    acc_n = tl.where(row == 0, tl.sum(n0, axis=0)[None, :], 0)
+    if ROWS > 1:
+        acc_p = tl.where(row == 1, tl.sum(p1, axis=0)[None, :], acc_p)
+        acc_n = tl.where(row == 1, tl.sum(n1, axis=0)[None, :], acc_n)
+    if ROWS > 2:
+        acc_p = tl.where(row == 2, tl.sum(p2, axis=0)[None, :], acc_p)
+        acc_n = tl.where(row == 2, tl.sum(n2, axis=0)[None, :], acc_n)
+        acc_p = tl.where(row == 3, tl.sum(p3, axis=0)[None, :], acc_p)
+        acc_n = tl.where(row == 3, tl.sum(n3, axis=0)[None, :], acc_n)
+    return acc_p, acc_n
 
 
 @triton.jit
@@ -740,10 +772,12 @@ def _ternary_gemv_kernel(
     stride_cm, stride_cn,
     # meta-parameters
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,        # 1: one activation row per program (2D); more: rows share each weight block (3D)
+    BLOCK_M: tl.constexpr,        # activation rows per program
+    ROW_LOOP: tl.constexpr,       # BLOCK_M <= 4 rows one after another on 2D weight blocks; else 3D products
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PDL: tl.constexpr,            # launched with programmatic dependent launch (sm_90+)
     ONE_ROW: tl.constexpr,        # M == 1: every weight word is read once
+    STAGES: tl.constexpr,         # software pipelining depth of the 2D K loop
 ):
     if PDL:
         # Let the next kernel be scheduled now, then wait for the previous one to finish before touching memory:
@@ -761,10 +795,11 @@ def _ternary_gemv_kernel(
     k_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = tl.program_id(2) * k_per
     k_hi = min(KW, k_lo + k_per)
-    if BLOCK_M == 1:
-        acc_p, acc_n = _gemv_row_sums(a_pos_ptr + pid_m * stride_am, a_neg_ptr + pid_m * stride_am, b_pos_ptr,
-                                      b_neg_ptr, bn, k_lo, k_hi, stride_ak, stride_bn, stride_bk, SYMMETRIC, BLOCK_K,
-                                      "evict_first" if ONE_ROW else "")
+    if ROW_LOOP:
+        tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4)
+        acc_p, acc_n = _gemv_row_sums(a_pos_ptr, a_neg_ptr, b_pos_ptr, b_neg_ptr, bn, pid_m * BLOCK_M, M, k_lo, k_hi,
+                                      stride_am, stride_ak, stride_bn, stride_bk, SYMMETRIC, BLOCK_M, BLOCK_K,
+                                      "evict_first" if ONE_ROW else "", STAGES)
     else:
         # accumulate elementwise and reduce over K once at the end: no cross-thread reduction per step
         offs_k = tl.arange(0, BLOCK_K)
@@ -809,21 +844,37 @@ def _pdl(device):
     return not _INTERPRET and device.type == "cuda" and _props(device).major >= 9
 
 
-def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False):
-    """(kernel, meta-parameters) by shape (b_rows: the weights are row-major, K words contiguous): the
-    fastest in `python bt_kernel.py --tune` and config sweeps on an H200 (README: Speed)."""
+def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=False):
+    """(kernel, meta-parameters) by shape (b_rows: the weights are row-major, K words contiguous; symmetric:
+    one scale per channel, 2 popcounts per word pair): the fastest in `python bt_kernel.py --tune` and
+    config sweeps on an H200 (README: Speed)."""
     if _INTERPRET:   # small tiles keep the numpy emulation quick
         if M <= 4 and not bit_serial:
             return "gemv", dict(BLOCK_M=1 if M <= 2 else 4, BLOCK_N=32, BLOCK_K=8, SPLIT_K=1, num_warps=4)
         return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, CSA=True, num_warps=4)
     sms = _sm_count(device) if device is not None else 132
     per_sm = 4
-    if not bit_serial and (M <= 2 or (M <= 32 and b_rows)):
+    rows2 = triton.cdiv(M, 2) * triton.cdiv(N, 64)   # programs of 2 rows x 64 weight rows
+    if not bit_serial and 8 <= M <= 32 and b_rows and (rows2 >= 6 * sms if not symmetric else M * N >= 65536):
+        # two rows per program share each [64 weight rows x BLOCK_K words] block from registers. One row per
+        # program left the popcount unit idle a third of the time (ncu, 16x8192x8192: XU pipe 62 to 71% busy,
+        # warps waiting on their loads) and read each block again from L2 for every row. H200, row-major
+        # weights, 3 alternating rounds: one scale (2 popcounts), [64 x 32] with the K loop pipelined through
+        # shared memory (3 stages): 16x8192x8192 27.6 us, 16x4096x4096 9.6, 8x8192x8192 15.4, 32x8192x8192
+        # 51.2 (one row per program: 37.5 and 12.8 at the first two). TTQ scales (3 popcounts): [64 x 16],
+        # one stage, where there are 6 or more programs per SM: 32x8192x8192 68.4 against 73.9 for one row,
+        # 16x8192x8192 38.3 against 39.5; with fewer, one row per program stays ahead (16x4096x4096 12.5
+        # against 13.5, 8x8192x8192 22.1 against 22.4 for the better 2-row block).
+        bk = 32 if symmetric else 16
+        kind, meta = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=64, BLOCK_K=min(bk, triton.next_power_of_2(KW)),
+                                  STAGES=3 if symmetric else 1, num_warps=4)
+        tiles, per_sm = rows2, 1
+    elif not bit_serial and (M <= 2 or (M <= 32 and b_rows)):
         # one row per program, [BLOCK_N rows x BLOCK_K words] = 2048 weight words a step, the longest K block
         # that keeps the programs to one wave, 16 words at least (1x8192x8192 before PDL and evict_first:
         # row-major [16 x 128] on 8 warps 7.52 us, K-word-major on 4 warps 8.49, the 3D kernel 8.80;
-        # 16x8192x8192 row-major [128 x 16] 39.8, the 3D kernel 48.4). Rows sharing a weight block read it
-        # from L2. K-word-major weights suit it only for M <= 2.
+        # 16x8192x8192 row-major [128 x 16] 39.8, the 3D kernel 48.4). K-word-major weights suit it only for
+        # M <= 2.
         bk = min(128, triton.next_power_of_2(KW))
         bn = min(128, 2048 // bk)
         while M * triton.cdiv(N, bn) > 4 * sms and bk > 16:
@@ -902,11 +953,14 @@ def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None
     c = torch.empty((M, N), dtype=torch.float32, device=a_pos.device) if out is None else out
     if M == 0 or N == 0:
         return c
-    kind, meta = config or _gemm_config(M, N, KW, a_neg is None, a_pos.device, b_rows=b_pos.stride(1) == 1)
+    kind, meta = config or _gemm_config(M, N, KW, a_neg is None, a_pos.device, b_rows=b_pos.stride(1) == 1,
+                                        symmetric=alpha_n is None)
     if kind == "tile":
         return _launch_tile(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c, meta, M, N, KW)
     meta = dict(meta)
     split = meta.setdefault("SPLIT_K", 1)
+    meta.setdefault("ROW_LOOP", meta["BLOCK_M"] == 1)
+    meta.setdefault("STAGES", 1)
     grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
     ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1]) if split > 1 else (c, c)
     symmetric = alpha_n is None
@@ -1407,13 +1461,15 @@ def _sass_report(folder):
     gemv_rows = (dict(stride_am=1, stride_bn=1, stride_cn=1), ("stride_ak", "stride_bk", "stride_cm"))
     rows = (dict(stride_ab=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_ak", "stride_bk", "stride_cm"))
     maps = (dict(stride_ak=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_bk"))   # map strides: CW multiples
-    m1 = dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, PDL=True, ONE_ROW=True)
-    m16 = dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=128, BLOCK_K=16, SPLIT_K=1, PDL=True, ONE_ROW=False)
-    m16_3d = dict(HAS_BIAS=True, BLOCK_M=2, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, PDL=True, ONE_ROW=False)
+    m1 = dict(HAS_BIAS=True, BLOCK_M=1, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, PDL=True, ONE_ROW=True,
+              STAGES=1)
+    m16 = dict(m1, BLOCK_M=2, BLOCK_N=64, BLOCK_K=16, ONE_ROW=False)   # 2 rows a program
+    m16_3d = dict(m16, ROW_LOOP=False, BLOCK_N=16, BLOCK_K=64)
     kernels = [("gemv_3popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv, 8),
                ("gemv_2popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=True), gemv, 8),
                ("gemv_3popc_kmajor", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv_kmajor, 4),
-               ("gemv16_3popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=False), gemv16, 8),
+               ("gemv16_3popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=False), gemv16, 4),
+               ("gemv16_2popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=True, BLOCK_K=32, STAGES=3), gemv16, 4),
                ("gemv2rows_3popc", _ternary_gemv_kernel, dict(m16_3d, SYMMETRIC=False), gemv_rows, 4),
                ("tile_3popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128), rows, 4),
                ("tile_2popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_N=128), rows, 4),

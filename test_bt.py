@@ -157,23 +157,28 @@ def test_gemm_integer_sums_exact(M, N, K, config):
     assert torch.equal(run(one, None).cpu().long(), sp - sn)      # symmetric: 2 popcounts
 
 
-@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("M", [1, 2, 5, 9])
 def test_gemv_row_major_weights_exact(M):
-    # the one-row GEMV streams whole weight rows when they are row-major (the layout it is tuned for);
-    # K-word-major planes (pack_bitplanes' own) must give the same sums, with and without split-K
+    # the 2D GEMV streams whole weight rows when they are row-major (the layout it is tuned for), one row
+    # per program or 2 and 4 rows sharing each weight block; K-word-major planes (pack_bitplanes' own) must
+    # give the same sums, with and without split-K, masked and unmasked (KW = 32 words: BLOCK_K 16 divides
+    # it, 16 x 3 splits do not), with and without the pipelined K loop
     N, K = 37, 1000
     a, w = rand_trits(M, K), rand_trits(N, K)
     ap, an = pack_bitplanes(a)
     wp, wn = pack_bitplanes(w)
     sp, sn = int_sums(a, w)
     one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
+    configs = (None, ("gemv", dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=16, SPLIT_K=3, num_warps=4)),
+               ("gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=8, SPLIT_K=2, STAGES=2, num_warps=4)),
+               ("gemv", dict(BLOCK_M=4, ROW_LOOP=True, BLOCK_N=8, BLOCK_K=16, SPLIT_K=1, num_warps=4)))
     for wp_, wn_ in ((wp.contiguous(), wn.contiguous()), (wp, wn)):
-        for config in (None, ("gemv", dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=16, SPLIT_K=3, num_warps=4))):
+        for config in configs:
             run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n,
                                                                   None, config)
-            assert torch.equal(run(one, zero).cpu().long(), sp)
-            assert torch.equal(run(zero, -one).cpu().long(), sn)
-            assert torch.equal(run(one, None).cpu().long(), sp - sn)
+            assert torch.equal(run(one, zero).cpu().long(), sp), config
+            assert torch.equal(run(zero, -one).cpu().long(), sn), config
+            assert torch.equal(run(one, None).cpu().long(), sp - sn), config
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -1355,7 +1360,7 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     # A popcount left as SWAR code keeps its masks 0x55555555 and 0x33333333 as immediates (checked: the same
     # SWAR on int32, where the shifts are arithmetic, compiles to no POPC and keeps both masks).
     per_step = {"tile_3popc": 16 * 3, "tile_2popc": 16 * 2, "gemv_3popc": 8 * 3, "gemv_2popc": 8 * 2,
-                "gemv_3popc_kmajor": 16 * 3, "gemv16_3popc": 8 * 3, "gemv2rows_3popc": 16 * 3,
+                "gemv_3popc_kmajor": 16 * 3, "gemv16_3popc": 8 * 2 * 3, "gemv16_2popc": 16 * 2 * 2, "gemv2rows_3popc": 16 * 3,
                 "tile_bitserial8": 4 * 2 * 8, "conv_pool_pack": 16 * 3,
                 "tile_3popc_csa": 16 * 3}
     for name, n in per_step.items():
@@ -1364,7 +1369,7 @@ def test_sass_has_popc_and_no_spills(tmp_path):
         assert "0x55555555" not in sass and "0x33333333" not in sass, f"{name}: SWAR popcount left in SASS"
     # the GEMVs launch with programmatic dependent launch: griddepcontrol.wait and .launch_dependents compile
     # to ACQBULK and PREEXIT
-    for name in ("gemv_3popc", "gemv_2popc", "gemv_3popc_kmajor", "gemv16_3popc", "gemv2rows_3popc"):
+    for name in ("gemv_3popc", "gemv_2popc", "gemv_3popc_kmajor", "gemv16_3popc", "gemv16_2popc", "gemv2rows_3popc"):
         sass = (tmp_path / f"{name}.sass").read_text()
         assert "ACQBULK" in sass and "PREEXIT" in sass, f"{name}: no PDL instructions"
     # No kernel spills, with one bounded exception: the CSA tile kernel in its default [16 x 128] tile on 4
