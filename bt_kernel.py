@@ -17,8 +17,8 @@ Needs only torch and triton: copy this file alone into another project.
 
 Measured (NVIDIA H200, Triton 3.6, 2026-11-29): 4096x4096x4096 at 78.5 ternary TOP/s with learned
 alpha_p/alpha_n (93% of the 3-popcount ceiling), 116 TOP/s with one scale; a 1x8192x8192 GEMV (row-major
-weights) 5.4x faster than torch bf16 and 2.9x faster than gemlite's ternary layer; 16x8192x8192 0.87x
-of bf16 and 1.15x of gemlite (README: the whole table, and the targets it misses).
+weights) 5.4x faster than torch bf16 and 2.9x faster than gemlite's ternary layer; 16x8192x8192 0.91x
+of bf16 (1.27x with one scale) and 1.18x of gemlite (README: the whole table, and the targets it misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
 
