@@ -881,6 +881,14 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
             bk, bn = bk // 2, bn * 2
         kind, meta = "gemv", dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if b_rows else 4)
         tiles, per_sm = M * triton.cdiv(N, bn), 1   # split K only where there are fewer programs than SMs
+    elif not bit_serial and M <= 32:
+        # K-word-major weights (pack_bitplanes' own layout), 3 to 32 rows: the 2D loop too, two rows per
+        # program on [32 weight rows x 32 K words]. H200, against the 3D kernel: 16x8192x8192 36.2 against
+        # 48.2 us (TTQ scales) and 27.2 against 41.9 (one scale); 16x4096x4096 13.2 and 9.0 against 16.9 and
+        # 13.9; 4x8192x8192 14.3 against 18.6; 32x8192x8192 67.6 against 93.7.
+        kind, meta = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=32, BLOCK_K=min(32, triton.next_power_of_2(KW)),
+                                  num_warps=4)
+        tiles, per_sm = triton.cdiv(M, 2) * triton.cdiv(N, 32), 1
     elif M <= 256 and not bit_serial and M > 32 and triton.cdiv(M, 16) * triton.cdiv(N, 128) >= sms:
         # few row tiles but enough of them for every SM, long K loops: carry-save adders pay here
         # (128x4096x4096: 71 us, against 83 without them and 114 for the GEMV), not at large M (4096^3:
@@ -888,11 +896,10 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
         kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=128, GROUP_M=8, CSA=True, num_warps=4)
         tiles, per_sm = triton.cdiv(M, 16) * triton.cdiv(N, 128), 1
     elif M <= 256 and not bit_serial:
-        # K-word-major weights, several rows per program: narrow [64 x 16] weight blocks for wide layers
-        # (16x8192x8192: 48.6 us against 59.4 for [32 x 64])
-        bn, bk = (16, 64) if M <= 32 and N >= 4096 else (64, 32)
-        kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-        tiles = triton.cdiv(N, bn) * triton.cdiv(M, 2)
+        # K-word-major weights, 33 to 256 rows in too few row tiles to fill the SMs: 3D products, 2 rows
+        # a program
+        kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=32, num_warps=4)
+        tiles = triton.cdiv(N, 64) * triton.cdiv(M, 2)
     else:
         bn = min(128, max(32, triton.next_power_of_2(N)))   # narrow layers (conv1: N=32) waste no columns
         kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=8, CSA=False, num_warps=4)
