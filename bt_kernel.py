@@ -1402,8 +1402,12 @@ def _bench_gemm_row(M, N, K, bw, popc_rate):
 
 
 TUNE_CONFIGS = {
-    "gemv": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bm in (1, 2, 4)
-             for bn, bk in ((16, 128), (16, 64), (32, 64), (64, 32)) for sk in (1, 4) for w in (4, 8)],
+    # 2D row loop (1, 2 or 4 rows a program, K loop pipelined or not), then the 3D kernel
+    "gemv": [dict(BLOCK_M=bm, ROW_LOOP=True, BLOCK_N=bn, BLOCK_K=bk, STAGES=st, SPLIT_K=sk, num_warps=w)
+             for bm in (1, 2, 4) for bn, bk in ((16, 128), (32, 64), (64, 32), (128, 16), (64, 16), (32, 32))
+             for st in (1, 3) for sk in (1, 4) for w in (4, 8)]
+            + [dict(BLOCK_M=bm, ROW_LOOP=False, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4) for bm in (2, 4)
+               for bn, bk in ((16, 64), (32, 64), (64, 32)) for sk in (1, 4)],
     "tile": [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, CSA=csa, num_warps=w) for bm, bn, w in
              ((16, 64, 4), (16, 128, 4), (16, 64, 8), (16, 128, 8), (32, 128, 8)) for sk in (1, 4)
              for csa in (False, True)],
@@ -1434,7 +1438,7 @@ def _tune(shapes):
         results.sort(key=lambda r: r[0])
         for us, kind, meta, regs, spills in results[:5]:
             print(f"{M:>6} {N:>6} {K:>6}  {kind:6} {meta} -> {us:9.2f} us  regs {regs} spills {spills}")
-        default = _gemm_config(M, N, KW, False)
+        default = _gemm_config(M, N, KW, False, c.device, b_rows=ws[0][0].stride(1) == 1)
         fn = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
         print(f"{M:>6} {N:>6} {K:>6}  default {default} -> {_graph_ms(fn) * 1e3:9.2f} us", flush=True)
 
@@ -1446,8 +1450,9 @@ def _sass_report(folder):
     BAR and LDS count shared-memory layout conversions. Each kernel is specialized as the library launches
     it on large operands: pack_bitplanes' K-word-major planes (unit row and weight-column strides, the K
     strides 16-divisible), channel-packed maps (unit word stride) for the conv, 16-divisible pointers and
-    sizes, the default GEMV configs for M = 1 (row-major and K-word-major weights) and M = 16 (row-major:
-    one row per program; K-word-major: the 3D kernel, two rows per program)."""
+    sizes, the default GEMV configs for M = 1 (row-major and K-word-major weights), M = 16 (two rows per
+    program: row-major weights with TTQ scales, and with one scale and the pipelined K loop; K-word-major
+    weights) and the 3D kernel (K-word-major weights, 33 to 256 rows)."""
     import collections
     import re
     import subprocess
@@ -1472,13 +1477,15 @@ def _sass_report(folder):
     m1 = dict(HAS_BIAS=True, BLOCK_M=1, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, PDL=True, ONE_ROW=True,
               STAGES=1)
     m16 = dict(m1, BLOCK_M=2, BLOCK_N=64, BLOCK_K=16, ONE_ROW=False)   # 2 rows a program
-    m16_3d = dict(m16, ROW_LOOP=False, BLOCK_N=16, BLOCK_K=64)
+    m16_kmajor = dict(m16, BLOCK_N=32, BLOCK_K=32)
+    m64_3d = dict(m16, ROW_LOOP=False, BLOCK_N=64, BLOCK_K=32)
     kernels = [("gemv_3popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv, 8),
                ("gemv_2popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=True), gemv, 8),
                ("gemv_3popc_kmajor", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv_kmajor, 4),
                ("gemv16_3popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=False), gemv16, 4),
                ("gemv16_2popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=True, BLOCK_K=32, STAGES=3), gemv16, 4),
-               ("gemv2rows_3popc", _ternary_gemv_kernel, dict(m16_3d, SYMMETRIC=False), gemv_rows, 4),
+               ("gemv16_3popc_kmajor", _ternary_gemv_kernel, dict(m16_kmajor, SYMMETRIC=False), gemv_rows, 4),
+               ("gemv2rows_3popc", _ternary_gemv_kernel, dict(m64_3d, SYMMETRIC=False), gemv_rows, 4),
                ("tile_3popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128), rows, 4),
                ("tile_2popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_N=128), rows, 4),
                ("tile_3popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, CSA=True), rows, 4),
@@ -1505,7 +1512,7 @@ def _sass_report(folder):
         regs = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
         keys = ("POPC", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA")
-        print(f"  {tag:17} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
+        print(f"  {tag:19} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
               + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys))
 
 
