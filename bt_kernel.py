@@ -961,8 +961,9 @@ def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None
     c = torch.empty((M, N), dtype=torch.float32, device=a_pos.device) if out is None else out
     if M == 0 or N == 0:
         return c
+    symmetric = alpha_n is None
     kind, meta = config or _gemm_config(M, N, KW, a_neg is None, a_pos.device, b_rows=b_pos.stride(1) == 1,
-                                        symmetric=alpha_n is None)
+                                        symmetric=symmetric)
     if kind == "tile":
         return _launch_tile(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c, meta, M, N, KW)
     meta = dict(meta)
@@ -971,7 +972,6 @@ def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None
     meta.setdefault("STAGES", 1)
     grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
     ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1]) if split > 1 else (c, c)
-    symmetric = alpha_n is None
     pdl = _pdl(a_pos.device)
     _launch_gemm.compiled = _ternary_gemv_kernel[grid](
         a_pos, a_pos if a_neg is None else a_neg, b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n,
