@@ -708,13 +708,28 @@ def _row_products(a_pos_ptrs, a_neg_ptrs, k_ok, wp, wn, SYMMETRIC: tl.constexpr)
 
 
 @triton.jit
+def _row_products3(a_pos_ptrs, a_neg_ptrs, step, wp0, wn0, wp1, wn1, wp2, wn2, SYMMETRIC: tl.constexpr):
+    # _row_products over three K blocks `step` words apart (all in range), through carry-save adders
+    ap0 = tl.load(a_pos_ptrs)[:, None]
+    an0 = tl.load(a_neg_ptrs)[:, None]
+    ap1 = tl.load(a_pos_ptrs + step)[:, None]
+    an1 = tl.load(a_neg_ptrs + step)[:, None]
+    ap2 = tl.load(a_pos_ptrs + 2 * step)[:, None]
+    an2 = tl.load(a_neg_ptrs + 2 * step)[:, None]
+    sp, sn, cp, cn = _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2, SYMMETRIC)
+    return sp + 2 * cp, sn + 2 * cn
+
+
+@triton.jit
 def _gemv_row_sums(a_pos_ptr, a_neg_ptr, b_pos_ptr, b_neg_ptr, bn, m0, M, k_lo, k_hi, stride_am, stride_ak,
                    stride_bn, stride_bk, SYMMETRIC: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-                   W_EVICT: tl.constexpr, STAGES: tl.constexpr):
+                   W_EVICT: tl.constexpr, STAGES: tl.constexpr, CSA: tl.constexpr):
     """(Sp, Sn) [ROWS, BLOCK_N] of activation rows m0.. (up to 4, modulo M) against the weight rows bn, over
     K words [k_lo, k_hi). Everything stays 2D [BLOCK_K, BLOCK_N]: the weight words are used in the layout
     they are loaded in (16-byte vectors, no shared-memory shuffle per step), each row's activation words
-    broadcast along N, and every row reuses the weight block from registers (not from L2)."""
+    broadcast along N, and every row reuses the weight block from registers (not from L2). With CSA, three
+    K blocks a step go through carry-save adders (2 popcounts per product word instead of 3), and the
+    K % (3 BLOCK_K) words left over take the plain loop."""
     offs_k = tl.arange(0, BLOCK_K)
     b_offs = offs_k[:, None] * stride_bk + bn[None, :] * stride_bn
     a0 = (m0 % M) * stride_am
@@ -723,7 +738,37 @@ def _gemv_row_sums(a_pos_ptr, a_neg_ptr, b_pos_ptr, b_neg_ptr, bn, m0, M, k_lo, 
     a3 = ((m0 + 3) % M) * stride_am
     zero = tl.zeros((BLOCK_K, bn.shape[0]), dtype=tl.int32)
     p0, n0, p1, n1, p2, n2, p3, n3 = zero, zero, zero, zero, zero, zero, zero, zero
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+    k_mid = k_lo
+    if CSA:
+        k_mid = k_lo + (k_hi - k_lo) // (3 * BLOCK_K) * (3 * BLOCK_K)
+        wstep = BLOCK_K * stride_bk
+        astep = BLOCK_K * stride_ak
+        for k0 in tl.range(k_lo, k_mid, 3 * BLOCK_K, num_stages=STAGES):
+            # every word of the three blocks is in range: no masks
+            wptr_p = b_pos_ptr + k0 * stride_bk + b_offs
+            wptr_n = b_neg_ptr + k0 * stride_bk + b_offs
+            wp0 = tl.load(wptr_p, eviction_policy=W_EVICT)
+            wn0 = tl.load(wptr_n, eviction_policy=W_EVICT)
+            wp1 = tl.load(wptr_p + wstep, eviction_policy=W_EVICT)
+            wn1 = tl.load(wptr_n + wstep, eviction_policy=W_EVICT)
+            wp2 = tl.load(wptr_p + 2 * wstep, eviction_policy=W_EVICT)
+            wn2 = tl.load(wptr_n + 2 * wstep, eviction_policy=W_EVICT)
+            a_offs = (k0 + offs_k) * stride_ak
+            sp, sn = _row_products3(a_pos_ptr + a0 + a_offs, a_neg_ptr + a0 + a_offs, astep,
+                                    wp0, wn0, wp1, wn1, wp2, wn2, SYMMETRIC)
+            p0, n0 = p0 + sp, n0 + sn
+            if ROWS > 1:
+                sp, sn = _row_products3(a_pos_ptr + a1 + a_offs, a_neg_ptr + a1 + a_offs, astep,
+                                        wp0, wn0, wp1, wn1, wp2, wn2, SYMMETRIC)
+                p1, n1 = p1 + sp, n1 + sn
+            if ROWS > 2:
+                sp, sn = _row_products3(a_pos_ptr + a2 + a_offs, a_neg_ptr + a2 + a_offs, astep,
+                                        wp0, wn0, wp1, wn1, wp2, wn2, SYMMETRIC)
+                p2, n2 = p2 + sp, n2 + sn
+                sp, sn = _row_products3(a_pos_ptr + a3 + a_offs, a_neg_ptr + a3 + a_offs, astep,
+                                        wp0, wn0, wp1, wn1, wp2, wn2, SYMMETRIC)
+                p3, n3 = p3 + sp, n3 + sn
+    for k0 in tl.range(k_mid, k_hi, BLOCK_K, num_stages=STAGES):
         k_ok = (k0 + offs_k) < k_hi                  # words past the range load as 0 and add nothing
         # the weights first (from DRAM), then the activation words (L2 hits). With one row nobody re-reads a
         # weight word: evict_first keeps the stream from pushing the activations out of L2 (1x8192x8192: 6.39
@@ -779,6 +824,7 @@ def _ternary_gemv_kernel(
     PDL: tl.constexpr,            # launched with programmatic dependent launch (sm_90+)
     ONE_ROW: tl.constexpr,        # M == 1: every weight word is read once
     STAGES: tl.constexpr,         # software pipelining depth of the 2D K loop
+    CSA: tl.constexpr,            # 2D K loop: 3 K blocks a step through carry-save adders (fewer popcounts)
 ):
     if PDL:
         # Let the next kernel be scheduled now, then wait for the previous one to finish before touching memory:
@@ -793,15 +839,17 @@ def _ternary_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     am = offs_m % M
     bn = offs_n % N
-    k_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_step: tl.constexpr = 3 * BLOCK_K if CSA else BLOCK_K   # splits of whole steps: no plain-loop leftovers
+    k_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), k_step) * k_step
     k_lo = tl.program_id(2) * k_per
     k_hi = min(KW, k_lo + k_per)
     if ROW_LOOP:
         tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4)
         acc_p, acc_n = _gemv_row_sums(a_pos_ptr, a_neg_ptr, b_pos_ptr, b_neg_ptr, bn, pid_m * BLOCK_M, M, k_lo, k_hi,
                                       stride_am, stride_ak, stride_bn, stride_bk, SYMMETRIC, BLOCK_M, BLOCK_K,
-                                      "evict_first" if ONE_ROW else "", STAGES)
+                                      "evict_first" if ONE_ROW else "", STAGES, CSA)
     else:
+        tl.static_assert(not CSA, "CSA needs the 2D row loop (ROW_LOOP)")
         # accumulate elementwise and reduce over K once at the end: no cross-thread reduction per step
         offs_k = tl.arange(0, BLOCK_K)
         acc3_p = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
@@ -856,49 +904,68 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
     sms = _sm_count(device) if device is not None else 132
     per_sm = 4
     rows2 = triton.cdiv(M, 2) * triton.cdiv(N, 64)   # programs of 2 rows x 64 weight rows
-    if not bit_serial and 8 <= M <= 32 and b_rows and (rows2 >= 6 * sms if not symmetric else M * N >= 65536):
-        # two rows per program share each [64 weight rows x BLOCK_K words] block from registers. One row per
-        # program left the popcount unit idle a third of the time (ncu, 16x8192x8192: XU pipe 62 to 71% busy,
-        # warps waiting on their loads) and read each block again from L2 for every row. H200, row-major
-        # weights, 3 alternating rounds: one scale (2 popcounts), [64 x 32] with the K loop pipelined through
-        # shared memory (3 stages): 16x8192x8192 27.6 us, 16x4096x4096 9.6, 8x8192x8192 15.4, 32x8192x8192
-        # 51.2 (one row per program: 37.5 and 12.8 at the first two). TTQ scales (3 popcounts): [64 x 16],
-        # one stage, where there are 6 or more programs per SM: 32x8192x8192 68.4 against 73.9 for one row,
-        # 16x8192x8192 38.3 against 39.5; with fewer, one row per program stays ahead (16x4096x4096 12.5
-        # against 13.5, 8x8192x8192 22.1 against 22.4 for the better 2-row block).
-        bk = 32 if symmetric else 16
-        kind, meta = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=64, BLOCK_K=min(bk, triton.next_power_of_2(KW)),
-                                  STAGES=3 if symmetric else 1, num_warps=4)
-        tiles, per_sm = rows2, 1
+    rows4 = triton.cdiv(M, 4) * triton.cdiv(N, 64)   # ... of 4 rows
+    if not bit_serial and 3 <= M <= 32 and not b_rows:
+        # K-word-major weights (pack_bitplanes' own layout): the 2D loop, two rows per program, three K blocks
+        # of 16 words a step through carry-save adders (2 popcounts per product word instead of 3). H200, 3
+        # alternating rounds, TTQ scales / one scale, against the plain loop on [32 x 32] (the rule before):
+        # 16x8192x8192 32.6 / 24.0 us against 36.3 / 27.2, 32x8192x8192 60.4 / 43.3 against 67.5 / 48.2,
+        # 4x8192x8192 13.0 / 11.0 against 14.3 / 13.5, 6x8192x8192 16.9 / 11.2 against 18.5 / 15.0. 64 weight
+        # rows a program where that makes 3 to 6 programs per SM, 32 elsewhere (16x4096x4096 11.4 / 9.2 against
+        # 13.3 / 10.5 for 32 rows, 16x8192x8192 33.0 / 25.8 against 32.6 / 24.0).
+        bn = 64 if 3 * sms <= rows2 < 6 * sms else 32
+        kind, meta = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=bn, BLOCK_K=min(16, triton.next_power_of_2(KW)),
+                                  CSA=True, num_warps=4)
+        tiles, per_sm = triton.cdiv(M, 2) * triton.cdiv(N, bn), 1
+    elif (not bit_serial and 8 <= M <= 32 and b_rows
+          and (rows4 >= sms if not symmetric else (rows4 >= 2 * sms or M * N >= 65536))):
+        # row-major weights: several rows per program share each [64 weight rows x BLOCK_K words] block from
+        # registers, the K loop pipelined through shared memory (3 stages). One row per program left the
+        # popcount unit idle a third of the time (ncu, 16x8192x8192: XU pipe 62 to 71% busy, warps waiting on
+        # their loads) and read each block again from L2 for every row. H200, 3 alternating rounds, TTQ scales
+        # / one scale: 4 rows where that makes 2 or more programs per SM (16x8192x8192 35.0 / 25.6 us against
+        # 38.4 / 27.6 for 2 rows, 12x8192x8192 26.2 / 18.8 against 33.9 / 21.3, 32x4096x4096 19.4 / 14.7
+        # against 20.2 / 16.3). With fewer, TTQ scales keep 4 rows on [64 x 32] (8x8192x8192 18.9 against 22.0,
+        # 16x4096x4096 11.1 against 12.5) and one scale 2 rows (8x8192x8192 15.3 against 19.2 for 4 rows).
+        # Carry-save adders do not pay on row-major weights (16x8192x8192 40.7 / 31.7 at best).
+        if rows4 >= 2 * sms:
+            rows, bk = 4, (32 if symmetric else 16)
+        else:
+            rows, bk = (2, 32) if symmetric else (4, 32)
+        kind, meta = "gemv", dict(BLOCK_M=rows, ROW_LOOP=True, BLOCK_N=64, BLOCK_K=min(bk, triton.next_power_of_2(KW)),
+                                  STAGES=3, num_warps=4)
+        tiles, per_sm = triton.cdiv(M, rows) * triton.cdiv(N, 64), 1
     elif not bit_serial and (M <= 2 or (M <= 32 and b_rows)):
         # one row per program, [BLOCK_N rows x BLOCK_K words] = 2048 weight words a step, the longest K block
         # that keeps the programs to one wave, 16 words at least (1x8192x8192 before PDL and evict_first:
         # row-major [16 x 128] on 8 warps 7.52 us, K-word-major on 4 warps 8.49, the 3D kernel 8.80;
         # 16x8192x8192 row-major [128 x 16] 39.8, the 3D kernel 48.4). K-word-major weights suit it only for
-        # M <= 2.
+        # M <= 2. From 3 rows up with TTQ scales, 4 warps and the K loop pipelined (3 stages): 8x4096x4096
+        # 7.8 against 8.9 us, 16x2048x2048 5.3 against 5.6, 4x8192x8192 11.7 against 12.1.
         bk = min(128, triton.next_power_of_2(KW))
         bn = min(128, 2048 // bk)
         while M * triton.cdiv(N, bn) > 4 * sms and bk > 16:
             bk, bn = bk // 2, bn * 2
-        kind, meta = "gemv", dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if b_rows else 4)
+        pipelined = M >= 3 and not symmetric and b_rows
+        kind, meta = "gemv", dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, STAGES=3 if pipelined else 1,
+                                  num_warps=8 if b_rows and not pipelined else 4)
         tiles, per_sm = M * triton.cdiv(N, bn), 1   # split K only where there are fewer programs than SMs
-    elif not bit_serial and M <= 32:
-        # K-word-major weights (pack_bitplanes' own layout), 3 to 32 rows: the 2D loop too, two rows per
-        # program on [32 weight rows x 32 K words]. H200, against the 3D kernel: 16x8192x8192 36.2 against
-        # 48.2 us (TTQ scales) and 27.2 against 41.9 (one scale); 16x4096x4096 13.2 and 9.0 against 16.9 and
-        # 13.9; 4x8192x8192 14.3 against 18.6; 32x8192x8192 67.6 against 93.7.
-        kind, meta = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=32, BLOCK_K=min(32, triton.next_power_of_2(KW)),
-                                  num_warps=4)
-        tiles, per_sm = triton.cdiv(M, 2) * triton.cdiv(N, 32), 1
     elif M <= 256 and not bit_serial and M > 32 and triton.cdiv(M, 16) * triton.cdiv(N, 128) >= sms:
         # few row tiles but enough of them for every SM, long K loops: carry-save adders pay here
         # (128x4096x4096: 71 us, against 83 without them and 114 for the GEMV), not at large M (4096^3:
         # 1855 against 1748 us) where their extra logic and registers cost more than the saved popcounts
         kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=128, GROUP_M=8, CSA=True, num_warps=4)
         tiles, per_sm = triton.cdiv(M, 16) * triton.cdiv(N, 128), 1
+    elif M <= 256 and not bit_serial and not b_rows:
+        # K-word-major weights, 33 to 256 rows in too few row tiles to fill the SMs (the batch-128 fc1): the 2D
+        # loop, 2 rows a program, carry-save adders. H200, TTQ scales / one scale, against the 3D kernel (the
+        # rule before): 128x512x2048 7.5 / 5.7 us against 10.4 / 9.0, 128x1024x1024 10.6 / 7.4 against 11.4 /
+        # 9.9, 48x4096x4096 28.0 / 21.5 against 45.1 / 38.5, 256x512x2048 13.0 / 9.7 against 18.2 / 15.3
+        kind, meta = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=64, BLOCK_K=min(16, triton.next_power_of_2(KW)),
+                                  CSA=True, num_warps=4)
+        tiles = triton.cdiv(N, 64) * triton.cdiv(M, 2)
     elif M <= 256 and not bit_serial:
-        # K-word-major weights, 33 to 256 rows in too few row tiles to fill the SMs: 3D products, 2 rows
-        # a program
+        # row-major weights, 33 to 256 rows in too few row tiles: 3D products, 2 rows a program
         kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=32, num_warps=4)
         tiles = triton.cdiv(N, 64) * triton.cdiv(M, 2)
     else:
@@ -906,7 +973,7 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
         kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=8, CSA=False, num_warps=4)
         tiles = triton.cdiv(M, 16) * triton.cdiv(N, bn)
     # split K until there are about per_sm programs per SM, keeping at least 2 blocks of K per split
-    min_k = 2 * meta.get("BLOCK_K", 16)
+    min_k = 2 * meta.get("BLOCK_K", 16) * (3 if kind == "gemv" and meta.get("CSA") else 1)
     meta["SPLIT_K"] = max(1, min(triton.cdiv(per_sm * sms, tiles), KW // min_k))
     return kind, meta
 
@@ -970,6 +1037,7 @@ def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None
     split = meta.setdefault("SPLIT_K", 1)
     meta.setdefault("ROW_LOOP", meta["BLOCK_M"] == 1)
     meta.setdefault("STAGES", 1)
+    meta.setdefault("CSA", False)
     grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
     ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1]) if split > 1 else (c, c)
     pdl = _pdl(a_pos.device)
@@ -1331,7 +1399,7 @@ def _gemm_inputs(M, N, K, sets, device="cuda"):
     a = torch.randint(-1, 2, (M, K), dtype=torch.int8, device=device)
     ap, an = pack_bitplanes(a)
     ws = [pack_bitplanes(torch.randint(-1, 2, (N, K), dtype=torch.int8, device=device)) for _ in range(sets)]
-    if M <= 32:   # served a few rows at a time (decoding), weights are kept in the GEMV's layout: row-major
+    if M <= 4:   # served a row or a few at a time (decoding), weights are kept in the GEMV's layout: row-major
         ws = [(p.contiguous(), n.contiguous()) for p, n in ws]
     alpha_p, alpha_n = torch.rand(N, device=device) + 0.5, torch.rand(N, device=device) + 0.5
     return a, ap, an, ws, alpha_p, alpha_n
@@ -1450,9 +1518,9 @@ def _sass_report(folder):
     BAR and LDS count shared-memory layout conversions. Each kernel is specialized as the library launches
     it on large operands: pack_bitplanes' K-word-major planes (unit row and weight-column strides, the K
     strides 16-divisible), channel-packed maps (unit word stride) for the conv, 16-divisible pointers and
-    sizes, the default GEMV configs for M = 1 (row-major and K-word-major weights), M = 16 (two rows per
-    program: row-major weights with TTQ scales, and with one scale and the pipelined K loop; K-word-major
-    weights) and the 3D kernel (K-word-major weights, 33 to 256 rows)."""
+    sizes, the default GEMV configs for M = 1 (row-major and K-word-major weights), M = 16 (row-major
+    weights: four rows per program, the K loop pipelined; K-word-major weights: two rows per program and
+    carry-save adders; TTQ scales and one scale) and the 3D kernel (row-major weights, 33 to 256 rows)."""
     import collections
     import re
     import subprocess
@@ -1475,17 +1543,18 @@ def _sass_report(folder):
     rows = (dict(stride_ab=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_ak", "stride_bk", "stride_cm"))
     maps = (dict(stride_ak=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_bk"))   # map strides: CW multiples
     m1 = dict(HAS_BIAS=True, BLOCK_M=1, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, PDL=True, ONE_ROW=True,
-              STAGES=1)
-    m16 = dict(m1, BLOCK_M=2, BLOCK_N=64, BLOCK_K=16, ONE_ROW=False)   # 2 rows a program
-    m16_kmajor = dict(m16, BLOCK_N=32, BLOCK_K=32)
-    m64_3d = dict(m16, ROW_LOOP=False, BLOCK_N=64, BLOCK_K=32)
+              STAGES=1, CSA=False)
+    m16 = dict(m1, BLOCK_M=4, BLOCK_N=64, BLOCK_K=16, ONE_ROW=False, STAGES=3)   # 4 rows a program, pipelined
+    m16_kmajor = dict(m16, BLOCK_M=2, BLOCK_N=32, BLOCK_K=16, STAGES=1, CSA=True)   # 2 rows, carry-save adders
+    m64_3d = dict(m16, BLOCK_M=2, ROW_LOOP=False, BLOCK_N=64, BLOCK_K=32, STAGES=1)
     kernels = [("gemv_3popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv, 8),
                ("gemv_2popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=True), gemv, 8),
                ("gemv_3popc_kmajor", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv_kmajor, 4),
                ("gemv16_3popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=False), gemv16, 4),
-               ("gemv16_2popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=True, BLOCK_K=32, STAGES=3), gemv16, 4),
+               ("gemv16_2popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=True, BLOCK_K=32), gemv16, 4),
                ("gemv16_3popc_kmajor", _ternary_gemv_kernel, dict(m16_kmajor, SYMMETRIC=False), gemv_rows, 4),
-               ("gemv2rows_3popc", _ternary_gemv_kernel, dict(m64_3d, SYMMETRIC=False), gemv_rows, 4),
+               ("gemv16_2popc_kmajor", _ternary_gemv_kernel, dict(m16_kmajor, SYMMETRIC=True), gemv_rows, 4),
+               ("gemv2rows_3popc", _ternary_gemv_kernel, dict(m64_3d, SYMMETRIC=False), gemv16, 4),
                ("tile_3popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128), rows, 4),
                ("tile_2popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_N=128), rows, 4),
                ("tile_3popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, CSA=True), rows, 4),

@@ -137,11 +137,12 @@ CONFIGS = [None, ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, num_warps=4)),
            ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, SPLIT_K=3, num_warps=4)),
            ("gemv", dict(BLOCK_M=2, BLOCK_N=16, BLOCK_K=2, SPLIT_K=3, num_warps=4)),
            ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, SPLIT_K=2, CSA=True, num_warps=4)),
-           ("gemv", dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=4, SPLIT_K=2, num_warps=4))]
+           ("gemv", dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=4, SPLIT_K=2, num_warps=4)),
+           ("gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=2, SPLIT_K=1, CSA=True, num_warps=4))]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["auto", "tile", "gemv", "tile-splitk", "gemv-splitk", "tile-csa",
-                                                 "gemv-row-splitk"])
+                                                 "gemv-row-splitk", "gemv-csa"])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_gemm_integer_sums_exact(M, N, K, config):
     a, w = rand_trits(M, K), rand_trits(N, K)
@@ -162,7 +163,8 @@ def test_gemv_row_major_weights_exact(M):
     # the 2D GEMV streams whole weight rows when they are row-major (the layout it is tuned for), one row
     # per program or 2 and 4 rows sharing each weight block; K-word-major planes (pack_bitplanes' own) must
     # give the same sums, with and without split-K, masked and unmasked (KW = 32 words: BLOCK_K 16 divides
-    # it, 16 x 3 splits do not), with and without the pipelined K loop
+    # it, 16 x 3 splits do not), with and without the pipelined K loop, with carry-save adders (3 K blocks a
+    # step; with split-K one split runs a CSA step, the other the plain loop's leftover words)
     N, K = 37, 1000
     a, w = rand_trits(M, K), rand_trits(N, K)
     ap, an = pack_bitplanes(a)
@@ -171,7 +173,10 @@ def test_gemv_row_major_weights_exact(M):
     one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     configs = (None, ("gemv", dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=16, SPLIT_K=3, num_warps=4)),
                ("gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=8, SPLIT_K=2, STAGES=2, num_warps=4)),
-               ("gemv", dict(BLOCK_M=4, ROW_LOOP=True, BLOCK_N=8, BLOCK_K=16, SPLIT_K=1, num_warps=4)))
+               ("gemv", dict(BLOCK_M=4, ROW_LOOP=True, BLOCK_N=8, BLOCK_K=16, SPLIT_K=1, num_warps=4)),
+               ("gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=8, SPLIT_K=2, CSA=True, num_warps=4)),
+               ("gemv", dict(BLOCK_M=4, ROW_LOOP=True, BLOCK_N=8, BLOCK_K=4, SPLIT_K=1, STAGES=2, CSA=True,
+                             num_warps=4)))
     for wp_, wn_ in ((wp.contiguous(), wn.contiguous()), (wp, wn)):
         for config in configs:
             run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n,
@@ -1362,7 +1367,8 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     per_step = {"tile_3popc": 16 * 3, "tile_2popc": 16 * 2, "tile_3popc_csa": 16 * 3,
                 "tile_bitserial8": 4 * 2 * 8, "conv_pool_pack": 16 * 3,
                 "gemv_3popc": 8 * 3, "gemv_2popc": 8 * 2, "gemv_3popc_kmajor": 16 * 3,
-                "gemv16_3popc": 8 * 2 * 3, "gemv16_2popc": 16 * 2 * 2, "gemv16_3popc_kmajor": 8 * 2 * 3,
+                "gemv16_3popc": 8 * 4 * 3, "gemv16_2popc": 16 * 4 * 2,
+                "gemv16_3popc_kmajor": 4 * 2 * 6, "gemv16_2popc_kmajor": 4 * 2 * 4,   # CSA: 3 K blocks a step
                 "gemv2rows_3popc": 32 * 3}
     for name, n in per_step.items():
         assert counts[name]["POPC"] >= n, (name, counts[name])
@@ -1371,7 +1377,7 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     # the GEMVs launch with programmatic dependent launch: griddepcontrol.wait and .launch_dependents compile
     # to ACQBULK and PREEXIT
     for name in ("gemv_3popc", "gemv_2popc", "gemv_3popc_kmajor", "gemv16_3popc", "gemv16_2popc",
-                 "gemv16_3popc_kmajor", "gemv2rows_3popc"):
+                 "gemv16_3popc_kmajor", "gemv16_2popc_kmajor", "gemv2rows_3popc"):
         sass = (tmp_path / f"{name}.sass").read_text()
         assert "ACQBULK" in sass and "PREEXIT" in sass, f"{name}: no PDL instructions"
     # No kernel spills, with one bounded exception: the CSA tile kernel in its default [16 x 128] tile on 4
