@@ -17,8 +17,8 @@ Needs only torch and triton: copy this file alone into another project.
 
 Measured (NVIDIA H200, Triton 3.6, 2026-11-29): 4096x4096x4096 at 78.5 ternary TOP/s with learned
 alpha_p/alpha_n (93% of the 3-popcount ceiling), 116 TOP/s with one scale; a 1x8192x8192 GEMV (row-major
-weights) 5.4x faster than torch bf16 and 2.9x faster than gemlite's ternary layer; 16x8192x8192 0.91x
-of bf16 (1.27x with one scale) and 1.18x of gemlite (README: the whole table, and the targets it misses).
+weights) 5.3x faster than torch bf16 and 2.9x faster than gemlite's ternary layer; 16x8192x8192 1.06x
+of bf16 (1.43x with one scale) and 1.41x of gemlite (README: the whole table, and the targets it misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
 
@@ -47,8 +47,9 @@ Per pair of 32-trit words, since the pos and neg planes never overlap:
     Sp = P3 - P2,  Sn = P3 - P1           3 popcounts for learned asymmetric scales (TTQ)
     Sp - Sn = P1 - P2                     2 popcounts when alpha_n is None (one scale per channel)
 Bit-serial A (an = 0): Sp = popc(ap & bp), Sn = popc(ap & bn), shifted left by the bit's weight.
-With CSA (tile kernel), the product words of three K steps go through a carry-save adder first,
-popc(x) + popc(y) + popc(z) = popc(x ^ y ^ z) + 2 popc(maj(x, y, z)): 2 popcounts for 3 words.
+With CSA (tile kernel, and the GEMV's row loop), the product words of three K steps go through a
+carry-save adder first, popc(x) + popc(y) + popc(z) = popc(x ^ y ^ z) + 2 popc(maj(x, y, z)): 2
+popcounts for 3 words.
 
 Channel-packed maps (inference)
 -------------------------------
@@ -913,8 +914,12 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
         # 4x8192x8192 13.0 / 11.0 against 14.3 / 13.5, 6x8192x8192 16.9 / 11.2 against 18.5 / 15.0. 64 weight
         # rows a program where that makes 3 to 6 programs per SM, 32 elsewhere (16x4096x4096 11.4 / 9.2 against
         # 13.3 / 10.5 for 32 rows, 16x8192x8192 33.0 / 25.8 against 32.6 / 24.0).
+        # Short K takes blocks of 8 words so that the carry-save loop runs at all (KW = 32: 16x1024x1024 3.50 /
+        # 3.06 us against 4.47 / 3.28 for 16 words), with TTQ scales up to KW = 64 too (32x2048x2048 6.85
+        # against 7.68; one scale: 16x2048x2048 5.24 against 4.69, so 16 words).
         bn = 64 if 3 * sms <= rows2 < 6 * sms else 32
-        kind, meta = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=bn, BLOCK_K=min(16, triton.next_power_of_2(KW)),
+        bk = 8 if KW < (96 if not symmetric else 48) else 16
+        kind, meta = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(KW)),
                                   CSA=True, num_warps=4)
         tiles, per_sm = triton.cdiv(M, 2) * triton.cdiv(N, bn), 1
     elif (not bit_serial and 8 <= M <= 32 and b_rows
@@ -1631,8 +1636,8 @@ def _bench_main():
     shapes = [(M, NK, NK) for NK in (1024, 4096, 8192) for M in Ms]
     # the default LeNet (64,128,512) as GEMMs: fc1 and conv2 (im2col rows = images x 8x8 outputs), batch 128 and 10k
     shapes += [(128, 512, 2048), (128 * 64, 128, 1600), (10000, 512, 2048), (10000 * 64, 128, 1600)]
-    print("times in us per call from CUDA-graph replays (weights rotated beyond L2; row-major for M <= 32, the GEMV's "
-          "layout, else pack_bitplanes' K-word-major); t3: TTQ scales, 3 popcounts per "
+    print("times in us per call from CUDA-graph replays (weights rotated beyond L2; row-major for M <= 4, where "
+          "the GEMV prefers them, else pack_bitplanes' K-word-major); t3: TTQ scales, 3 popcounts per "
           "word pair; t2: one scale, 2; pack+t3: float activations packed first; eager: one Python call; gemlite "
           "(if installed): its A16W158 layer, ternary weights and fp16 activations; gl/t3, gl/p+t3 > 1: we are faster")
     hdr = (f"{'M':>6} {'N':>5} {'K':>5} | {'t3':>8} {'t2':>8} {'pack+t3':>8} {'bf16':>8} {'fp32':>8} | {'TOP/s':>6} "
