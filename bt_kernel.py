@@ -843,7 +843,7 @@ def _ternary_gemv_kernel(
     k_step: tl.constexpr = 3 * BLOCK_K if CSA else BLOCK_K   # splits of whole steps: no plain-loop leftovers
     k_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), k_step) * k_step
     k_lo = tl.program_id(2) * k_per
-    k_hi = min(KW, k_lo + k_per)
+    k_hi = max(k_lo, min(KW, k_lo + k_per))   # a split past the end is empty, never negative
     if ROW_LOOP:
         tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4)
         acc_p, acc_n = _gemv_row_sums(a_pos_ptr, a_neg_ptr, b_pos_ptr, b_neg_ptr, bn, pid_m * BLOCK_M, M, k_lo, k_hi,
@@ -1475,10 +1475,14 @@ def _bench_gemm_row(M, N, K, bw, popc_rate):
 
 
 TUNE_CONFIGS = {
-    # 2D row loop (1, 2 or 4 rows a program, K loop pipelined or not), then the 3D kernel
+    # 2D row loop (1, 2 or 4 rows a program, K loop pipelined or not; plain, then with carry-save adders), then
+    # the 3D kernel
     "gemv": [dict(BLOCK_M=bm, ROW_LOOP=True, BLOCK_N=bn, BLOCK_K=bk, STAGES=st, SPLIT_K=sk, num_warps=w)
              for bm in (1, 2, 4) for bn, bk in ((16, 128), (32, 64), (64, 32), (128, 16), (64, 16), (32, 32))
              for st in (1, 3) for sk in (1, 4) for w in (4, 8)]
+            + [dict(BLOCK_M=bm, ROW_LOOP=True, BLOCK_N=bn, BLOCK_K=bk, STAGES=st, SPLIT_K=sk, CSA=True, num_warps=4)
+               for bm in (1, 2, 4) for bn, bk in ((32, 8), (32, 16), (64, 16), (32, 32)) for st in (1, 3)
+               for sk in (1, 4)]
             + [dict(BLOCK_M=bm, ROW_LOOP=False, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4) for bm in (2, 4)
                for bn, bk in ((16, 64), (32, 64), (64, 32)) for sk in (1, 4)],
     "tile": [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, CSA=csa, num_warps=w) for bm, bn, w in

@@ -176,7 +176,9 @@ def test_gemv_row_major_weights_exact(M):
                ("gemv", dict(BLOCK_M=4, ROW_LOOP=True, BLOCK_N=8, BLOCK_K=16, SPLIT_K=1, num_warps=4)),
                ("gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=8, SPLIT_K=2, CSA=True, num_warps=4)),
                ("gemv", dict(BLOCK_M=4, ROW_LOOP=True, BLOCK_N=8, BLOCK_K=4, SPLIT_K=1, STAGES=2, CSA=True,
-                             num_warps=4)))
+                             num_warps=4)),
+               # 5 splits of 12 words over 32: the last two are empty
+               ("gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=2, SPLIT_K=5, CSA=True, num_warps=4)))
     for wp_, wn_ in ((wp.contiguous(), wn.contiguous()), (wp, wn)):
         for config in configs:
             run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n,
