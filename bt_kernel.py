@@ -406,9 +406,10 @@ def pack_bitplanes(x, threshold=None):
     CUDA tensors go through the Triton kernel; CPU tensors too under TRITON_INTERPRET=1, else through
     torch ops with the same result (row-major storage).
 
-    The planes come back K-word-major, the layout of the tile kernels (M > 32). Weights served one to four
-    rows at a time (single samples, decoding) run faster row-major: pass pos.contiguous(), neg.contiguous().
-    From 8 rows up the two layouts are within 8% of each other (README: Packed layout).
+    The planes come back K-word-major, the layout of the tile kernels (M > 32) and of the carry-save GEMV
+    (from 8 rows at long K it is the faster one, by up to 9%). Weights served one to four rows at a time
+    (single samples, decoding) run faster row-major: pass pos.contiguous(), neg.contiguous(); so do short
+    K (1024 to 2048) at any row count (README: Packed layout).
     """
     _check_matrix(x, "x")
     R, K = x.shape
