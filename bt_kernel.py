@@ -957,11 +957,10 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
                                   num_warps=8 if b_rows and not pipelined else 4)
         tiles, per_sm = M * triton.cdiv(N, bn), 1   # split K only where there are fewer programs than SMs
     elif M <= 256 and not bit_serial and M > 32 and triton.cdiv(M, 16) * triton.cdiv(N, 128) >= sms:
-        # few row tiles but enough of them for every SM, long K loops: carry-save adders pay here
-        # (128x4096x4096: 71 us, against 83 without them and 114 for the GEMV), not at large M (4096^3:
-        # 1855 against 1748 us) where their extra logic and registers cost more than the saved popcounts
-        kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=128, GROUP_M=8, CSA=True, num_warps=4)
-        tiles, per_sm = triton.cdiv(M, 16) * triton.cdiv(N, 128), 1
+        # few row tiles but enough of them for every SM: the thin carry-save tiles below (128x4096x4096 58.2 /
+        # 48.3 us against 67.8 / 54.8 for [16 x 128] tiles with carry-save adders, the rule before)
+        kind, meta = "tile", _thin_tile(M, N, sms, symmetric)
+        tiles, per_sm = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1
     elif M <= 256 and not bit_serial and not b_rows:
         # K-word-major weights, 33 to 256 rows in too few row tiles to fill the SMs (the batch-128 fc1): the 2D
         # loop, 2 rows a program, carry-save adders. H200, TTQ scales / one scale, against the 3D kernel (the
@@ -974,6 +973,9 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
         # row-major weights, 33 to 256 rows in too few row tiles: 3D products, 2 rows a program
         kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=32, num_warps=4)
         tiles = triton.cdiv(N, 64) * triton.cdiv(M, 2)
+    elif not bit_serial:
+        kind, meta = "tile", _thin_tile(M, N, sms, symmetric)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
     else:
         bn = min(128, max(32, triton.next_power_of_2(N)))   # narrow layers (conv1: N=32) waste no columns
         kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=8, CSA=False, num_warps=4)
@@ -982,6 +984,35 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
     min_k = 2 * meta.get("BLOCK_K", 16) * (3 if kind == "gemv" and meta.get("CSA") else 1)
     meta["SPLIT_K"] = max(1, min(triton.cdiv(per_sm * sms, tiles), KW // min_k))
     return kind, meta
+
+
+def _thin_tile(M, N, sms, symmetric):
+    """The tile kernel on trits from 128 rows up: thin tiles of 4 (or 8) rows x 64 columns on 2 warps, one
+    column a thread, three K words a step through carry-save adders. With 4 to 8 outputs a thread the
+    carry-save loop fits in about 56 to 91 registers (the [16 x 128] tile needed 224 to 255 and spilled), so
+    enough warps share an SM to keep both the popcount and the logic pipes busy, and the activation words of
+    a thread's rows load as one 16-byte vector. H200, TTQ scales / one scale, against [16 x 128] tiles
+    without carry-save adders (the rule before): 4096^3 1475 / 1037 us against 1748 / 1188, 1024x8192x8192
+    1466 / 1044 against 1798 / 1227, 10000x512x2048 238 / 171 against 286 / 200. One scale takes 8 rows where
+    that still makes 24 or more tiles per SM (1024x4096x4096 276 against 285 us for 4 rows; 256x4096x4096,
+    2048 tiles of 8 rows, 91.4 against 93.2 for 8)."""
+    bn = 64 if N > 32 else 32
+    bm = 8 if symmetric and triton.cdiv(M, 8) * triton.cdiv(N, bn) >= 24 * sms else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, CSA=True, num_warps=bn // 32)
+
+
+def _conv_config(M, N, KW, bit_serial, device):
+    """Tile-kernel meta-parameters for ternary_conv_packed (implicit GEMM, whatever M). Trits keep [16 x BLOCK_N]
+    tiles without carry-save adders: the thin tiles of _thin_tile lose on gathered conv rows (conv2 of the
+    default model, 640000x128x1600 with pooling and packing: 4274 us against 4592 for [8 x 64] and 5389 for
+    [4 x 128], H200). Bit-serial pixels (conv1) run 4 rows x 64 channels on one warp, 8 outputs a thread:
+    5760000x64x25, 8 planes, 2256 us against 2634 for [16 x 64] on 4 warps (measured at 64 channels only)."""
+    if bit_serial and not _INTERPRET:
+        bn = 64 if N > 32 else 32
+        tiles = triton.cdiv(M, 4) * triton.cdiv(N, bn)   # split K only where the tiles cannot fill the SMs
+        split = max(1, min(triton.cdiv(4 * _sm_count(device), tiles), KW // 32))
+        return dict(BLOCK_M=4, BLOCK_N=bn, GROUP_M=8, CSA=False, SPLIT_K=split, num_warps=1)
+    return _gemm_config(max(M, 257), N, KW, True, device)[1]
 
 
 _WORKSPACE = {}
@@ -1175,7 +1206,7 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
         out = torch.empty((B, PH, PW, triton.cdiv(N, 32)), dtype=torch.uint32, device=a_pos.device)
         out_neg = torch.empty_like(out)
     if M:
-        _, meta = config or _gemm_config(max(M, 257), N, KW, True, a_pos.device)   # the tile kernel, whatever M
+        meta = config[1] if config else _conv_config(M, N, KW, bit_serial, a_pos.device)
         _launch_tile(a, None if bit_serial else a_neg[None], w_pos, w_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias),
                      out, out_neg, meta, M, N, KW, conv=(OH, OW, kx, CW, stride), pool=pool, threshold=threshold)
     return out if threshold is None else (out, out_neg)
@@ -1488,7 +1519,10 @@ TUNE_CONFIGS = {
                for bn, bk in ((16, 64), (32, 64), (64, 32)) for sk in (1, 4)],
     "tile": [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, CSA=csa, num_warps=w) for bm, bn, w in
              ((16, 64, 4), (16, 128, 4), (16, 64, 8), (16, 128, 8), (32, 128, 8)) for sk in (1, 4)
-             for csa in (False, True)],
+             for csa in (False, True)]
+            # thin tiles, one column a thread
+            + [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, CSA=csa, num_warps=bn // 32) for bm in (4, 8)
+               for bn in (32, 64, 128) for sk in (1, 4) for csa in (False, True)],
 }
 
 
@@ -1530,7 +1564,8 @@ def _sass_report(folder):
     strides 16-divisible), channel-packed maps (unit word stride) for the conv, 16-divisible pointers and
     sizes, the default GEMV configs for M = 1 (row-major and K-word-major weights), M = 16 (row-major
     weights: four rows per program, the K loop pipelined; K-word-major weights: two rows per program and
-    carry-save adders; TTQ scales and one scale) and the 3D kernel (row-major weights, 33 to 256 rows)."""
+    carry-save adders; TTQ scales and one scale) and the 3D kernel (row-major weights, 33 to 256 rows), the
+    thin carry-save tiles of large M, and the conv layers of the inference engine (trits, bit-serial pixels)."""
     import collections
     import re
     import subprocess
@@ -1567,11 +1602,17 @@ def _sass_report(folder):
                ("gemv2rows_3popc", _ternary_gemv_kernel, dict(m64_3d, SYMMETRIC=False), gemv16, 4),
                ("tile_3popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128), rows, 4),
                ("tile_2popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_N=128), rows, 4),
-               ("tile_3popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, CSA=True), rows, 4),
+               ("tile_3popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_M=4, BLOCK_N=64, CSA=True),
+                rows, 2),
+               ("tile_2popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_M=8, BLOCK_N=64, CSA=True),
+                rows, 2),
                ("tile_bitserial8", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False,
                                                               BLOCK_N=32), rows, 4),
                ("conv_pool_pack", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, IMPLICIT=True, POOL=2,
-                                                             PACK_OUT=True), maps, 4)]
+                                                             PACK_OUT=True), maps, 4),
+               ("conv_bitserial8_pool_pack", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False,
+                                                                        BLOCK_M=4, BLOCK_N=64, IMPLICIT=True, POOL=2,
+                                                                        PACK_OUT=True), maps, 1)]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs, (ones, div16), warps in kernels:
         constexprs = dict(constexprs, **ones)
@@ -1591,7 +1632,7 @@ def _sass_report(folder):
         regs = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
         keys = ("POPC", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA")
-        print(f"  {tag:19} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
+        print(f"  {tag:25} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
               + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys))
 
 
