@@ -1684,7 +1684,8 @@ def _bench_main():
     shapes += [(128, 512, 2048), (128 * 64, 128, 1600), (10000, 512, 2048), (10000 * 64, 128, 1600)]
     print("times in us per call from CUDA-graph replays (weights rotated beyond L2; row-major for M <= 4, where "
           "the GEMV prefers them, else pack_bitplanes' K-word-major); t3: TTQ scales, 3 popcounts per "
-          "word pair; t2: one scale, 2; pack+t3: float activations packed first; eager: one Python call; gemlite "
+          "word pair; t2: one scale, 2; %popc: t3 against the 3-popcount ceiling (above 100 where carry-save adders "
+          "count 3 words with 2 popcounts); pack+t3: float activations packed first; eager: one Python call; gemlite "
           "(if installed): its A16W158 layer, ternary weights and fp16 activations; gl/t3, gl/p+t3 > 1: we are faster")
     hdr = (f"{'M':>6} {'N':>5} {'K':>5} | {'t3':>8} {'t2':>8} {'pack+t3':>8} {'bf16':>8} {'fp32':>8} | {'TOP/s':>6} "
            f"{'%popc':>5} {'%BW':>4} | {'bf16/t3':>7} {'bf16/t2':>7} | {'t3 eager':>8} {'bf16 eager':>10} | "
