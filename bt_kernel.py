@@ -391,6 +391,14 @@ def _check_matrix(x, name):
         raise ValueError(f"{name} must be 2-D [rows, K], got shape {tuple(x.shape)}")
 
 
+def _same_layout(pos, neg):
+    """The kernels read both planes of a pair with the pos plane's strides: a pair stored in two layouts
+    (one from pack_bitplanes, one made contiguous) is copied to one."""
+    if pos.stride() == neg.stride():
+        return pos, neg
+    return pos.contiguous(), neg.contiguous()
+
+
 def _check_int8_trits(x, name):
     if x.numel() and bool((x.abs() > 1).any()):
         bad = x[x.abs() > 1][0].item()
@@ -1132,6 +1140,9 @@ def ternary_gemm_triton(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bias=
         if t.shape != (N,):
             raise ValueError(f"{name} must have shape ({N},) (one per output channel), got {tuple(t.shape)}")
     _check_device(*[t for _, t in planes_a], b_pos, b_neg, *[t for _, t in scales])
+    b_pos, b_neg = _same_layout(b_pos, b_neg)
+    if not bit_serial:
+        a_pos, a_neg = _same_layout(a_pos, a_neg)
     a = a_pos if bit_serial else a_pos[None]
     return _launch_gemm(a, None if bit_serial else a_neg[None], b_pos, b_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias))
 
@@ -1198,6 +1209,10 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
     if threshold is not None and not float(threshold) >= 0:
         raise ValueError(f"threshold must be >= 0 or None, got {threshold}")
     _check_device(a_pos, w_pos, w_neg, alpha_p, *[t for t in (a_neg, alpha_n, bias) if t is not None])
+    w_pos, w_neg = _same_layout(w_pos, w_neg)
+    if not bit_serial:
+        a_pos, a_neg = _same_layout(a_pos, a_neg)
+        a = a_pos[None]
 
     M = B * PH * PW * pool * pool
     if threshold is None:

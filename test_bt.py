@@ -159,6 +159,21 @@ def test_gemm_integer_sums_exact(M, N, K, config):
     assert torch.equal(run(one, None).cpu().long(), sp - sn)      # symmetric: 2 popcounts
 
 
+@pytest.mark.parametrize("M", [3, 40])
+def test_gemm_planes_in_two_layouts(M):
+    # the kernels read a pair of planes with one set of strides: a pos plane from pack_bitplanes (K-word-major)
+    # beside a row-major neg plane, and the other way round for the weights, must give the same sums
+    a, w = rand_trits(M, 70), rand_trits(9, 70)
+    ap, an = pack_bitplanes(a)
+    wp, wn = pack_bitplanes(w)
+    sp, sn = int_sums(a, w)
+    one, zero = torch.ones(9, device=DEVICE), torch.zeros(9, device=DEVICE)
+    run = lambda alpha_p, alpha_n: bt_kernel.ternary_gemm_triton(ap, an.contiguous(), wp.contiguous(), wn,
+                                                                  alpha_p, alpha_n)
+    assert torch.equal(run(one, zero).cpu().long(), sp)
+    assert torch.equal(run(zero, -one).cpu().long(), sn)
+
+
 @pytest.mark.parametrize("M", [1, 2, 5, 9])
 def test_gemv_row_major_weights_exact(M):
     # the 2D GEMV streams whole weight rows when they are row-major (the layout it is tuned for), one row
