@@ -596,6 +596,31 @@ def _conv_rows(m, OH, OW, POOL: tl.constexpr):
 
 
 @triton.jit
+def _gather_patches_kernel(
+    # pointers
+    map_pos_ptr, map_neg_ptr,     # packed maps [B, H, W, CW] uint32, trits (any strides)
+    out_pos_ptr, out_neg_ptr,     # patch planes, K-word-major: word k of row m at k * LD + m
+    # sizes
+    M, LD, OH, OW, KX, CW, KW, conv_stride,
+    # strides (elements)
+    stride_mb, stride_my, stride_mx, stride_mc,
+    # meta-parameters
+    POOL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # rows in the implicit GEMM's order (pooling windows of consecutive rows), K words in (ky, kx, cw) order
+    m = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b, oy, ox = _conv_rows(m, OH, OW, POOL)
+    tap = k // CW
+    src = (b * stride_mb + oy * conv_stride * stride_my + ox * conv_stride * stride_mx)[None, :] + \
+          ((tap // KX) * stride_my + (tap % KX) * stride_mx + (k % CW) * stride_mc)[:, None]
+    ok = (k < KW)[:, None] & (m < M)[None, :]
+    dst = k[:, None] * LD + m[None, :]
+    tl.store(out_pos_ptr + dst, tl.load(map_pos_ptr + src, mask=ok, other=0), mask=ok)
+    tl.store(out_neg_ptr + dst, tl.load(map_neg_ptr + src, mask=ok, other=0), mask=ok)
+
+
+@triton.jit
 def _load_trit_step(a_pos_ptrs, a_neg_ptrs, b_pos_ptrs, b_neg_ptrs, k, CW, KX, stride_ay, stride_ax, stride_ak,
                     stride_bk, IMPLICIT: tl.constexpr):
     """The words of K step k: ap, an [BLOCK_M, 1] and wp, wn [1, BLOCK_N]."""
@@ -1009,18 +1034,54 @@ def _thin_tile(M, N, sms, symmetric):
     return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, CSA=True, num_warps=bn // 32)
 
 
-def _conv_config(M, N, KW, bit_serial, device):
-    """Tile-kernel meta-parameters for ternary_conv_packed (implicit GEMM, whatever M). Trits keep [16 x BLOCK_N]
-    tiles without carry-save adders: the thin tiles of _thin_tile lose on gathered conv rows (conv2 of the
-    default model, 640000x128x1600 with pooling and packing: 4274 us against 4592 for [8 x 64] and 5389 for
-    [4 x 128], H200). Bit-serial pixels (conv1) run 4 rows x 64 channels on one warp, 8 outputs a thread:
-    5760000x64x25, 8 planes, 2256 us against 2634 for [16 x 64] on 4 warps (measured at 64 channels only)."""
-    if bit_serial and not _INTERPRET:
+def _conv_config(M, N, KW, bit_serial, device, symmetric=False):
+    """(kind, meta-parameters) for ternary_conv_packed. "im2col": trits, the conv's patches gathered into
+    K-word-major planes first, then the thin carry-save tiles of a plain GEMM; "tile": the implicit GEMM,
+    patches read in place. On trits the implicit GEMM cannot use thin tiles (a tile's rows are scattered over
+    the map: no 16-byte loads, and their address work per K step): conv2 of the default model,
+    640000x128x1600 with pooling and packing, took 4274 us on [16 x 128] tiles, 4592 on [8 x 64] and 5389 on
+    [4 x 128] (H200). Bit-serial pixels (conv1) stay implicit, 4 rows x 64 channels on one warp, 8 outputs a
+    thread: 5760000x64x25, 8 planes, 2256 us against 2634 for [16 x 64] on 4 warps (64 channels only)."""
+    if not bit_serial:
+        return "im2col", _thin_tile(M, N, _sm_count(device), symmetric)
+    if not _INTERPRET:
         bn = 64 if N > 32 else 32
         tiles = triton.cdiv(M, 4) * triton.cdiv(N, bn)   # split K only where the tiles cannot fill the SMs
         split = max(1, min(triton.cdiv(4 * _sm_count(device), tiles), KW // 32))
-        return dict(BLOCK_M=4, BLOCK_N=bn, GROUP_M=8, CSA=False, SPLIT_K=split, num_warps=1)
-    return _gemm_config(max(M, 257), N, KW, True, device)[1]
+        return "tile", dict(BLOCK_M=4, BLOCK_N=bn, GROUP_M=8, CSA=False, SPLIT_K=split, num_warps=1)
+    return "tile", _gemm_config(max(M, 257), N, KW, True, device)[1]
+
+
+_PATCH_WORDS = 1 << 25   # words per patch plane and chunk (128 MB)
+
+
+def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias, out, out_neg, meta, OH, OW, kx, stride,
+                     pool, threshold):
+    """ternary_conv_packed on trits through explicit patch planes, no checks: the patches of a chunk of images
+    are gathered into K-word-major planes (rows in the implicit GEMM's pooling-window order, so that the
+    GEMM's epilogue pools and packs as it does there), then a plain GEMM runs on them. Chunks keep the
+    planes under 2 x 128 MB (the default conv2 on 10k images: 2 x 128 MB, one chunk)."""
+    B, H, W, CW = a_pos.shape
+    N, KW = w_pos.shape
+    rows = (OH // pool) * (OW // pool) * pool * pool   # per image
+    images = max(1, min(B, _PATCH_WORDS // max(1, rows * KW)))
+    ld = triton.cdiv(images * rows, 16) * 16           # a 16-divisible K stride lets the GEMM load rows in vectors
+    planes = torch.empty((2, KW, ld), dtype=torch.uint32, device=a_pos.device)
+    block_r, block_k = (32, 4) if _INTERPRET else (128, 8)
+    words = out.shape[-1]
+    for b0 in range(0, B, images):
+        b1 = min(B, b0 + images)
+        M = (b1 - b0) * rows
+        _gather_patches_kernel[(triton.cdiv(M, block_r), triton.cdiv(KW, block_k))](
+            a_pos[b0:b1], a_neg[b0:b1], planes[0], planes[1], M, ld, OH, OW, kx, CW, KW, stride,
+            *a_pos.stride(), POOL=pool, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+        m = dict(meta)
+        if "SPLIT_K" not in m:   # split K only where the tiles cannot fill the SMs
+            tiles = triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])
+            m["SPLIT_K"] = max(1, min(triton.cdiv(4 * _sm_count(a_pos.device), tiles), KW // 32))
+        a = planes[:, :, :M].transpose(1, 2)            # [2, M, KW], K-word-major
+        _launch_tile(a[0:1], a[1:2], w_pos, w_neg, alpha_p, alpha_n, bias, out[b0:b1].view(-1, words),
+                     out_neg[b0:b1].view(-1, words), m, M, N, KW, pool=pool, threshold=threshold)
 
 
 _WORKSPACE = {}
@@ -1163,9 +1224,11 @@ def pack_conv_weight(w):
 
 def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=None, *, kernel_size=1, stride=1,
                         pool=1, threshold=None, config=None):
-    """One conv (or linear) layer of an inference chain on channel-packed maps: an implicit-GEMM popcount
-    kernel that can max-pool, ternarize and pack its output for the next layer, so that no float
-    activation and no im2col ever reaches memory.
+    """One conv (or linear) layer of an inference chain on channel-packed maps: a popcount GEMM that can
+    max-pool, ternarize and pack its output for the next layer, so that no float activation ever reaches
+    memory. On trits the conv's patches are gathered first into packed K-word-major planes (2 bits a
+    trit, in chunks of at most 2 x 128 MB), where the GEMM runs its fastest tiles; bit-serial pixels are
+    read in place (implicit GEMM).
 
     a_pos, a_neg: uint32 [B, H, W, CW] maps of trits, bit j of word w at (b, y, x) = channel 32 w + j
         (any strides: pack_bitplanes(x_nhwc.reshape(-1, C)) viewed as [B, H, W, CW], or this function's
@@ -1175,6 +1238,8 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
     kernel_size, stride: the conv's (no padding). pool: 1, or 2 for 2x2 max-pooling with stride 2 (floor).
     threshold: None gives float32 [B, PH, PW, N], exactly as ternary_gemm_triton on the im2col planes;
         a number t >= 0 gives (pos, neg) uint32 [B, PH, PW, ceil(N / 32)], the output ternarized at t.
+    config: None (chosen by shape), or ("im2col", meta) / ("tile", meta): gathered patches or the implicit
+        GEMM, with the tile kernel's meta-parameters (bit-serial A is always implicit).
     """
     bit_serial = a_neg is None
     for name, t in (("a_pos", a_pos), ("w_pos", w_pos), ("w_neg", w_neg)) + (() if bit_serial else (("a_neg", a_neg),)):
@@ -1221,9 +1286,16 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
         out = torch.empty((B, PH, PW, triton.cdiv(N, 32)), dtype=torch.uint32, device=a_pos.device)
         out_neg = torch.empty_like(out)
     if M:
-        meta = config[1] if config else _conv_config(M, N, KW, bit_serial, a_pos.device)
-        _launch_tile(a, None if bit_serial else a_neg[None], w_pos, w_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias),
-                     out, out_neg, meta, M, N, KW, conv=(OH, OW, kx, CW, stride), pool=pool, threshold=threshold)
+        kind, meta = config or _conv_config(M, N, KW, bit_serial, a_pos.device, symmetric=alpha_n is None)
+        scales = _f32(alpha_p), _f32(alpha_n), _f32(bias)
+        if kind not in ("im2col", "tile"):
+            raise ValueError(f"config must be ('im2col' or 'tile', meta-parameters), got kind {kind!r}")
+        if kind == "im2col" and not bit_serial:
+            _conv_by_patches(a_pos, a_neg, w_pos, w_neg, *scales, out, out_neg, meta, OH, OW, kx, stride, pool,
+                             threshold)
+        else:
+            _launch_tile(a, None if bit_serial else a_neg[None], w_pos, w_neg, *scales, out, out_neg, meta, M, N, KW,
+                         conv=(OH, OW, kx, CW, stride), pool=pool, threshold=threshold)
     return out if threshold is None else (out, out_neg)
 
 

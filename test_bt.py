@@ -273,12 +273,14 @@ def _map_planes(t, C):
     return pos.view(B, H, W, -1), neg.view(B, H, W, -1)
 
 
+@pytest.mark.parametrize("config", [None, ("tile", dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4))],
+                         ids=["im2col", "implicit"])   # the default on trits: patches gathered, then a plain GEMM
 @pytest.mark.parametrize("C, N, size, k, stride, pool, symmetric", [
     (37, 40, 7, 3, 1, 2, False),    # words padded on both sides, odd map: floor pooling
     (5, 64, 6, 2, 2, 1, False),     # stride 2, no pooling
     (64, 33, 5, 5, 1, 1, True),     # a whole-map kernel (a linear layer on a map), one scale
 ])
-def test_conv_packed_matches_float64(C, N, size, k, stride, pool, symmetric):
+def test_conv_packed_matches_float64(C, N, size, k, stride, pool, symmetric, config, monkeypatch):
     g = torch.Generator().manual_seed(C + N)
     a = torch.randint(-1, 2, (3, C, size, size), dtype=torch.int8, generator=g)
     w = torch.randint(-1, 2, (N, C, k, k), dtype=torch.int8, generator=g)
@@ -290,12 +292,16 @@ def test_conv_packed_matches_float64(C, N, size, k, stride, pool, symmetric):
     wp, wn = bt_kernel.pack_conv_weight(w.to(DEVICE))
     scales = [t.to(DEVICE) if t is not None else None for t in (alpha_p, alpha_n, bias)]
     ref = _conv_reference(a, w, alpha_p, alpha_n, bias, stride, pool)
-    out = bt_kernel.ternary_conv_packed(ap, an, wp, wn, *scales, kernel_size=k, stride=stride, pool=pool)
+    # patches gathered one image at a time (chunks), and the neg planes in another layout than the pos planes
+    monkeypatch.setattr(bt_kernel, "_PATCH_WORDS", 1)
+    out = bt_kernel.ternary_conv_packed(ap, an.contiguous(), wp.contiguous(), wn, *scales, kernel_size=k,
+                                        stride=stride, pool=pool, config=config)
     assert torch.equal(out.cpu(), ref.permute(0, 2, 3, 1))    # bit for bit: same exact sums, same rounding
+    monkeypatch.undo()
     # ternarized and packed for the next layer: the planes of the reference output at the threshold
     t = float(ref.abs().median())
     pos, neg = bt_kernel.ternary_conv_packed(ap, an, wp, wn, *scales, kernel_size=k, stride=stride, pool=pool,
-                                             threshold=t)
+                                             threshold=t, config=config)
     trits = (ref > t).to(torch.int8) - (ref < -t).to(torch.int8)
     ref_pos, ref_neg = _map_planes(trits, N)
     assert torch.equal(pos.cpu(), ref_pos.cpu()) and torch.equal(neg.cpu(), ref_neg.cpu())
@@ -344,6 +350,8 @@ def test_conv_packed_bad_inputs():
         conv(p, p, wp, wp, one, kernel_size=3, threshold=-1.0)
     with pytest.raises(ValueError, match="cannot be pooled"):
         conv(p[:, :3, :3], p[:, :3, :3], wp, wp, one, kernel_size=3, pool=2)
+    with pytest.raises(ValueError, match="im2col"):
+        conv(p, p, wp[:, :1], wp[:, :1], one, kernel_size=1, config=("gemv", {}))
 
 
 def test_reference_helper_agrees():
