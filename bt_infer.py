@@ -334,7 +334,7 @@ def _forward_triton(layers, x, input_scale):
 
 
 def _fused_plan(layers, input_shape):
-    """Steps of the fused engine, one implicit-GEMM kernel per conv/linear layer, or None for a network it
+    """Steps of the fused engine, one ternary_conv_packed call per conv/linear layer, or None for a network it
     does not cover (it needs raw pixels into the first layer, no padding after it, and 2x2/2 max-pools)."""
     ternary = [r for r in layers if r["type"] in ("conv", "linear")]
     if ternary[0]["input"] != "pixels":
@@ -383,7 +383,7 @@ def _fused_plan(layers, input_shape):
 
 
 def _forward_fused(steps, x):
-    # x: uint8 [B, C, H, W] or [B, K] raw pixels; one kernel per layer, activations stay packed between them
+    # x: uint8 [B, C, H, W] or [B, K] raw pixels; one GEMM per layer, activations stay packed between them
     x = x[:, :, None, None] if x.dim() == 2 else x
     first = steps[0]
     planes, (OH, OW) = bt_kernel.pack_im2col(x, first["kernel"], first["stride"], first["padding"], threshold=None)
@@ -409,10 +409,11 @@ def run_triton(state, images, batch_size=10000, fused=True):
     """Logits float32 [B, classes] of the export on the Triton popcount kernels.
 
     images: uint8 [B, *input_shape] (or [B, 28, 28] for input_shape [1, 28, 28]) on cuda, or on the cpu
-    with TRITON_INTERPRET=1. fused=True runs one kernel per layer on packed activations (pooling,
-    ternarizing and packing in the GEMM epilogue) where the network allows it; fused=False runs the
-    layer-by-layer engine (im2col pack, GEMM to float32, F.max_pool2d). Both give the same logits bit for
-    bit. `state` is an export or, to keep weight preparation out of timed runs, prepare_triton's result.
+    with TRITON_INTERPRET=1. fused=True runs one GEMM per layer on packed activations (pooling,
+    ternarizing and packing in its epilogue; trit convs gather their packed patches first) where the
+    network allows it; fused=False runs the layer-by-layer engine (im2col pack, GEMM to float32,
+    F.max_pool2d). Both give the same logits bit for bit. `state` is an export or, to keep weight
+    preparation out of timed runs, prepare_triton's result.
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
