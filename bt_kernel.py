@@ -1013,10 +1013,15 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
         bn = min(128, max(32, triton.next_power_of_2(N)))   # narrow layers (conv1: N=32) waste no columns
         kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=8, CSA=False, num_warps=4)
         tiles = triton.cdiv(M, 16) * triton.cdiv(N, bn)
-    # split K until there are about per_sm programs per SM, keeping at least 2 blocks of K per split
+    # keep at least 2 blocks of K per split (with carry-save adders in the GEMV, 2 steps of 3 blocks)
     min_k = 2 * meta.get("BLOCK_K", 16) * (3 if kind == "gemv" and meta.get("CSA") else 1)
-    meta["SPLIT_K"] = max(1, min(triton.cdiv(per_sm * sms, tiles), KW // min_k))
+    meta["SPLIT_K"] = _split_k(tiles, KW, sms, per_sm, min_k)
     return kind, meta
+
+
+def _split_k(tiles, KW, sms, per_sm=4, min_k=32):
+    """Split K until there are about per_sm programs per SM, with at least min_k words per split."""
+    return max(1, min(triton.cdiv(per_sm * sms, tiles), KW // min_k))
 
 
 def _thin_tile(M, N, sms, symmetric):
@@ -1046,8 +1051,7 @@ def _conv_config(M, N, KW, bit_serial, device, symmetric=False):
         return "im2col", _thin_tile(M, N, _sm_count(device), symmetric)
     if not _INTERPRET:
         bn = 64 if N > 32 else 32
-        tiles = triton.cdiv(M, 4) * triton.cdiv(N, bn)   # split K only where the tiles cannot fill the SMs
-        split = max(1, min(triton.cdiv(4 * _sm_count(device), tiles), KW // 32))
+        split = _split_k(triton.cdiv(M, 4) * triton.cdiv(N, bn), KW, _sm_count(device))
         return "tile", dict(BLOCK_M=4, BLOCK_N=bn, GROUP_M=8, CSA=False, SPLIT_K=split, num_warps=1)
     return "tile", _gemm_config(max(M, 257), N, KW, True, device)[1]
 
@@ -1076,9 +1080,9 @@ def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias, out, ou
             a_pos[b0:b1], a_neg[b0:b1], planes[0], planes[1], M, ld, OH, OW, kx, CW, KW, stride,
             *a_pos.stride(), POOL=pool, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
         m = dict(meta)
-        if "SPLIT_K" not in m:   # split K only where the tiles cannot fill the SMs
+        if "SPLIT_K" not in m:
             tiles = triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])
-            m["SPLIT_K"] = max(1, min(triton.cdiv(4 * _sm_count(a_pos.device), tiles), KW // 32))
+            m["SPLIT_K"] = _split_k(tiles, KW, _sm_count(a_pos.device))
         a = planes[:, :, :M].transpose(1, 2)            # [2, M, KW], K-word-major
         _launch_tile(a[0:1], a[1:2], w_pos, w_neg, alpha_p, alpha_n, bias, out[b0:b1].view(-1, words),
                      out_neg[b0:b1].view(-1, words), m, M, N, KW, pool=pool, threshold=threshold)
@@ -1252,6 +1256,8 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
                          f"got {tuple(a_pos.shape)}")
     if not bit_serial and a_neg.shape != a_pos.shape:
         raise ValueError(f"a_pos and a_neg differ in shape: {tuple(a_pos.shape)} vs {tuple(a_neg.shape)}")
+    if not bit_serial:
+        a_pos, a_neg = _same_layout(a_pos, a_neg)
     a = a_pos if bit_serial else a_pos[None]
     bits, B, H, W, CW = a.shape
     kh, kx = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -1275,9 +1281,6 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
         raise ValueError(f"threshold must be >= 0 or None, got {threshold}")
     _check_device(a_pos, w_pos, w_neg, alpha_p, *[t for t in (a_neg, alpha_n, bias) if t is not None])
     w_pos, w_neg = _same_layout(w_pos, w_neg)
-    if not bit_serial:
-        a_pos, a_neg = _same_layout(a_pos, a_neg)
-        a = a_pos[None]
 
     M = B * PH * PW * pool * pool
     if threshold is None:
