@@ -15,10 +15,11 @@ Needs only torch and triton: copy this file alone into another project.
     python bt_kernel.py --tune     # sweep kernel configs (--shapes 16x8192x8192 ...)
     python bt_kernel.py --sass DIR # SASS for sm_90 and its instruction counts (no GPU needed)
 
-Measured (NVIDIA H200, Triton 3.6, 2026-11-29): 4096x4096x4096 at 78.5 ternary TOP/s with learned
-alpha_p/alpha_n (93% of the 3-popcount ceiling), 116 TOP/s with one scale; a 1x8192x8192 GEMV (row-major
-weights) 5.3x faster than torch bf16 and 2.9x faster than gemlite's ternary layer; 16x8192x8192 1.06x
-of bf16 (1.43x with one scale) and 1.41x of gemlite (README: the whole table, and the targets it misses).
+Measured (NVIDIA H200, Triton 3.6, 2026-11-29): 4096x4096x4096 at 93.2 ternary TOP/s with learned
+alpha_p/alpha_n (carry-save adders: past the 3-popcount ceiling of 85), 132 TOP/s with one scale; a
+1x8192x8192 GEMV (row-major weights) 5.4x faster than torch bf16 and 2.8x faster than gemlite's ternary
+layer; 16x8192x8192 1.08x of bf16 (1.46x with one scale) and 1.40x of gemlite (README: the whole table,
+and the targets it misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
 
@@ -1025,8 +1026,9 @@ def _split_k(tiles, KW, sms, per_sm=4, min_k=32):
 
 
 def _thin_tile(M, N, sms, symmetric):
-    """The tile kernel on trits from 128 rows up: thin tiles of 4 (or 8) rows x 64 columns on 2 warps, one
-    column a thread, three K words a step through carry-save adders. With 4 to 8 outputs a thread the
+    """The tile kernel's config on trits (above 256 rows, and from 33 where the tiles fill the SMs): thin
+    tiles of 4 (or 8) rows x 64 columns on 2 warps (32 columns on one warp for N <= 32), one column a
+    thread, three K words a step through carry-save adders. With 4 to 8 outputs a thread the
     carry-save loop fits in about 56 to 91 registers (the [16 x 128] tile needed 224 to 255 and spilled), so
     enough warps share an SM to keep both the popcount and the logic pipes busy, and the activation words of
     a thread's rows load as one 16-byte vector. H200, TTQ scales / one scale, against [16 x 128] tiles
