@@ -581,15 +581,24 @@ def _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, 
 
 
 @triton.jit
-def _conv_rows(m, OH, OW, POOL: tl.constexpr):
-    """Output position (b, oy, ox) of GEMM row m; with POOL > 1 rows run over pooling windows
-    (b, py, px, dy, dx), so that each window is POOL*POOL consecutive rows of one tile."""
+def _conv_rows(m0, offs, M, OH, OW, POOL: tl.constexpr):
+    """Output position (b, oy, ox) of GEMM rows m0 + offs (m0 a multiple of POOL^2), rows past M clamped to
+    the last one (loads need no mask; stores are masked by the caller). With POOL > 1 rows run over pooling
+    windows (b, py, px, dy, dx), so that each window is POOL*POOL consecutive rows of one tile. The window
+    is m0 // POOL^2 + offs // POOL^2: a thread whose rows are one window divides once, not once a row
+    (conv1 on [4 x 64] tiles, K = 1 word: 1128 to 864 SASS instructions a thread, for 128 POPC)."""
     if POOL > 1:
-        win = m // (POOL * POOL)
-        oy = (win // (OW // POOL)) % (OH // POOL) * POOL + (m % (POOL * POOL)) // POOL
-        ox = win % (OW // POOL) * POOL + m % POOL
-        b = win // ((OW // POOL) * (OH // POOL))
+        PP: tl.constexpr = POOL * POOL
+        win = tl.minimum(m0 // PP + offs // PP, M // PP - 1)
+        j = offs % PP
+        pw = OW // POOL
+        ph = OH // POOL
+        q = win // pw        # two divisions, the remainders by multiplication
+        b = q // ph
+        oy = (q - b * ph) * POOL + j // POOL
+        ox = (win - q * pw) * POOL + j % POOL
     else:
+        m = tl.minimum(m0 + offs, M - 1)
         oy = (m // OW) % OH
         ox = m % OW
         b = m // (OW * OH)
@@ -611,7 +620,7 @@ def _gather_patches_kernel(
     # rows in the implicit GEMM's order (pooling windows of consecutive rows), K words in (ky, kx, cw) order
     m = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    b, oy, ox = _conv_rows(m, OH, OW, POOL)
+    b, oy, ox = _conv_rows(tl.program_id(0) * BLOCK_R, tl.arange(0, BLOCK_R), M, OH, OW, POOL)
     tap = k // CW
     src = (b * stride_mb + oy * conv_stride * stride_my + ox * conv_stride * stride_mx)[None, :] + \
           ((tap // KX) * stride_my + (tap % KX) * stride_mx + (k % CW) * stride_mc)[:, None]
@@ -680,11 +689,13 @@ def _ternary_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # wrap out-of-range rows/columns onto valid ones: loads need no mask, the store is masked
+    # wrap out-of-range rows/columns onto valid ones: loads need no mask, the store is masked. (A modulo, not
+    # a clamp: Triton sees that x % M keeps runs of 4 contiguous where M is 16-divisible, and loads 4 rows'
+    # words as one 16-byte vector; with tl.minimum 4096^3 took 1911 against 1476 us.)
     am = offs_m % M
     bn = offs_n % N
-    if IMPLICIT:
-        b, oy, ox = _conv_rows(am, OH, OW, POOL)
+    if IMPLICIT:   # conv rows: window math once per pooling window, not once a row
+        b, oy, ox = _conv_rows(pid_m * BLOCK_M, tl.arange(0, BLOCK_M), M, OH, OW, POOL)
         a_row = b * stride_ab + (oy * stride_ay + ox * stride_ax) * conv_stride
     else:
         a_row = am * stride_ab
@@ -1025,6 +1036,11 @@ def _split_k(tiles, KW, sms, per_sm=4, min_k=32):
     return max(1, min(triton.cdiv(per_sm * sms, tiles), KW // min_k))
 
 
+def _thin_columns(N):
+    """Columns of a thin tile: 64 (2 warps, one column a thread), 32 on one warp where N <= 32."""
+    return 64 if N > 32 else 32
+
+
 def _thin_tile(M, N, sms, symmetric):
     """The tile kernel's config on trits (above 256 rows, and from 33 where the tiles fill the SMs): thin
     tiles of 4 (or 8) rows x 64 columns on 2 warps (32 columns on one warp for N <= 32), one column a
@@ -1036,7 +1052,7 @@ def _thin_tile(M, N, sms, symmetric):
     1466 / 1044 against 1798 / 1227, 10000x512x2048 238 / 171 against 286 / 200. One scale takes 8 rows where
     that still makes 24 or more tiles per SM (1024x4096x4096 276 against 285 us for 4 rows; 256x4096x4096,
     2048 tiles of 8 rows, 91.4 against 93.2 for 8)."""
-    bn = 64 if N > 32 else 32
+    bn = _thin_columns(N)
     bm = 8 if symmetric and triton.cdiv(M, 8) * triton.cdiv(N, bn) >= 24 * sms else 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, CSA=True, num_warps=bn // 32)
 
@@ -1047,14 +1063,16 @@ def _conv_config(M, N, KW, bit_serial, device, symmetric=False):
     patches read in place. On trits the implicit GEMM cannot use thin tiles (a tile's rows are scattered over
     the map: no 16-byte loads, and their address work per K step): conv2 of the default model,
     640000x128x1600 with pooling and packing, took 4274 us on [16 x 128] tiles, 4592 on [8 x 64] and 5389 on
-    [4 x 128] (H200). Bit-serial pixels (conv1) stay implicit, 4 rows x 64 channels on one warp, 8 outputs a
-    thread: 5760000x64x25, 8 planes, 2256 us against 2634 for [16 x 64] on 4 warps (64 channels only)."""
+    [4 x 128] (H200). Bit-serial pixels (conv1) stay implicit, 16 rows (4 pooling windows) x 64 channels on
+    one warp, 32 outputs a thread, so that each thread's setup (row and window math) serves more outputs:
+    5760000x64x25, 8 planes, TTQ scales / one scale, 1961 / 1787 us against 2086 / 1974 for [4 x 64] on one
+    warp and 2634 for [16 x 64] on 4 warps."""
     if not bit_serial:
         return "im2col", _thin_tile(M, N, _sm_count(device), symmetric)
     if not _INTERPRET:
-        bn = 64 if N > 32 else 32
-        split = _split_k(triton.cdiv(M, 4) * triton.cdiv(N, bn), KW, _sm_count(device))
-        return "tile", dict(BLOCK_M=4, BLOCK_N=bn, GROUP_M=8, CSA=False, SPLIT_K=split, num_warps=1)
+        bn, bm = _thin_columns(N), 8 if KW == 1 else 4   # with a K loop 8 rows spill (255 registers)
+        split = _split_k(triton.cdiv(M, bm) * triton.cdiv(N, bn), KW, _sm_count(device))
+        return "tile", dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, CSA=False, SPLIT_K=split, num_warps=1)
     return "tile", _gemm_config(max(M, 257), N, KW, True, device)[1]
 
 
@@ -1679,6 +1697,7 @@ def _sass_report(folder):
     gemv_rows = (dict(stride_am=1, stride_bn=1, stride_cn=1), ("stride_ak", "stride_bk", "stride_cm"))
     rows = (dict(stride_ab=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_ak", "stride_bk", "stride_cm"))
     maps = (dict(stride_ak=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_bk"))   # map strides: CW multiples
+    pixels = (dict(maps[0], KW=1, KX=1, CW=1, conv_stride=1, stride_bk=1), ("stride_abit",))   # conv1: 25 taps, 1 word
     m1 = dict(HAS_BIAS=True, BLOCK_M=1, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, PDL=True, ONE_ROW=True,
               STAGES=1, CSA=False)
     m16 = dict(m1, BLOCK_M=4, BLOCK_N=64, BLOCK_K=16, ONE_ROW=False, STAGES=3)   # 4 rows a program, pipelined
@@ -1703,8 +1722,8 @@ def _sass_report(folder):
                ("conv_pool_pack", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, IMPLICIT=True, POOL=2,
                                                              PACK_OUT=True), maps, 4),
                ("conv_bitserial8_pool_pack", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False,
-                                                                        BLOCK_M=4, BLOCK_N=64, IMPLICIT=True, POOL=2,
-                                                                        PACK_OUT=True), maps, 1)]
+                                                                        BLOCK_M=8, BLOCK_N=64, IMPLICIT=True, POOL=2,
+                                                                        PACK_OUT=True), pixels, 1)]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs, (ones, div16), warps in kernels:
         constexprs = dict(constexprs, **ones)
