@@ -698,7 +698,8 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="use only the first N test images (default: all)")
     parser.add_argument("--bench", action="store_true",
-                        help="also time a float model of the same shape on cuDNN, fp32 and bf16 (default: off)")
+                        help="also time a float model of the same shape on cuDNN, fp32 and bf16, and each "
+                             "layer of the engine (default: off)")
     args = parser.parse_args(argv)
     if args.device not in ("cuda", "cpu"):
         parser.error(f"argument --device: unknown device {args.device!r} (choose cuda or cpu)")
@@ -776,6 +777,7 @@ def main(argv=None):
         print(f"errors: {n - correct} misclassified, {shown} drawn in {args.errors}")
     if args.bench and device == "cuda":
         bench_against_float(state, x, seconds)
+        bench_layers(dev_state, x)
 
 
 # -----------------------------------------------------------------------------
@@ -829,6 +831,63 @@ def bench_against_float(state, images, triton_seconds):
     print(f"  {'engine':<30}{'ms':>9}{'images/s':>12}{'vs triton':>11}")
     for name, sec in rows:
         print(f"  {name:<30}{sec * 1e3:9.3f}{n / sec:12.3e}{triton_seconds / sec:10.2f}x")
+
+
+
+@torch.no_grad()
+def bench_layers(state, images, reps=20):
+    """Where the fused engine's time goes: each of its kernels alone on the activations of these images
+    (CUDA-event medians), with its GEMM shape and popcounts against the card's measured popcount rate."""
+    steps = state["fused_steps"]
+    if steps is None:
+        print("per layer: the fused engine does not cover this network (the layer-by-layer engine ran)")
+        return
+    def median_us(fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1000)
+        return statistics.median(times)
+    _, popc_rate = bt_kernel._ceilings()
+    x = _images_4d(images, state["input_shape"], "images")
+    x = x[:, :, None, None] if x.dim() == 2 else x
+    first = steps[0]
+    pack = lambda: bt_kernel.pack_im2col(x, first["kernel"], first["stride"], first["padding"], threshold=None)
+    rows = [("pixels -> bit planes (pack_im2col)", "", "", median_us(pack), None)]
+    planes, (OH, OW) = pack()
+    a = (planes.unflatten(1, (x.shape[0], OH, OW)), None)
+    counts = {}
+    for st in steps:
+        rec = st["rec"]
+        name = "conv" if rec["type"] == "conv" else "fc"
+        counts[name] = counts.get(name, 0) + 1
+        ks, stride = st["conv"]
+        kh, kw = ks if isinstance(ks, tuple) else (ks, ks)
+        bits, B, H, W = (a[0].shape[0], *a[0].shape[1:4]) if a[1] is None else (None, *a[0].shape[:3])
+        M = B * ((H - kh) // stride + 1) * ((W - kw) // stride + 1)
+        N, KW = st["pos"].shape
+        popcounts = M * N * KW * (2 * bits if bits else 2 if rec["alpha_n"] is None else 3)
+        call = lambda a=a, st=st, rec=rec, kh=kh, kw=kw, stride=stride: bt_kernel.ternary_conv_packed(
+            *a, st["pos"], st["neg"], rec["alpha_p"], rec["alpha_n"], rec["bias"], kernel_size=(kh, kw),
+            stride=stride, pool=st["pool"], threshold=st["threshold"])
+        what = (f"{name}{counts[name]} {rec['out_features']} out" + (f", {bits}-bit pixels" if bits else "")
+                + (", + pool" if st["pool"] > 1 else "") + (", + pack" if st["threshold"] is not None else ", float"))
+        rows.append((what, f"{M}x{N}x{rec['in_features']}", f"{bits or 1} x {KW}", median_us(call),
+                     popcounts / popc_rate * 1e6))
+        a = call()
+        a = a if isinstance(a, tuple) else (a, None)
+    total = sum(r[3] for r in rows)
+    print(f"per layer (each kernel alone, median of {reps}; popcount floor at {popc_rate:.3g}/s measured here):")
+    print(f"  {'step':<40}{'GEMM M x N x K':>22}{'planes x words':>16}{'us':>9}{'share':>7}{'floor us':>10}{'of floor':>9}")
+    for what, shape, words, us, floor in rows:
+        tail = f"{floor:10.0f}{100 * floor / us:8.0f}%" if floor else ""
+        print(f"  {what:<40}{shape:>22}{words:>16}{us:9.0f}{100 * us / total:6.0f}%{tail}")
+    print(f"  {'sum':<40}{'':>22}{'':>16}{total:9.0f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -839,6 +840,33 @@ def test_fused_engine_is_used_and_identical(small):
     layerwise = run_triton(state, x, fused=False)
     assert torch.equal(fused, layerwise)
 
+
+
+def test_bench_layers_table(small, monkeypatch, capsys):
+    # `bt_infer.py --bench`'s per-layer table times every kernel of the fused engine on the real activations:
+    # each layer's GEMM shape, worked out by hand from the small LeNet on 12 images of 16x16 (rows = images x
+    # conv outputs before pooling: 14x14 for conv1, 5x5 for conv2). CUDA events and the card's popcount
+    # rate are stood in for on the CPU; the timings themselves are `make bench`'s business.
+    _, state, images, _ = small
+    class Event:
+        def __init__(self, **kwargs):
+            self.t = 0.0
+        def record(self):
+            self.t = time.perf_counter()
+        def synchronize(self):
+            pass
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+    if DEVICE == "cpu":
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(bt_kernel, "_ceilings", lambda: (1e12, 4e12))
+    bt_infer.bench_layers(bt_infer.prepare_triton(state, DEVICE), images.to(DEVICE), reps=1)
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split()[0]: line.split() for line in lines[2:]}
+    assert list(table) == ["pixels", "conv1", "conv2", "fc1", "fc2", "sum"]
+    for layer, shape, words in (("conv1", "2352x4x9", ["8", "x", "1"]), ("conv2", "300x8x36", ["1", "x", "9"]),
+                                ("fc1", "12x16x32", ["1", "x", "4"]), ("fc2", "12x10x16", ["1", "x", "1"])):
+        assert shape in table[layer] and " ".join(words) in " ".join(table[layer]), table[layer]
 
 def test_other_layer_geometries():
     # strided, padded first conv that ternarizes scaled pixels; an MLP fed bit-serial pixels
