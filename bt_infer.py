@@ -836,13 +836,14 @@ def bench_against_float(state, images, triton_seconds):
 
 @torch.no_grad()
 def bench_layers(state, images, reps=20):
-    """Where the fused engine's time goes: each of its kernels alone on the activations of these images
-    (CUDA-event medians), with its GEMM shape and popcounts against the card's measured popcount rate."""
+    """Where the fused engine's time goes: each of its kernels alone on the activations of these images, as
+    GPU time (CUDA-graph replays, no launch overhead) and as one eager call (CUDA events, host work
+    included), with its GEMM shape and the popcount floor at the card's measured popcount rate."""
     steps = state["fused_steps"]
     if steps is None:
         print("per layer: the fused engine does not cover this network (the layer-by-layer engine ran)")
         return
-    def median_us(fn):
+    def eager_us(fn):
         fn()
         times = []
         for _ in range(reps):
@@ -853,12 +854,13 @@ def bench_layers(state, images, reps=20):
             end.synchronize()
             times.append(start.elapsed_time(end) * 1000)
         return statistics.median(times)
+    timed = lambda fn: (bt_kernel._graph_ms(lambda i: fn(), calls=3, rep=reps) * 1000, eager_us(fn))
     _, popc_rate = bt_kernel._ceilings()
     x = _images_4d(images, state["input_shape"], "images")
     x = x[:, :, None, None] if x.dim() == 2 else x
     first = steps[0]
     pack = lambda: bt_kernel.pack_im2col(x, first["kernel"], first["stride"], first["padding"], threshold=None)
-    rows = [("pixels -> bit planes (pack_im2col)", "", "", median_us(pack), None)]
+    rows = [("pixels -> bit planes (pack_im2col)", "", "", *timed(pack), None)]
     planes, (OH, OW) = pack()
     a = (planes.unflatten(1, (x.shape[0], OH, OW)), None)
     counts = {}
@@ -877,18 +879,19 @@ def bench_layers(state, images, reps=20):
             stride=stride, pool=st["pool"], threshold=st["threshold"])
         what = (f"{name}{counts[name]} {rec['out_features']} out" + (f", {bits}-bit pixels" if bits else "")
                 + (", + pool" if st["pool"] > 1 else "") + (", + pack" if st["threshold"] is not None else ", float"))
-        rows.append((what, f"{M}x{N}x{rec['in_features']}", f"{bits or 1} x {KW}", median_us(call),
+        rows.append((what, f"{M}x{N}x{rec['in_features']}", f"{bits or 1} x {KW}", *timed(call),
                      popcounts / popc_rate * 1e6))
         a = call()
         a = a if isinstance(a, tuple) else (a, None)
-    total = sum(r[3] for r in rows)
-    print(f"per layer (each kernel alone, median of {reps}; popcount floor at {popc_rate:.3g}/s measured here):")
-    print(f"  {'step':<40}{'GEMM M x N x K':>22}{'planes x words':>16}{'us':>9}{'share':>7}{'floor us':>10}{'of floor':>9}")
-    for what, shape, words, us, floor in rows:
+    total, total_eager = sum(r[3] for r in rows), sum(r[4] for r in rows)
+    print(f"per layer (each kernel alone: GPU time from CUDA-graph replays, and one eager call; popcount floor at "
+          f"{popc_rate:.3g}/s measured here):")
+    print(f"  {'step':<40}{'GEMM M x N x K':>18}{'planes x words':>16}{'us':>8}{'share':>7}{'eager us':>10}"
+          f"{'floor us':>10}{'of floor':>9}")
+    for what, shape, words, us, us_eager, floor in rows:
         tail = f"{floor:10.0f}{100 * floor / us:8.0f}%" if floor else ""
-        print(f"  {what:<40}{shape:>22}{words:>16}{us:9.0f}{100 * us / total:6.0f}%{tail}")
-    print(f"  {'sum':<40}{'':>22}{'':>16}{total:9.0f}")
-
+        print(f"  {what:<40}{shape:>18}{words:>16}{us:8.0f}{100 * us / total:6.0f}%{us_eager:10.0f}{tail}")
+    print(f"  {'sum':<40}{'':>18}{'':>16}{total:8.0f}{'':>7}{total_eager:10.0f}")
 
 if __name__ == "__main__":
     main()

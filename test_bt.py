@@ -845,8 +845,8 @@ def test_fused_engine_is_used_and_identical(small):
 def test_bench_layers_table(small, monkeypatch, capsys):
     # `bt_infer.py --bench`'s per-layer table times every kernel of the fused engine on the real activations:
     # each layer's GEMM shape, worked out by hand from the small LeNet on 12 images of 16x16 (rows = images x
-    # conv outputs before pooling: 14x14 for conv1, 5x5 for conv2). CUDA events and the card's popcount
-    # rate are stood in for on the CPU; the timings themselves are `make bench`'s business.
+    # conv outputs before pooling: 14x14 for conv1, 5x5 for conv2). CUDA events, graph replays and the card's
+    # popcount rate are stood in for on the CPU; the timings themselves are `make bench`'s business.
     _, state, images, _ = small
     class Event:
         def __init__(self, **kwargs):
@@ -859,6 +859,7 @@ def test_bench_layers_table(small, monkeypatch, capsys):
             return (other.t - self.t) * 1e3
     if DEVICE == "cpu":
         monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(bt_kernel, "_graph_ms", lambda fn, calls, rep: (fn(0), 1.0)[1])
     monkeypatch.setattr(bt_kernel, "_ceilings", lambda: (1e12, 4e12))
     bt_infer.bench_layers(bt_infer.prepare_triton(state, DEVICE), images.to(DEVICE), reps=1)
     lines = capsys.readouterr().out.splitlines()
