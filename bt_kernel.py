@@ -43,11 +43,13 @@ The GEMM
     C[m, n] = sum_k A[m, k] * Weff[n, k] + bias[n],   Weff = alpha_p[n] [W = +1] - alpha_n[n] [W = -1]
 With Sp = sum_k A[m, k] [W[n, k] = +1] and Sn = sum_k A[m, k] [W[n, k] = -1], C = alpha_p Sp - alpha_n Sn + bias.
 Per pair of 32-trit words, since the pos and neg planes never overlap:
-    P1 = popc((ap & bp) | (an & bn))      products equal to +1
-    P2 = popc((ap & bn) | (an & bp))      products equal to -1
-    P3 = popc(ap & (bp | bn))             a = +1 against a nonzero weight
-    Sp = P3 - P2,  Sn = P3 - P1           3 popcounts for learned asymmetric scales (TTQ)
-    Sp - Sn = P1 - P2                     2 popcounts when alpha_n is None (one scale per channel)
+    NZ  = (ap | an) & (bp | bn)           products not 0                       one LOP3 (bp | bn: once a weight word)
+    NEG = NZ & (an ^ bn)                  products equal to -1 (signs differ)  one LOP3
+    P3  = popc(ap & (bp | bn))            a = +1 against a nonzero weight      one LOP3
+    Sp = P3 - popc(NEG),  Sn = P3 - popc(NZ) + popc(NEG)     3 popcounts for learned asymmetric scales (TTQ)
+    Sp - Sn = popc(NZ) - 2 popc(NEG)                         2 popcounts when alpha_n is None (one scale)
+(The textbook form, popc((ap & bp) | (an & bn)) - popc((ap & bn) | (an & bp)), needs two LOP3 a word for
+each of its 4-input terms: 4 instead of 2 with one scale, 5 instead of 3 with TTQ scales.)
 Bit-serial A (an = 0): Sp = popc(ap & bp), Sn = popc(ap & bn), shifted left by the bit's weight.
 With CSA (tile kernel, and the GEMV's row loop), the product words of three K steps go through a
 carry-save adder first, popc(x) + popc(y) + popc(z) = popc(x ^ y ^ z) + 2 popc(maj(x, y, z)): 2
@@ -90,15 +92,23 @@ def _popc(x):
 
 
 @triton.jit
-def _trit_products(ap, an, wp, wn, SYMMETRIC: tl.constexpr):
-    """(Sp, Sn) of broadcast word pairs (module docstring); with SYMMETRIC, (Sp - Sn, 0) from 2 popcounts."""
-    p1 = _popc((ap & wp) | (an & wn))
-    p2 = _popc((ap & wn) | (an & wp))
+def _trit_products(ap, an, wp, wn, SYMMETRIC: tl.constexpr, NZ_FORM: tl.constexpr):
+    """(Sp, Sn) of broadcast word pairs (module docstring); with SYMMETRIC, (Sp - Sn, 0) from 2 popcounts.
+    NZ_FORM: through the nonzero and negative masks (fewer LOP3), else the textbook form (one scale only;
+    the GEMV's one-scale loop measured faster with it, below)."""
+    w_nz = wp | wn                  # shared by every row that reads this weight word (CSE)
+    nz = (ap | an) & w_nz           # products != 0
+    neg = nz & (an ^ wn)            # products == -1
     if SYMMETRIC:
-        return p1 - p2, tl.zeros_like(p1)
+        if NZ_FORM:   # not popc(nz) - 2 popc(neg): LLVM folds the 2x into the popcount and loses POPC
+            s = _popc(nz ^ neg) - _popc(neg)
+        else:
+            s = _popc((ap & wp) | (an & wn)) - _popc((ap & wn) | (an & wp))
+        return s, tl.zeros_like(s)
     else:
-        p3 = _popc(ap & (wp | wn))
-        return p3 - p2, p3 - p1
+        p3 = _popc(ap & w_nz)
+        p_neg = _popc(neg)
+        return p3 - p_neg, p3 - _popc(nz) + p_neg
 
 
 @triton.jit
@@ -109,19 +119,30 @@ def _csa(x, y, z):
 
 
 @triton.jit
-def _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2, SYMMETRIC: tl.constexpr):
+def _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2, SYMMETRIC: tl.constexpr,
+                    NZ_FORM: tl.constexpr):
     """_trit_products of three K steps, Harley-Seal style: each product word of the three steps goes
     through a carry-save adder first, so 2 popcounts count 3 words (6 per 3 word pairs instead of 9 with
     TTQ scales, 4 instead of 6 with one scale). Returns (Sp, Sn, Cp, Cn): the sums are Sp + 2 Cp, Sn + 2 Cn."""
-    s1, c1 = _csa((ap0 & wp0) | (an0 & wn0), (ap1 & wp1) | (an1 & wn1), (ap2 & wp2) | (an2 & wn2))   # +1 products
-    s2, c2 = _csa((ap0 & wn0) | (an0 & wp0), (ap1 & wn1) | (an1 & wp1), (ap2 & wn2) | (an2 & wp2))   # -1 products
-    if SYMMETRIC:
+    z0, z1, z2 = wp0 | wn0, wp1 | wn1, wp2 | wn2
+    nz0, nz1, nz2 = (ap0 | an0) & z0, (ap1 | an1) & z1, (ap2 | an2) & z2
+    ng0, ng1, ng2 = nz0 & (an0 ^ wn0), nz1 & (an1 ^ wn1), nz2 & (an2 ^ wn2)   # products == -1
+    if SYMMETRIC:   # +1 products against -1 products
+        if NZ_FORM:
+            s1, c1 = _csa(nz0 ^ ng0, nz1 ^ ng1, nz2 ^ ng2)
+            s2, c2 = _csa(ng0, ng1, ng2)
+        else:
+            s1, c1 = _csa((ap0 & wp0) | (an0 & wn0), (ap1 & wp1) | (an1 & wn1), (ap2 & wp2) | (an2 & wn2))
+            s2, c2 = _csa((ap0 & wn0) | (an0 & wp0), (ap1 & wn1) | (an1 & wp1), (ap2 & wn2) | (an2 & wp2))
         zero = tl.zeros_like(_popc(s1))
         return _popc(s1) - _popc(s2), zero, _popc(c1) - _popc(c2), zero
     else:
-        s3, c3 = _csa(ap0 & (wp0 | wn0), ap1 & (wp1 | wn1), ap2 & (wp2 | wn2))   # a = +1 on a nonzero weight
+        s2, c2 = _csa(ng0, ng1, ng2)
+        s1, c1 = _csa(nz0, nz1, nz2)   # products != 0
+        s3, c3 = _csa(ap0 & z0, ap1 & z1, ap2 & z2)   # a = +1 on a nonzero weight
         q3, r3 = _popc(s3), _popc(c3)
-        return q3 - _popc(s2), q3 - _popc(s1), r3 - _popc(c2), r3 - _popc(c1)
+        n3, m3 = _popc(s2), _popc(c2)
+        return q3 - n3, q3 - _popc(s1) + n3, r3 - m3, r3 - _popc(c1) + m3
 
 
 @triton.jit
@@ -730,7 +751,7 @@ def _ternary_gemm_kernel(
                 ap2, an2, wp2, wn2 = _load_trit_step(a_pos_ptrs, a_neg_ptrs, b_pos_ptrs, b_neg_ptrs, k + 2, CW, KX,
                                                      stride_ay, stride_ax, stride_ak, stride_bk, IMPLICIT)
                 sp, sn, cp, cn = _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2,
-                                                 SYMMETRIC)
+                                                 SYMMETRIC, True)
                 # straight into the accumulators (x + 2y is one LEA): separate carry sums cost 2 registers per
                 # output and made Triton 3.8 spill at [16 x 128] tiles
                 acc_p += sp + 2 * cp
@@ -738,7 +759,7 @@ def _ternary_gemm_kernel(
         for k in range(k_end, k_hi):          # one K word a step (with CSA: the last K % 3)
             ap, an, wp, wn = _load_trit_step(a_pos_ptrs, a_neg_ptrs, b_pos_ptrs, b_neg_ptrs, k, CW, KX,
                                              stride_ay, stride_ax, stride_ak, stride_bk, IMPLICIT)
-            sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
+            sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC, True)
             acc_p += sp
             acc_n += sn
     if SYMMETRIC and BIT_SERIAL:
@@ -749,10 +770,13 @@ def _ternary_gemm_kernel(
 
 @triton.jit
 def _row_products(a_pos_ptrs, a_neg_ptrs, k_ok, wp, wn, SYMMETRIC: tl.constexpr):
-    # one activation row's K words [BLOCK_K] against a weight block [BLOCK_K, BLOCK_N], broadcast along N
+    # one activation row's K words [BLOCK_K] against a weight block [BLOCK_K, BLOCK_N], broadcast along N.
+    # The GEMVs take the nonzero/negative masks with TTQ scales only: with one scale the textbook form
+    # measured faster in them (H200: 16x4096x4096 9.26 against 10.22 us, 128x512x2048 5.73 against 6.42),
+    # though the masks spend fewer LOP3; the tile kernel gains with both (4096^3 1.04x / 1.06x)
     ap = tl.load(a_pos_ptrs, mask=k_ok, other=0)[:, None]
     an = tl.load(a_neg_ptrs, mask=k_ok, other=0)[:, None]
-    return _trit_products(ap, an, wp, wn, SYMMETRIC)
+    return _trit_products(ap, an, wp, wn, SYMMETRIC, False)
 
 
 @triton.jit
@@ -764,7 +788,7 @@ def _row_products3(a_pos_ptrs, a_neg_ptrs, step, wp0, wn0, wp1, wn1, wp2, wn2, S
     an1 = tl.load(a_neg_ptrs + step)[:, None]
     ap2 = tl.load(a_pos_ptrs + 2 * step)[:, None]
     an2 = tl.load(a_neg_ptrs + 2 * step)[:, None]
-    sp, sn, cp, cn = _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2, SYMMETRIC)
+    sp, sn, cp, cn = _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2, SYMMETRIC, False)
     return sp + 2 * cp, sn + 2 * cn
 
 
@@ -911,7 +935,7 @@ def _ternary_gemv_kernel(
             an = tl.load(a_neg_ptr + a_offs, mask=k_ok[None, :], other=0)[:, :, None]
             wp = tl.load(b_pos_ptr + b_offs, mask=k_ok[:, None], other=0)[None, :, :]
             wn = tl.load(b_neg_ptr + b_offs, mask=k_ok[:, None], other=0)[None, :, :]
-            sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC)
+            sp, sn = _trit_products(ap, an, wp, wn, SYMMETRIC, False)
             acc3_p += sp
             acc3_n += sn
         acc_p = tl.sum(acc3_p, axis=1)
