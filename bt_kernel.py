@@ -17,9 +17,9 @@ Needs only torch and triton: copy this file alone into another project.
 
 Measured (NVIDIA H200, Triton 3.6, 2026-11-29): 4096x4096x4096 at 97.0 ternary TOP/s with learned
 alpha_p/alpha_n (carry-save adders: past the 3-popcount ceiling of 85), 140 TOP/s with one scale; a
-1x8192x8192 GEMV (row-major weights) 5.4x faster than torch bf16 and 3.0x faster than gemlite's ternary
-layer; 16x8192x8192 1.06x of bf16 (1.44x with one scale) and 1.40x of gemlite; the MNIST LeNet's 10k test
-images through these kernels in 5.61 ms, bf16 cuDNN 6.27 (README: the whole table, and the targets it
+1x8192x8192 GEMV (row-major weights) 5.6x faster than torch bf16 and 3.0x faster than gemlite's ternary
+layer; 16x8192x8192 1.12x of bf16 (1.47x with one scale) and 1.53x of gemlite; the MNIST LeNet's 10k test
+images through these kernels in 5.65 ms, bf16 cuDNN 6.19 (README: the whole table, and the targets it
 misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
