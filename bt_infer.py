@@ -742,17 +742,8 @@ def main(argv=None):
     if device == "cuda":
         dev_state = prepare_triton(state, "cuda")   # weights on the GPU and re-packed once, outside the timing
         x = images.cuda()
-        run_triton(dev_state, x, args.batch)   # warm-up: JIT compilation and autotuning of first launches
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            logits = run_triton(dev_state, x, args.batch)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        seconds = statistics.median(times)
+        seconds = _event_seconds(lambda: run_triton(dev_state, x, args.batch), reps=5)
+        logits = run_triton(dev_state, x, args.batch)
         preds = logits.argmax(1).cpu()
         engine = "triton"
     else:
@@ -802,31 +793,34 @@ def float_twin(state):
     return nn.Sequential(*layers).eval()
 
 
+def _event_seconds(fn, reps=20):
+    """Median seconds of fn() alone, timed with CUDA events, after one warm-up call (JIT compilation and
+    autotuning of the first launches)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def bench_against_float(state, images, triton_seconds):
-    def median_seconds(fn, reps=20):
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        return statistics.median(times)
     n = len(images)
     model = float_twin(state).cuda()
     x = images.float().div(255)
     rows = [("triton ternary (popcount)", triton_seconds)]
-    rows.append(("torch fp32 (cuDNN, TF32 on)", median_seconds(lambda: model(x))))   # torch's default for convs
+    rows.append(("torch fp32 (cuDNN, TF32 on)", _event_seconds(lambda: model(x))))   # torch's default for convs
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
-    rows.append(("torch fp32 (cuDNN, TF32 off)", median_seconds(lambda: model(x))))
+    rows.append(("torch fp32 (cuDNN, TF32 off)", _event_seconds(lambda: model(x))))
     torch.backends.cudnn.allow_tf32 = tf32
     model_bf16, x_bf16 = float_twin(state).cuda().bfloat16(), x.bfloat16()
-    rows.append(("torch bf16 (cuDNN)", median_seconds(lambda: model_bf16(x_bf16))))
+    rows.append(("torch bf16 (cuDNN)", _event_seconds(lambda: model_bf16(x_bf16))))
     print(f"inference of {n} images, {torch.cuda.get_device_name()}, torch {torch.__version__}, median of 20 runs:")
     print(f"  {'engine':<30}{'ms':>9}{'images/s':>12}{'vs triton':>11}")
     for name, sec in rows:
@@ -843,18 +837,7 @@ def bench_layers(state, images, reps=20):
     if steps is None:
         print("per layer: the fused engine does not cover this network (the layer-by-layer engine ran)")
         return
-    def eager_us(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1000)
-        return statistics.median(times)
-    timed = lambda fn: (bt_kernel._graph_ms(lambda i: fn(), calls=3, rep=reps) * 1000, eager_us(fn))
+    timed = lambda fn: (bt_kernel._graph_ms(lambda i: fn(), calls=3, rep=reps) * 1e3, _event_seconds(fn, reps) * 1e6)
     _, popc_rate = bt_kernel._ceilings()
     x = _images_4d(images, state["input_shape"], "images")
     x = x[:, :, None, None] if x.dim() == 2 else x
