@@ -47,9 +47,10 @@ Per pair of 32-trit words, since the pos and neg planes never overlap:
     NEG = NZ & (an ^ bn)                  products equal to -1 (signs differ)  one LOP3
     P3  = popc(ap & (bp | bn))            a = +1 against a nonzero weight      one LOP3
     Sp = P3 - popc(NEG),  Sn = P3 - popc(NZ) + popc(NEG)     3 popcounts for learned asymmetric scales (TTQ)
-    Sp - Sn = popc(NZ) - 2 popc(NEG)                         2 popcounts when alpha_n is None (one scale)
+    Sp - Sn = popc(NZ ^ NEG) - popc(NEG)                     2 popcounts when alpha_n is None (one scale)
 (The textbook form, popc((ap & bp) | (an & bn)) - popc((ap & bn) | (an & bp)), needs two LOP3 a word for
-each of its 4-input terms: 4 instead of 2 with one scale, 5 instead of 3 with TTQ scales.)
+each of its 4-input terms: 4 instead of 3 with one scale, 5 instead of 3 with TTQ scales. The GEMVs keep
+it with one scale, where it measured faster.)
 Bit-serial A (an = 0): Sp = popc(ap & bp), Sn = popc(ap & bn), shifted left by the bit's weight.
 With CSA (tile kernel, and the GEMV's row loop), the product words of three K steps go through a
 carry-save adder first, popc(x) + popc(y) + popc(z) = popc(x ^ y ^ z) + 2 popc(maj(x, y, z)): 2
@@ -96,19 +97,21 @@ def _trit_products(ap, an, wp, wn, SYMMETRIC: tl.constexpr, NZ_FORM: tl.constexp
     """(Sp, Sn) of broadcast word pairs (module docstring); with SYMMETRIC, (Sp - Sn, 0) from 2 popcounts.
     NZ_FORM: through the nonzero and negative masks (fewer LOP3), else the textbook form (one scale only;
     the GEMV's one-scale loop measured faster with it, below)."""
-    w_nz = wp | wn                  # shared by every row that reads this weight word (CSE)
-    nz = (ap | an) & w_nz           # products != 0
-    neg = nz & (an ^ wn)            # products == -1
-    if SYMMETRIC:
-        if NZ_FORM:   # not popc(nz) - 2 popc(neg): LLVM folds the 2x into the popcount and loses POPC
-            s = _popc(nz ^ neg) - _popc(neg)
-        else:
-            s = _popc((ap & wp) | (an & wn)) - _popc((ap & wn) | (an & wp))
-        return s, tl.zeros_like(s)
+    if SYMMETRIC and not NZ_FORM:
+        sp = _popc((ap & wp) | (an & wn)) - _popc((ap & wn) | (an & wp))
+        sn = tl.zeros_like(sp)
     else:
-        p3 = _popc(ap & w_nz)
-        p_neg = _popc(neg)
-        return p3 - p_neg, p3 - _popc(nz) + p_neg
+        w_nz = wp | wn                  # shared by every row that reads this weight word (CSE)
+        nz = (ap | an) & w_nz           # products != 0
+        neg = nz & (an ^ wn)            # products == -1
+        if SYMMETRIC:   # not popc(nz) - 2 popc(neg): LLVM folds the 2x into the popcount and loses POPC
+            sp = _popc(nz ^ neg) - _popc(neg)
+            sn = tl.zeros_like(sp)
+        else:
+            p3 = _popc(ap & w_nz)
+            p_neg = _popc(neg)
+            sp, sn = p3 - p_neg, p3 - _popc(nz) + p_neg
+    return sp, sn
 
 
 @triton.jit
@@ -124,25 +127,28 @@ def _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2, 
     """_trit_products of three K steps, Harley-Seal style: each product word of the three steps goes
     through a carry-save adder first, so 2 popcounts count 3 words (6 per 3 word pairs instead of 9 with
     TTQ scales, 4 instead of 6 with one scale). Returns (Sp, Sn, Cp, Cn): the sums are Sp + 2 Cp, Sn + 2 Cn."""
-    z0, z1, z2 = wp0 | wn0, wp1 | wn1, wp2 | wn2
-    nz0, nz1, nz2 = (ap0 | an0) & z0, (ap1 | an1) & z1, (ap2 | an2) & z2
-    ng0, ng1, ng2 = nz0 & (an0 ^ wn0), nz1 & (an1 ^ wn1), nz2 & (an2 ^ wn2)   # products == -1
-    if SYMMETRIC:   # +1 products against -1 products
-        if NZ_FORM:
+    if SYMMETRIC and not NZ_FORM:   # +1 products against -1 products, textbook form
+        s1, c1 = _csa((ap0 & wp0) | (an0 & wn0), (ap1 & wp1) | (an1 & wn1), (ap2 & wp2) | (an2 & wn2))
+        s2, c2 = _csa((ap0 & wn0) | (an0 & wp0), (ap1 & wn1) | (an1 & wp1), (ap2 & wn2) | (an2 & wp2))
+    else:
+        z0, z1, z2 = wp0 | wn0, wp1 | wn1, wp2 | wn2
+        nz0, nz1, nz2 = (ap0 | an0) & z0, (ap1 | an1) & z1, (ap2 | an2) & z2        # products != 0
+        ng0, ng1, ng2 = nz0 & (an0 ^ wn0), nz1 & (an1 ^ wn1), nz2 & (an2 ^ wn2)   # products == -1
+        if SYMMETRIC:   # +1 products against -1 products
             s1, c1 = _csa(nz0 ^ ng0, nz1 ^ ng1, nz2 ^ ng2)
             s2, c2 = _csa(ng0, ng1, ng2)
         else:
-            s1, c1 = _csa((ap0 & wp0) | (an0 & wn0), (ap1 & wp1) | (an1 & wn1), (ap2 & wp2) | (an2 & wn2))
-            s2, c2 = _csa((ap0 & wn0) | (an0 & wp0), (ap1 & wn1) | (an1 & wp1), (ap2 & wn2) | (an2 & wp2))
+            s2, c2 = _csa(ng0, ng1, ng2)
+            s1, c1 = _csa(nz0, nz1, nz2)
+            s3, c3 = _csa(ap0 & z0, ap1 & z1, ap2 & z2)   # a = +1 on a nonzero weight
+    if SYMMETRIC:
         zero = tl.zeros_like(_popc(s1))
-        return _popc(s1) - _popc(s2), zero, _popc(c1) - _popc(c2), zero
+        sp, sn, cp, cn = _popc(s1) - _popc(s2), zero, _popc(c1) - _popc(c2), zero
     else:
-        s2, c2 = _csa(ng0, ng1, ng2)
-        s1, c1 = _csa(nz0, nz1, nz2)   # products != 0
-        s3, c3 = _csa(ap0 & z0, ap1 & z1, ap2 & z2)   # a = +1 on a nonzero weight
         q3, r3 = _popc(s3), _popc(c3)
         n3, m3 = _popc(s2), _popc(c2)
-        return q3 - n3, q3 - _popc(s1) + n3, r3 - m3, r3 - _popc(c1) + m3
+        sp, sn, cp, cn = q3 - n3, q3 - _popc(s1) + n3, r3 - m3, r3 - _popc(c1) + m3
+    return sp, sn, cp, cn
 
 
 @triton.jit
@@ -1088,10 +1094,11 @@ def _conv_config(M, N, KW, bit_serial, device, symmetric=False):
     patches read in place. On trits the implicit GEMM cannot use thin tiles (a tile's rows are scattered over
     the map: no 16-byte loads, and their address work per K step): conv2 of the default model,
     640000x128x1600 with pooling and packing, took 4274 us on [16 x 128] tiles, 4592 on [8 x 64] and 5389 on
-    [4 x 128] (H200). Bit-serial pixels (conv1) stay implicit, 16 rows (4 pooling windows) x 64 channels on
-    one warp, 32 outputs a thread, so that each thread's setup (row and window math) serves more outputs:
-    5760000x64x25, 8 planes, TTQ scales / one scale, 1961 / 1787 us against 2086 / 1974 for [4 x 64] on one
-    warp and 2634 for [16 x 64] on 4 warps."""
+    [4 x 128] (H200). Bit-serial pixels (conv1) stay implicit on one warp: 8 rows (2 pooling windows) x 64
+    channels where the patch is one word, 16 outputs a thread, so that each thread's setup (window math,
+    epilogue) serves more outputs; 4 rows with a K loop. 5760000x64x25, 8 planes, TTQ scales / one scale:
+    2005 / 1844 us against 2256 / 2150 for [4 x 64] before the window math went per window (16 rows: 1950,
+    but 168 registers and a spill on Triton 3.8; [16 x 64] on 4 warps, the sixth session's: 2634)."""
     if not bit_serial:
         return "im2col", _thin_tile(M, N, _sm_count(device), symmetric)
     if not _INTERPRET:
