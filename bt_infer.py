@@ -382,17 +382,29 @@ def _fused_plan(layers, input_shape):
     return steps
 
 
-def _forward_fused(steps, x):
-    # x: uint8 [B, C, H, W] or [B, K] raw pixels; one GEMM per layer, activations stay packed between them
+def _fused_input(steps, x):
+    """The fused engine's first input: raw pixels x, uint8 [B, C, H, W] or [B, K], as pack_im2col's bit-serial
+    patches of the first layer, read as a map of 1x1 patches: (planes [BITS, B, OH, OW, 1], None)."""
     x = x[:, :, None, None] if x.dim() == 2 else x
     first = steps[0]
     planes, (OH, OW) = bt_kernel.pack_im2col(x, first["kernel"], first["stride"], first["padding"], threshold=None)
-    x = (planes.unflatten(1, (x.shape[0], OH, OW)), None)   # bit-serial pixels, a map of 1x1 patches
+    return planes.unflatten(1, (x.shape[0], OH, OW)), None
+
+
+def _fused_step(st, x):
+    """One layer of the fused engine on x = (pos, neg) packed maps (neg None: bit-serial pixels): packed maps
+    for the next layer, or float32 NHWC after the last."""
+    rec = st["rec"]
+    return bt_kernel.ternary_conv_packed(*x, st["pos"], st["neg"], rec["alpha_p"], rec["alpha_n"], rec["bias"],
+                                         kernel_size=st["conv"][0], stride=st["conv"][1], pool=st["pool"],
+                                         threshold=st["threshold"])
+
+
+def _forward_fused(steps, x):
+    # x: uint8 [B, C, H, W] or [B, K] raw pixels; one GEMM per layer, activations stay packed between them
+    x = _fused_input(steps, x)
     for st in steps:
-        rec = st["rec"]
-        x = bt_kernel.ternary_conv_packed(*x, st["pos"], st["neg"], rec["alpha_p"], rec["alpha_n"], rec["bias"],
-                                          kernel_size=st["conv"][0], stride=st["conv"][1], pool=st["pool"],
-                                          threshold=st["threshold"])
+        x = _fused_step(st, x)
     return x.permute(0, 3, 1, 2).flatten(1)   # float32 NHWC -> flatten's (c, y, x) order
 
 
@@ -827,7 +839,6 @@ def bench_against_float(state, images, triton_seconds):
         print(f"  {name:<30}{sec * 1e3:9.3f}{n / sec:12.3e}{triton_seconds / sec:10.2f}x")
 
 
-
 @torch.no_grad()
 def bench_layers(state, images, reps=20):
     """Where the fused engine's time goes: each of its kernels alone on the activations of these images, as
@@ -840,12 +851,8 @@ def bench_layers(state, images, reps=20):
     timed = lambda fn: (bt_kernel._graph_ms(lambda i: fn(), calls=3, rep=reps) * 1e3, _event_seconds(fn, reps) * 1e6)
     _, popc_rate = bt_kernel._ceilings()
     x = _images_4d(images, state["input_shape"], "images")
-    x = x[:, :, None, None] if x.dim() == 2 else x
-    first = steps[0]
-    pack = lambda: bt_kernel.pack_im2col(x, first["kernel"], first["stride"], first["padding"], threshold=None)
-    rows = [("pixels -> bit planes (pack_im2col)", "", "", *timed(pack), None)]
-    planes, (OH, OW) = pack()
-    a = (planes.unflatten(1, (x.shape[0], OH, OW)), None)
+    rows = [("pixels -> bit planes (pack_im2col)", "", "", *timed(lambda: _fused_input(steps, x)), None)]
+    a = _fused_input(steps, x)
     counts = {}
     for st in steps:
         rec = st["rec"]
@@ -857,9 +864,7 @@ def bench_layers(state, images, reps=20):
         M = B * ((H - kh) // stride + 1) * ((W - kw) // stride + 1)
         N, KW = st["pos"].shape
         popcounts = M * N * KW * (2 * bits if bits else 2 if rec["alpha_n"] is None else 3)
-        call = lambda a=a, st=st, rec=rec, kh=kh, kw=kw, stride=stride: bt_kernel.ternary_conv_packed(
-            *a, st["pos"], st["neg"], rec["alpha_p"], rec["alpha_n"], rec["bias"], kernel_size=(kh, kw),
-            stride=stride, pool=st["pool"], threshold=st["threshold"])
+        call = lambda a=a, st=st: _fused_step(st, a)
         what = (f"{name}{counts[name]} {rec['out_features']} out" + (f", {bits}-bit pixels" if bits else "")
                 + (", + pool" if st["pool"] > 1 else "") + (", + pack" if st["threshold"] is not None else ", float"))
         rows.append((what, f"{M}x{N}x{rec['in_features']}", f"{bits or 1} x {KW}", *timed(call),
@@ -875,6 +880,7 @@ def bench_layers(state, images, reps=20):
         tail = f"{floor:10.0f}{100 * floor / us:8.0f}%" if floor else ""
         print(f"  {what:<40}{shape:>18}{words:>16}{us:8.0f}{100 * us / total:6.0f}%{us_eager:10.0f}{tail}")
     print(f"  {'sum':<40}{'':>18}{'':>16}{total:8.0f}{'':>7}{total_eager:10.0f}")
+
 
 if __name__ == "__main__":
     main()

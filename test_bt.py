@@ -841,7 +841,6 @@ def test_fused_engine_is_used_and_identical(small):
     assert torch.equal(fused, layerwise)
 
 
-
 def test_bench_layers_table(small, monkeypatch, capsys):
     # `bt_infer.py --bench`'s per-layer table times every kernel of the fused engine on the real activations:
     # each layer's GEMM shape, worked out by hand from the small LeNet on 12 images of 16x16 (rows = images x
