@@ -849,7 +849,7 @@ def bench_layers(state, images, reps=20):
         print("per layer: the fused engine does not cover this network (the layer-by-layer engine ran)")
         return
     timed = lambda fn: (bt_kernel._graph_ms(lambda i: fn(), calls=3, rep=reps) * 1e3, _event_seconds(fn, reps) * 1e6)
-    _, popc_rate = bt_kernel._ceilings()
+    _, popc_rate, _ = bt_kernel._ceilings()
     x = _images_4d(images, state["input_shape"], "images")
     rows = [("pixels -> bit planes (pack_im2col)", "", "", *timed(lambda: _fused_input(steps, x)), None)]
     a = _fused_input(steps, x)

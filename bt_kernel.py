@@ -32,10 +32,10 @@ KW = ceil(K / 32):
     bit j of neg[r, w] is 1  iff  T[r, 32 * w + j] == -1
 Bit 0 is the least significant bit. Padding columns (32 * KW > K) are 0 in both planes and no bit is
 ever set in both planes. The shape is logical; the memory order is free (any strides are accepted).
-pack_bitplanes stores the words K-word-major (a contiguous [KW, R] tensor, returned transposed as
-[R, KW]) because the GEMM loads, at each K step, one word for every row of its tile: consecutive rows
-are then consecutive addresses. The GEMV for one to four rows prefers row-major weights (.contiguous()):
-each program then streams whole runs of a weight row. Unsigned integers (8-bit pixels) are packed
+pack_bitplanes stores the words row-major (K words contiguous): the MMA kernel and the GEMVs load
+16-byte runs of a row. With k_major=True it stores them K-word-major (a contiguous [KW, R] tensor,
+returned transposed as [R, KW]), the tile kernel's layout: it loads, at each K step, one word for every
+row of its tile, and consecutive rows are then consecutive addresses. Unsigned integers (8-bit pixels) are packed
 bit-serially: planes [BITS, R, KW], plane b holding bit b of every value.
 
 The GEMM
@@ -330,20 +330,26 @@ def _im2col_rows_kernel(
     tl.store(planes_ptr + plane[None, :] * stride_pbit + r[:, None] * stride_pr, acc, mask=(r < R)[:, None])
 
 
-def _new_planes(bits, rows, kw, device):
-    # K-word-major storage [BITS, KW, R], viewed as [BITS, R, KW]
+def _new_planes(bits, rows, kw, device, k_major=True):
+    # K-word-major storage [BITS, KW, R], viewed as [BITS, R, KW]; or row-major [BITS, R, KW]
+    if not k_major:
+        return torch.empty((bits, rows, kw), dtype=torch.uint32, device=device)
     return torch.empty((bits, kw, rows), dtype=torch.uint32, device=device).transpose(1, 2)
 
 
-def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1):
+def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1, k_major=True, blocks=None):
     """Pack x4 (viewed [B, C, H, W]) into planes [bits, R, KW]; no checks (callers check)."""
     KW = triton.cdiv(K, 32)
-    pos = _new_planes(bits, R, KW, x4.device)
-    neg = pos if mode == 3 else _new_planes(1, R, KW, x4.device)
+    pos = _new_planes(bits, R, KW, x4.device, k_major)
+    neg = pos if mode == 3 else _new_planes(1, R, KW, x4.device, k_major)
     OH, OW, KH, KWD, H, W, stride, pad, im2col = geometry
-    # about 4096 values per program; few words per row (a 5x5 patch is one word) go to more rows
-    BLOCK_W = min(4, triton.next_power_of_2(KW))
+    # about 4096 values per program; few words per row (a 5x5 patch is one word) go to more rows. Row-major
+    # planes take long runs of a row (H200, 16384x8192: float32 95%, bf16 78% of copy bandwidth with
+    # [2 rows x 64 words], against 83% and 61% with the K-word-major [32 x 4])
+    BLOCK_W = min(4 if k_major else 64, triton.next_power_of_2(KW))
     BLOCK_R = (64 if _INTERPRET else 128) // BLOCK_W
+    if blocks:
+        BLOCK_R, BLOCK_W = blocks
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KW, BLOCK_W))
     _pack_kernel[grid](
         x4, thr if thr is not None else x4, pos, neg,
@@ -359,26 +365,31 @@ def _f32(t):
     return None if t is None else t.detach().float().contiguous()
 
 
-def _pack_matrix(x, mode, threshold=0.0, thr=None):
-    """_launch_pack of a matrix [R, K] (any strides): returns (pos, neg), each [R, KW]."""
+def _pack_matrix(x, mode, threshold=0.0, thr=None, k_major=False):
+    """_launch_pack of a matrix [R, K] (any strides): returns (pos, neg), each [R, KW], row-major (the MMA
+    kernel's and the GEMVs' layout) or K-word-major (the tile kernel's)."""
     R, K = x.shape
     if mode == 0 and K % 4 == 0 and x.stride(1) == 1 and x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0:
-        return _pack_trits4(x)
+        return _pack_trits4(x, k_major=k_major)
     if x.dtype == torch.float64:   # the kernel compares in float32
         x = x.float()
-    pos, neg = _launch_pack(x[:, :, None, None], R, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode, threshold, thr)
+    pos, neg = _launch_pack(x[:, :, None, None], R, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode, threshold, thr,
+                            k_major=k_major)
     return pos[0], neg[0]
 
 
-def _pack_trits4(x, blocks=None):
+def _pack_trits4(x, blocks=None, k_major=False):
     """pack_bitplanes of int8 trits [R, K] with K % 4 == 0, unit column stride and 4-byte aligned rows."""
     R, K = x.shape
     KW = triton.cdiv(K, 32)
-    pos, neg = _new_planes(1, R, KW, x.device)[0], _new_planes(1, R, KW, x.device)[0]
+    pos, neg = _new_planes(1, R, KW, x.device, k_major)[0], _new_planes(1, R, KW, x.device, k_major)[0]
     if R == 0:
         return pos, neg
     x4 = x.view(torch.int32)
-    BLOCK_R, BLOCK_W = blocks or ((16, 2) if _INTERPRET else (32, 8))
+    # row-major planes: long runs of a row (H200, 16384x8192, two rounds: 78-79% of copy bandwidth on [8 x 32],
+    # 76% on [16 x 16], 60-82% on [4 x 64]; K-word-major planes 51-71% on [32 x 8])
+    BLOCK_W = min(8 if k_major else 32, triton.next_power_of_2(KW))
+    BLOCK_R, BLOCK_W = blocks or ((16, 2) if _INTERPRET else (256 // BLOCK_W, BLOCK_W))
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KW, BLOCK_W))
     _pack_trits4_kernel[grid](x4, pos, neg, R, K // 4, KW, x4.stride(0), pos.stride(0), pos.stride(1),
                               BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4)
@@ -434,19 +445,20 @@ def _check_int8_trits(x, name):
         raise ValueError(f"{name} holds {bad}: int8 trits must be -1, 0 or +1")
 
 
-def pack_bitplanes(x, threshold=None):
+def pack_bitplanes(x, threshold=None, k_major=False):
     """Pack a ternary matrix into (pos, neg) uint32 bitplanes [R, ceil(K/32)] (layout: module docstring).
 
     x: int8 [R, K] with values in {-1, 0, +1}; or a float tensor [R, K] with `threshold` >= 0, which is
     ternarized on the fly (+1 where x > threshold, -1 where x < -threshold) in the same pass. `threshold`
     may also be a float tensor [R]: one threshold per row (per output channel of a weight matrix).
     CUDA tensors go through the Triton kernel; CPU tensors too under TRITON_INTERPRET=1, else through
-    torch ops with the same result (row-major storage).
+    torch ops with the same result.
 
-    The planes come back K-word-major, the layout of the tile kernels (M > 32) and of the carry-save GEMV
-    (from 8 rows at long K it is the faster one, by up to 9%). Weights served one to four rows at a time
-    (single samples, decoding) run faster row-major: pass pos.contiguous(), neg.contiguous(); so do short
-    K (1024 to 2048) at any row count (README: Packed layout).
+    The planes come back row-major (K words contiguous), the layout of the MMA kernel and of the GEMVs:
+    both read 16-byte runs of a row. k_major=True gives the tile kernel's layout instead (pack_conv_weight,
+    and GPUs without the single-bit MMA). Any strides work everywhere; this is only speed (H200,
+    16x8192x8192 with TTQ scales: 10.6 us with both operands row-major, 13.2 with K-word-major
+    activations, README: Packed layout).
     """
     _check_matrix(x, "x")
     R, K = x.shape
@@ -475,9 +487,10 @@ def pack_bitplanes(x, threshold=None):
     else:
         raise TypeError(f"x must be int8 trits or a float tensor, got {x.dtype}")
     if x.device.type == "cpu" and not _INTERPRET:
-        # no Triton on the CPU without the interpreter: the same layout through torch ops
-        return _pack_torch(x if mode == 0 else _ternarize_rows(x, threshold))
-    return _pack_matrix(x, mode, t, thr)
+        # no Triton on the CPU without the interpreter: the same words through torch ops
+        pos, neg = _pack_torch(x if mode == 0 else _ternarize_rows(x, threshold))
+        return (pos.t().contiguous().t(), neg.t().contiguous().t()) if k_major else (pos, neg)
+    return _pack_matrix(x, mode, t, thr, k_major)
 
 
 def _ternarize_rows(x, threshold):
@@ -951,6 +964,196 @@ def _ternary_gemv_kernel(
             lock_ptr, M, N, stride_cm, stride_cn, 0.0, SYMMETRIC, HAS_BIAS, SPLIT_K, False, 1)
 
 
+# -----------------------------------------------------------------------------
+# the GEMM on the tensor cores' single-bit MMA (sm_80 and later)
+#
+# mma.sync m16n8k256 .b1 .and.popc: D[16, 8] = C + popc(A_row AND B_col) over 256 bits, int32, on the tensor
+# cores, one warp at a time. The same AND + popcount as the CUDA-core kernels, at another rate: on an H200
+# 0.85 G MMAs a second per SM (`make bench`), at 4 MMAs per 16 x 8 outputs x 256 trits about 1800 ternary TOP/s
+# over the card, 14 times the 2-popcount ceiling of the POPC unit. Per lane (g = lane // 4, t = lane % 4)
+# one register each:
+#     A: a0 row g, a1 row g + 8 (K bits 32 t ..), a2 row g, a3 row g + 8 (K bits 128 + 32 t ..)
+#     B: b0 column g (K bits 32 t ..), b1 column g (K bits 128 + 32 t ..)
+#     C: c0 (g, 2 t), c1 (g, 2 t + 1), c2 (g + 8, 2 t), c3 (g + 8, 2 t + 1)
+# Triton has no such op: the kernel keeps every register of a fragment as a 1D tensor of 32 * WARPS
+# elements, element i in lane i % 32 of warp i // 32 (Triton's layout for that size: one element a thread;
+# the SASS report checks it), and issues the MMA as inline PTX. Which 32 K words of a row go in which
+# register is free, as long as A and B agree: lane t takes words 4 t .. 4 t + 3 of every 16, one 16-byte
+# load a row.
+
+
+@triton.jit
+def _and_popc_mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, EMULATE: tl.constexpr):
+    """One warp-wide m16n8k256 AND-popcount MMA per warp of the block (fragments above): (c0, .., c3) +=.
+    EMULATE: the same sums from tensor ops (the interpreter runs no inline PTX)."""
+    if EMULATE:
+        W: tl.constexpr = a0.shape[0] // 32
+        # [warp, row g, column, word t]: lane 4 g + t holds word t of row g and of column g
+        rows_lo = _popc(tl.reshape(a0, (W, 8, 1, 4)) & tl.reshape(b0, (W, 1, 8, 4))) \
+            + _popc(tl.reshape(a2, (W, 8, 1, 4)) & tl.reshape(b1, (W, 1, 8, 4)))
+        rows_hi = _popc(tl.reshape(a1, (W, 8, 1, 4)) & tl.reshape(b0, (W, 1, 8, 4))) \
+            + _popc(tl.reshape(a3, (W, 8, 1, 4)) & tl.reshape(b1, (W, 1, 8, 4)))
+        lo_even, lo_odd = tl.split(tl.reshape(tl.sum(rows_lo, axis=3), (W, 8, 4, 2)))   # columns 2 t, 2 t + 1
+        hi_even, hi_odd = tl.split(tl.reshape(tl.sum(rows_hi, axis=3), (W, 8, 4, 2)))
+        return (c0 + tl.reshape(lo_even, c0.shape), c1 + tl.reshape(lo_odd, c0.shape),
+                c2 + tl.reshape(hi_even, c0.shape), c3 + tl.reshape(hi_odd, c0.shape))
+    else:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+            "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+            [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True, pack=1)
+
+
+@triton.jit
+def _words4(ptr, offs, mask):
+    """A lane's 4 words [32 * WARPS, 4] as four fragment registers."""
+    x = tl.load(ptr + offs, mask=mask, other=0)
+    even, odd = tl.split(tl.reshape(x, (x.shape[0], 2, 2)))   # words 0, 2 and 1, 3
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _mma_step(pl, ph, nl, nh, wp, wn, acc, SYMMETRIC: tl.constexpr, EMULATE: tl.constexpr):
+    """One n-tile's MMAs over 16 K words: pl, ph, nl, nh: A's pos and neg words of rows g and g + 8; wp, wn:
+    B's of column g (4 registers each). acc: 4 accumulators of 4 registers.
+    SYMMETRIC: acc0 = [ap | an] . [wp | wn] and acc1 = [ap | an] . [wn | wp] (the planes side by side in K,
+    128 trits an MMA), Sp - Sn = acc0 - acc1. Else the four plane products over 256 trits an MMA,
+    Sp = pp - np, Sn = pn - nn. Both 8 MMAs per 16 words."""
+    a0, a1, a2, a3 = acc
+    if SYMMETRIC:
+        for j in tl.static_range(4):
+            a0 = _and_popc_mma(pl[j], ph[j], nl[j], nh[j], wp[j], wn[j], a0[0], a0[1], a0[2], a0[3], EMULATE)
+            a1 = _and_popc_mma(pl[j], ph[j], nl[j], nh[j], wn[j], wp[j], a1[0], a1[1], a1[2], a1[3], EMULATE)
+    else:
+        for j in tl.static_range(0, 4, 2):
+            a0 = _and_popc_mma(pl[j], ph[j], pl[j + 1], ph[j + 1], wp[j], wp[j + 1], a0[0], a0[1], a0[2], a0[3],
+                               EMULATE)
+            a1 = _and_popc_mma(nl[j], nh[j], nl[j + 1], nh[j + 1], wp[j], wp[j + 1], a1[0], a1[1], a1[2], a1[3],
+                               EMULATE)
+            a2 = _and_popc_mma(pl[j], ph[j], pl[j + 1], ph[j + 1], wn[j], wn[j + 1], a2[0], a2[1], a2[2], a2[3],
+                               EMULATE)
+            a3 = _and_popc_mma(nl[j], nh[j], nl[j + 1], nh[j + 1], wn[j], wn[j + 1], a3[0], a3[1], a3[2], a3[3],
+                               EMULATE)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _mma_store(sp, sn, rows, cols, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N, stride_cm, stride_cn,
+               SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # _epilogue for one fragment register: float64 with exact products, rounded once to float32
+    ok = (rows < M) & (cols < N)
+    c = tl.load(alpha_p_ptr + cols, mask=ok, other=0.0).to(tl.float64) * sp.to(tl.float64)
+    if not SYMMETRIC:
+        c = c - tl.load(alpha_n_ptr + cols, mask=ok, other=0.0).to(tl.float64) * sn.to(tl.float64)
+    if HAS_BIAS:
+        c = c + tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float64)
+    tl.store(c_ptr + rows * stride_cm + cols * stride_cn, c.to(tl.float32), mask=ok)
+
+
+@triton.jit
+def _ternary_mma_kernel(
+    # pointers
+    a_pos_ptr, a_neg_ptr,         # activations [M, KW] uint32, trits (K words contiguous suit it best)
+    b_pos_ptr, b_neg_ptr,         # weights [N, KW] uint32 (row-major suits it best)
+    alpha_p_ptr, alpha_n_ptr, bias_ptr,
+    c_ptr,                        # [M, N] float32
+    ws_ptr, lock_ptr,             # split-K workspace, as in the tile kernel
+    # sizes
+    M, N, KW,
+    # strides (elements)
+    stride_am, stride_ak,
+    stride_bn, stride_bk,
+    stride_cm, stride_cn,
+    # meta-parameters
+    SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WARPS: tl.constexpr,          # = num_warps: each warp one [16 rows x 8 N_TILES columns] tile
+    N_TILES: tl.constexpr,        # 1 or 2 n-tiles of 8 columns a warp, sharing A's registers
+    SPLIT_K: tl.constexpr,
+    STAGES: tl.constexpr,         # software pipelining depth of the K loop
+    EMULATE: tl.constexpr,        # the interpreter: tensor ops in place of the MMA
+):
+    tl.static_assert(N_TILES == 1 or N_TILES == 2)
+    lane = tl.arange(0, 32 * WARPS)
+    warp = lane // 32
+    g = lane % 32 // 4
+    t = lane % 4
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    row_lo = pid_m * 16 + g
+    row_hi = row_lo + 8
+    col0 = (pid_n * WARPS + warp) * (8 * N_TILES)    # the warp's first column
+    col = col0 + g
+    k_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), 16) * 16
+    k_lo = tl.program_id(2) * k_per
+    k_hi = min(KW, k_lo + k_per)
+    kq = 4 * t[:, None] + tl.arange(0, 4)[None, :]   # the lane's 4 words of every 16
+    z = tl.zeros(lane.shape, dtype=tl.int32)
+    acc0 = ((z, z, z, z), (z, z, z, z), (z, z, z, z), (z, z, z, z))
+    acc1 = acc0
+    for k0 in tl.range(k_lo, k_hi, 16, num_stages=STAGES):
+        kk = k0 + kq
+        k_ok = kk < k_hi                              # words past the range load as 0 and add nothing
+        a_lo = row_lo[:, None] * stride_am + kk * stride_ak
+        a_hi = row_hi[:, None] * stride_am + kk * stride_ak
+        ok_lo = k_ok & (row_lo < M)[:, None]
+        ok_hi = k_ok & (row_hi < M)[:, None]
+        pl = _words4(a_pos_ptr, a_lo, ok_lo)
+        ph = _words4(a_pos_ptr, a_hi, ok_hi)
+        nl = _words4(a_neg_ptr, a_lo, ok_lo)
+        nh = _words4(a_neg_ptr, a_hi, ok_hi)
+        b = col[:, None] * stride_bn + kk * stride_bk
+        ok = k_ok & (col < N)[:, None]
+        acc0 = _mma_step(pl, ph, nl, nh, _words4(b_pos_ptr, b, ok), _words4(b_neg_ptr, b, ok), acc0,
+                         SYMMETRIC, EMULATE)
+        if N_TILES == 2:
+            b += 8 * stride_bn
+            ok = k_ok & (col + 8 < N)[:, None]
+            acc1 = _mma_step(pl, ph, nl, nh, _words4(b_pos_ptr, b, ok), _words4(b_neg_ptr, b, ok), acc1,
+                             SYMMETRIC, EMULATE)
+    # (Sp, Sn) of fragment register r of n-tile h: rows (g, g, g + 8, g + 8), columns 2 t + (0, 1, 0, 1)
+    rows = (row_lo, row_lo, row_hi, row_hi)
+    cols = (col0 + 2 * t, col0 + 2 * t + 1, col0 + 2 * t, col0 + 2 * t + 1)
+    if SPLIT_K > 1:
+        for h in tl.static_range(N_TILES):
+            acc = acc0 if h == 0 else acc1
+            for r in tl.static_range(4):
+                ws = ws_ptr + rows[r] * N + cols[r] + 8 * h
+                ok = (rows[r] < M) & (cols[r] + 8 * h < N)
+                tl.atomic_add(ws, acc[0][r] - acc[1][r], mask=ok)
+                if not SYMMETRIC:
+                    tl.atomic_add(ws + M * N, acc[2][r] - acc[3][r], mask=ok)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(lock_ptr + tile, 1) == SPLIT_K - 1:
+            # last program of this tile: take the sums and leave zeros for the next call
+            for h in tl.static_range(N_TILES):
+                for r in tl.static_range(4):
+                    ws = ws_ptr + rows[r] * N + cols[r] + 8 * h
+                    ok = (rows[r] < M) & (cols[r] + 8 * h < N)
+                    sp = tl.atomic_xchg(ws, z, mask=ok)
+                    sn = z
+                    if not SYMMETRIC:
+                        sn = tl.atomic_xchg(ws + M * N, z, mask=ok)
+                    _mma_store(sp, sn, rows[r], cols[r] + 8 * h, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
+                               stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+    else:
+        for h in tl.static_range(N_TILES):
+            acc = acc0 if h == 0 else acc1
+            for r in tl.static_range(4):
+                _mma_store(acc[0][r] - acc[1][r], acc[2][r] - acc[3][r], rows[r], cols[r] + 8 * h, alpha_p_ptr,
+                           alpha_n_ptr, bias_ptr, c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+
+
+# From this many rows up, trits go through the MMA kernel where the GPU has it. Fewer rows stay on the GEMV,
+# which streams the weights at any row count (H200, TTQ scales: 2x8192x8192 8.3 us against 12.8 on the MMA
+# kernel, whose MMA has 16 rows whatever M is; 8x8192x8192 18.9 against 10.2)
+MMA_MIN_ROWS = 4
+
 _DEVICE_PROPS = {}
 
 
@@ -971,6 +1174,28 @@ def _pdl(device):
     return not _INTERPRET and device.type == "cuda" and _props(device).major >= 9
 
 
+def _mma_ok(device):
+    """The single-bit MMA with AND: sm_80 and later (not in the interpreter, which is asked for it by config)."""
+    return not _INTERPRET and device is not None and device.type == "cuda" and _props(device).major >= 8
+
+
+def _mma_config(M, N, KW, sms, symmetric):
+    """The MMA kernel's meta-parameters by shape: the fastest in sweeps on an H200 (row-major operands,
+    TTQ scales / one scale; warps 1, 2, 4, n-tiles 1, 2, stages 1 to 6, split-K 1, 2, 4; README: Speed).
+    Up to 32 rows the weight stream is the work, and bytes in flight are what count: a deep pipeline
+    (16x8192x8192 10.6 / 10.9 us with 4 stages, 14.1 / 14.4 with 3; 16x4096x4096 6.2 / 6.5 with 6).
+    Two n-tiles a warp share A's registers where there are programs enough for the SMs (16x1024x1024:
+    one). Split-K never won (its atomics cost more than the programs it adds), except over long K."""
+    n_tiles = 2 if 2 * triton.cdiv(N, 32) >= sms else 1
+    if M <= 32:
+        stages = 4 if KW >= 256 else 6
+    else:
+        stages = 3 if M <= 256 else 1   # 256x4096x4096 21.9 / 18.1 us; 4096^3 (one stage) 263 / 192
+    programs = triton.cdiv(M, 16) * triton.cdiv(N, 16 * n_tiles)
+    return dict(WARPS=2, N_TILES=n_tiles, STAGES=stages, num_warps=2,
+                SPLIT_K=_split_k(programs, KW, sms, per_sm=1, min_k=256))
+
+
 def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=False):
     """(kernel, meta-parameters) by shape (b_rows: the weights are row-major, K words contiguous; symmetric:
     one scale per channel, 2 popcounts per word pair): the fastest in `python bt_kernel.py --tune` and
@@ -980,6 +1205,8 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
             return "gemv", dict(BLOCK_M=1 if M <= 2 else 4, BLOCK_N=32, BLOCK_K=8, SPLIT_K=1, num_warps=4)
         return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, CSA=True, num_warps=4)
     sms = _sm_count(device) if device is not None else 132
+    if not bit_serial and M >= MMA_MIN_ROWS and _mma_ok(device):
+        return "mma", _mma_config(M, N, KW, sms, symmetric)
     per_sm = 4
     rows2 = triton.cdiv(M, 2) * triton.cdiv(N, 64)   # programs of 2 rows x 64 weight rows
     rows4 = triton.cdiv(M, 4) * triton.cdiv(N, 64)   # ... of 4 rows
@@ -1180,6 +1407,24 @@ def _launch_tile(a, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c_neg, meta,
     return c
 
 
+def _launch_mma(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, N, KW):
+    """The MMA kernel, no checks: trits a_pos, a_neg [M, KW]."""
+    meta = dict(meta)
+    split = meta.setdefault("SPLIT_K", 1)
+    meta.setdefault("STAGES", 1)
+    meta.setdefault("N_TILES", 1)
+    warps = meta.setdefault("WARPS", meta.get("num_warps", 4))
+    meta["num_warps"] = warps
+    grid = (triton.cdiv(N, 8 * warps * meta["N_TILES"]), triton.cdiv(M, 16), split)
+    ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1]) if split > 1 else (c, c)
+    symmetric = alpha_n is None
+    _launch_gemm.compiled = _ternary_mma_kernel[grid](
+        a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n, alpha_p if bias is None else bias,
+        c, ws, locks, M, N, KW, a_pos.stride(0), a_pos.stride(1), b_pos.stride(0), b_pos.stride(1), c.stride(0),
+        c.stride(1), SYMMETRIC=symmetric, HAS_BIAS=bias is not None, EMULATE=_INTERPRET, **meta)
+    return c
+
+
 def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None, out=None):
     """a_pos [BITS, M, KW] (a_neg [1, M, KW] or None for unsigned bit-serial A); no checks.
 
@@ -1195,6 +1440,8 @@ def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None
                                         symmetric=symmetric)
     if kind == "tile":
         return _launch_tile(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c, meta, M, N, KW)
+    if kind == "mma":
+        return _launch_mma(a_pos[0], a_neg[0], b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, N, KW)
     meta = dict(meta)
     split = meta.setdefault("SPLIT_K", 1)
     meta.setdefault("ROW_LOOP", meta["BLOCK_M"] == 1)
@@ -1275,7 +1522,7 @@ def pack_conv_weight(w):
     N, C, KH, KX = w.shape
     CW = triton.cdiv(C, 32)
     w = torch.nn.functional.pad(w.permute(0, 2, 3, 1), (0, 32 * CW - C))
-    return pack_bitplanes(w.reshape(N, KH * KX * 32 * CW).contiguous())
+    return pack_bitplanes(w.reshape(N, KH * KX * 32 * CW).contiguous(), k_major=True)   # the tile kernel's layout
 
 
 def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=None, *, kernel_size=1, stride=1,
@@ -1542,6 +1789,26 @@ def _popc_rate_kernel(out_ptr, seed, ITERS, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, x0 ^ x1 ^ x2 ^ x3)
 
 
+@triton.jit
+def _mma_rate_kernel(out_ptr, seed, ITERS, WARPS: tl.constexpr):
+    # 4 independent accumulator chains per warp: single-bit MMA throughput, not latency
+    lane = tl.program_id(0) * 32 * WARPS + tl.arange(0, 32 * WARPS)
+    a0 = lane.to(tl.uint32) * 747796405 + seed
+    a1 = a0 * 3
+    a2 = a0 * 5
+    a3 = a0 * 7
+    z = tl.zeros(lane.shape, dtype=tl.int32)
+    c0, c1, c2, c3 = (z, z, z, z), (z, z, z, z), (z, z, z, z), (z, z, z, z)
+    for _ in range(ITERS):
+        c0 = _and_popc_mma(a0, a1, a2, a3, a0, a1, c0[0], c0[1], c0[2], c0[3], False)
+        c1 = _and_popc_mma(a0, a1, a2, a3, a1, a0, c1[0], c1[1], c1[2], c1[3], False)
+        c2 = _and_popc_mma(a1, a0, a2, a3, a2, a3, c2[0], c2[1], c2[2], c2[3], False)
+        c3 = _and_popc_mma(a0, a1, a3, a2, a3, a2, c3[0], c3[1], c3[2], c3[3], False)
+    s = c0[0] ^ c0[1] ^ c0[2] ^ c0[3] ^ c1[0] ^ c1[1] ^ c1[2] ^ c1[3]
+    s = s ^ c2[0] ^ c2[1] ^ c2[2] ^ c2[3] ^ c3[0] ^ c3[1] ^ c3[2] ^ c3[3]
+    tl.store(out_ptr + lane, s)
+
+
 def _graph_ms(fn, calls=10, rep=100):
     """Kernel time per call from CUDA-graph replays of `calls` calls (fn(i) may rotate inputs): no launch overhead."""
     from triton.testing import do_bench
@@ -1571,15 +1838,20 @@ def _ceilings():
     out = torch.empty(grid * BLOCK, dtype=torch.uint32, device="cuda")
     ms = do_bench(lambda: _popc_rate_kernel[(grid,)](out, 12345, iters, BLOCK=BLOCK, num_warps=8), return_mode="median")
     popc = grid * BLOCK * iters * 8 * 4 / (ms * 1e-3)
-    return bw, popc
+    mma = 0.0
+    if _mma_ok(torch.device("cuda")):
+        warps, grid = 16, sms * 4
+        out = torch.empty(grid * 32 * warps, dtype=torch.int32, device="cuda")
+        ms = do_bench(lambda: _mma_rate_kernel[(grid,)](out, 12345, iters, WARPS=warps, num_warps=warps),
+                      return_mode="median")
+        mma = grid * warps * iters * 4 / (ms * 1e-3)
+    return bw, popc, mma
 
 
 def _gemm_inputs(M, N, K, sets, device="cuda"):
     a = torch.randint(-1, 2, (M, K), dtype=torch.int8, device=device)
     ap, an = pack_bitplanes(a)
     ws = [pack_bitplanes(torch.randint(-1, 2, (N, K), dtype=torch.int8, device=device)) for _ in range(sets)]
-    if M <= 4:   # served a row or a few at a time (decoding), weights are kept in the GEMV's layout: row-major
-        ws = [(p.contiguous(), n.contiguous()) for p, n in ws]
     alpha_p, alpha_n = torch.rand(N, device=device) + 0.5, torch.rand(N, device=device) + 0.5
     return a, ap, an, ws, alpha_p, alpha_n
 
@@ -1610,7 +1882,7 @@ def _gemlite_ternary(w_trits):
     return layer
 
 
-def _bench_gemm_row(M, N, K, bw, popc_rate):
+def _bench_gemm_row(M, N, K, bw, popc_rate, mma_rate):
     KW = triton.cdiv(K, 32)
     _, ap, an, ws, alpha_p, alpha_n = _gemm_inputs(M, N, K, _rotation(2 * N * KW * 4))
     c = torch.empty(M, N, device="cuda")
@@ -1643,9 +1915,13 @@ def _bench_gemm_row(M, N, K, bw, popc_rate):
     ms["t3 eager"], ms["bf16 eager"] = _eager_ms(t3), _eager_ms(bf16)
     t = ms["t3"] * 1e-3
     tops = 2 * M * N * K / t / 1e12
-    pct_popc = 100 * M * N * KW * 3 / t / popc_rate
+    kind, _ = _gemm_config(M, N, KW, False, c.device, b_rows=ws[0][0].stride(1) == 1)
+    if kind == "mma":   # 4 MMAs per [16 x 8] outputs and 256 trits, every row tile whole
+        pct_unit = 100 * triton.cdiv(M, 16) * triton.cdiv(N, 8) * triton.cdiv(KW, 8) * 4 / t / mma_rate
+    else:
+        pct_unit = 100 * M * N * KW * 3 / t / popc_rate
     pct_bw = 100 * (2 * (M + N) * KW * 4 + M * N * 4) / t / bw
-    return ms, tops, pct_popc, pct_bw
+    return ms, tops, pct_unit, pct_bw, kind
 
 
 TUNE_CONFIGS = {
@@ -1695,6 +1971,21 @@ def _tune(shapes):
         default = _gemm_config(M, N, KW, False, c.device, b_rows=ws[0][0].stride(1) == 1)
         fn = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
         print(f"{M:>6} {N:>6} {K:>6}  default {default} -> {_graph_ms(fn) * 1e3:9.2f} us", flush=True)
+
+
+def _mma_lanes_ok(ttgir, warps):
+    """"ok" if every operand of the inline MMA has the layout the fragments assume: one element a thread,
+    element i in lane i % 32 of warp i // 32 (else what Triton chose)."""
+    import re
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.\w+<.*>)$", ttgir, re.M))
+    want = (f"#ttg.blocked<{{sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [{warps}], "
+            f"order = [0]}}>")
+    seen = set()
+    for line in ttgir.splitlines():
+        if "tt.elementwise_inline_asm" in line and "mma.sync" in line:
+            seen.update(re.findall(r"tensor<\d+xi32, (#\w+)>", line))
+    bad = sorted(layouts.get(name, name) for name in seen if layouts.get(name) != want)
+    return "ok" if seen and not bad else (bad[0] if bad else "none")
 
 
 def _sass_report(folder):
@@ -1756,6 +2047,11 @@ def _sass_report(folder):
                ("conv_bitserial8_pool_pack", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False,
                                                                         BLOCK_M=8, BLOCK_N=64, IMPLICIT=True, POOL=2,
                                                                         PACK_OUT=True), pixels, 1)]
+    # the MMA kernel as launched at 16x8192x8192 (row-major operands: unit K strides)
+    mma = dict(HAS_BIAS=True, WARPS=2, N_TILES=2, SPLIT_K=1, STAGES=4, EMULATE=False)
+    rows_major = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("stride_am", "stride_bn", "stride_cm"))
+    kernels += [("mma_3popc", _ternary_mma_kernel, dict(mma, SYMMETRIC=False), rows_major, 2),
+                ("mma_2popc", _ternary_mma_kernel, dict(mma, SYMMETRIC=True), rows_major, 2)]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs, (ones, div16), warps in kernels:
         constexprs = dict(constexprs, **ones)
@@ -1774,9 +2070,10 @@ def _sass_report(folder):
         ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass, re.M))
         regs = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
-        keys = ("POPC", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA")
+        keys = ("POPC", "BMMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA")
+        lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn is _ternary_mma_kernel else "-"
         print(f"  {tag:25} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
-              + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys))
+              + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys) + f"  lanes {lanes}")
 
 
 def _bench_main():
@@ -1801,11 +2098,16 @@ def _bench_main():
         _tune(args.shapes or [(1, 8192, 8192), (16, 8192, 8192), (128, 4096, 4096), (4096, 4096, 4096),
                               (128, 256, 1024), (8192, 64, 800)])
         return
-    bw, popc_rate = _ceilings()
+    bw, popc_rate, mma_rate = _ceilings()
+    sms = props.multi_processor_count
     print(f"ceilings: copy bandwidth {bw / 1e12:.2f} TB/s (read + write); popcount {popc_rate / 1e12:.2f} T/s "
-          f"= {popc_rate / props.multi_processor_count / 1.98e9:.1f} per clock per SM at 1.98 GHz; "
+          f"= {popc_rate / sms / 1.98e9:.1f} per clock per SM at 1.98 GHz; "
           f"ternary ceiling {2 * 32 * popc_rate / 3 / 1e12:.0f} TOP/s at 3 popc per word pair, "
           f"{2 * 32 * popc_rate / 2 / 1e12:.0f} at 2")
+    if mma_rate:
+        print(f"ceilings: single-bit MMA (m16n8k256 AND + popc) {mma_rate / 1e9:.1f} G/s = {mma_rate / sms / 1.98e9:.2f} "
+              f"per clock per SM at 1.98 GHz; ternary ceiling {2 * 16 * 8 * 256 / 4 * mma_rate / 1e12:.0f} TOP/s at "
+              f"4 MMAs per 16 x 8 outputs x 256 trits")
     # pack: float -> trits -> bitplanes, one pass
     from triton.testing import do_bench
     for R, K, dtype in ((16384, 8192, torch.float32), (16384, 8192, torch.bfloat16), (16384, 8192, torch.int8)):
@@ -1825,21 +2127,22 @@ def _bench_main():
     shapes = [(M, NK, NK) for NK in (1024, 4096, 8192) for M in Ms]
     # the default LeNet (64,128,512) as GEMMs: fc1 and conv2 (im2col rows = images x 8x8 outputs), batch 128 and 10k
     shapes += [(128, 512, 2048), (128 * 64, 128, 1600), (10000, 512, 2048), (10000 * 64, 128, 1600)]
-    print("times in us per call from CUDA-graph replays (weights rotated beyond L2; row-major for M <= 4, where "
-          "the GEMV prefers them, else pack_bitplanes' K-word-major); t3: TTQ scales, 3 popcounts per "
-          "word pair; t2: one scale, 2; %popc: t3 against the 3-popcount ceiling (above 100 where carry-save adders "
-          "count 3 words with 2 popcounts); pack+t3: float activations packed first; eager: one Python call; gemlite "
+    print("times in us per call from CUDA-graph replays (weights rotated beyond L2; operands as pack_bitplanes "
+          "gives them, row-major); t3: TTQ scales; t2: one scale; kern: the kernel t3 runs on (mma: single-bit "
+          "tensor-core MMA; gemv, tile: POPC on the CUDA cores); %unit: t3 against that unit's ceiling above (the "
+          "MMA's 4 per [16 x 8] outputs x 256 trits, or 3 popcounts per word pair, passed where carry-save adders "
+          "count 3 words with 2); pack+t3: float activations packed first; eager: one Python call; gemlite "
           "(if installed): its A16W158 layer, ternary weights and fp16 activations; gl/t3, gl/p+t3 > 1: we are faster")
-    hdr = (f"{'M':>6} {'N':>5} {'K':>5} | {'t3':>8} {'t2':>8} {'pack+t3':>8} {'bf16':>8} {'fp32':>8} | {'TOP/s':>6} "
-           f"{'%popc':>5} {'%BW':>4} | {'bf16/t3':>7} {'bf16/t2':>7} | {'t3 eager':>8} {'bf16 eager':>10} | "
+    hdr = (f"{'M':>6} {'N':>5} {'K':>5} | {'t3':>8} {'t2':>8} {'pack+t3':>8} {'bf16':>8} {'fp32':>8} | {'kern':>4} {'TOP/s':>6} "
+           f"{'%unit':>5} {'%BW':>4} | {'bf16/t3':>7} {'bf16/t2':>7} | {'t3 eager':>8} {'bf16 eager':>10} | "
            f"{'gemlite':>8} {'gl/t3':>6} {'gl/p+t3':>7}")
     print(hdr)
     print("-" * len(hdr))
     for M, N, K in shapes:
-        ms, tops, pct_popc, pct_bw = _bench_gemm_row(M, N, K, bw, popc_rate)
+        ms, tops, pct_unit, pct_bw, kind = _bench_gemm_row(M, N, K, bw, popc_rate, mma_rate)
         us = {k: v * 1e3 for k, v in ms.items()}
         print(f"{M:>6} {N:>5} {K:>5} | {us['t3']:8.2f} {us['t2']:8.2f} {us['pack+t3']:8.2f} {us['bf16']:8.2f} "
-              f"{us['fp32']:8.2f} | {tops:6.1f} {pct_popc:5.0f} {pct_bw:4.0f} | {us['bf16'] / us['t3']:7.2f} "
+              f"{us['fp32']:8.2f} | {kind:>4} {tops:6.1f} {pct_unit:5.0f} {pct_bw:4.0f} | {us['bf16'] / us['t3']:7.2f} "
               f"{us['bf16'] / us['t2']:7.2f} | {us['t3 eager']:8.2f} {us['bf16 eager']:10.2f} | "
               + (f"{us['gemlite']:8.2f} {us['gemlite'] / us['t3']:6.2f} {us['gemlite'] / us['pack+t3']:7.2f}"
                  if "gemlite" in us else f"{'-':>8} {'-':>6} {'-':>7}"),

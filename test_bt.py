@@ -175,6 +175,40 @@ def test_gemm_planes_in_two_layouts(M):
     assert torch.equal(run(zero, -one).cpu().long(), sn)
 
 
+@pytest.mark.parametrize("M,N,K", [(5, 40, 700), (20, 24, 300)])
+def test_mma_kernel_exact(M, N, K):
+    # the single-bit MMA kernel (emulated by tensor ops in the interpreter, the tensor cores' mma.sync on a GPU)
+    # gives the exact sums: one row tile partly masked (5 rows) or two (20), partial n-tiles, K ragged at both
+    # word and 16-word granularity; 1 and 2 n-tiles a warp, split-K with an empty split (3 splits of 16 words
+    # over 10 or 22 words), the pipelined loop; row-major and K-word-major operands
+    a, w = rand_trits(M, K), rand_trits(N, K)
+    ap, an = pack_bitplanes(a)
+    wp, wn = pack_bitplanes(w)
+    sp, sn = int_sums(a, w)
+    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
+    configs = (dict(WARPS=1, N_TILES=1), dict(WARPS=2, N_TILES=2, SPLIT_K=3, STAGES=2),
+               dict(WARPS=4, N_TILES=1, SPLIT_K=2, STAGES=3))
+    for config, (wp_, wn_) in zip(configs, ((wp, wn), (wp.t().contiguous().t(), wn.t().contiguous().t()), (wp, wn))):
+        run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n, None,
+                                                              ("mma", config))
+        assert torch.equal(run(one, zero).cpu().long(), sp), config
+        assert torch.equal(run(zero, -one).cpu().long(), sn), config
+        assert torch.equal(run(one, None).cpu().long(), sp - sn), config
+
+
+def test_pack_bitplanes_layouts():
+    # row-major by default (the MMA kernel's and the GEMVs' layout), K-word-major on request (the tile
+    # kernel's): the same words either way, and pack_conv_weight keeps the tile kernel's
+    x = rand_trits(37, 200)
+    pos, neg = pack_bitplanes(x)
+    kpos, kneg = pack_bitplanes(x, k_major=True)
+    assert pos.stride() == (7, 1) and kpos.stride() == (1, 37)
+    assert torch.equal(pos, kpos) and torch.equal(neg, kneg)
+    assert torch.equal(unpack_bitplanes(pos, neg, 200).cpu(), x.cpu())
+    cpos, _ = bt_kernel.pack_conv_weight(rand_trits(8, 64).reshape(8, 64, 1, 1))
+    assert cpos.stride() == (1, 8)
+
+
 @pytest.mark.parametrize("M", [1, 2, 5, 9])
 def test_gemv_row_major_weights_exact(M):
     # the 2D GEMV streams whole weight rows when they are row-major (the layout it is tuned for), one row
@@ -859,7 +893,7 @@ def test_bench_layers_table(small, monkeypatch, capsys):
     if DEVICE == "cpu":
         monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(bt_kernel, "_graph_ms", lambda fn, calls, rep: (fn(0), 1.0)[1])
-    monkeypatch.setattr(bt_kernel, "_ceilings", lambda: (1e12, 4e12))
+    monkeypatch.setattr(bt_kernel, "_ceilings", lambda: (1e12, 4e12, 1e11))
     bt_infer.bench_layers(bt_infer.prepare_triton(state, DEVICE), images.to(DEVICE), reps=1)
     lines = capsys.readouterr().out.splitlines()
     table = {line.split()[0]: line.split() for line in lines[2:]}
@@ -1416,7 +1450,8 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "bt_kernel.py"), "--sass", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    counts = {line.split()[0]: dict(zip(line.split()[1::2], map(int, line.split()[2::2])))
+    value = lambda v: int(v) if v.isdigit() else v
+    counts = {line.split()[0]: dict(zip(line.split()[1::2], map(value, line.split()[2::2])))
               for line in r.stdout.splitlines()[1:]}
     # per thread and K step: [BLOCK_M x BLOCK_N] (tile) or [BLOCK_M x BLOCK_K x BLOCK_N] (gemv) word pairs over
     # the threads (128 on 4 warps, 256 on 8), 3 popcounts each with TTQ scales, 2 with one scale, 2 per bit plane bit-serially: one POPC apiece
@@ -1434,6 +1469,11 @@ def test_sass_has_popc_and_no_spills(tmp_path):
         assert counts[name]["POPC"] >= n, (name, counts[name])
         sass = (tmp_path / f"{name}.sass").read_text()
         assert "0x55555555" not in sass and "0x33333333" not in sass, f"{name}: SWAR popcount left in SASS"
+    # the MMA kernel: 2 n-tiles x 8 single-bit MMAs per 16 K words, no popcount on the CUDA cores, and its
+    # fragments in the layout they assume (one element a thread, lane-major), or the sums would be garbage
+    for name in ("mma_3popc", "mma_2popc"):
+        assert counts[name]["BMMA"] >= 16 and counts[name]["POPC"] == 0, (name, counts[name])
+        assert counts[name]["lanes"] == "ok", (name, counts[name]["lanes"])
     # the GEMVs launch with programmatic dependent launch: griddepcontrol.wait and .launch_dependents compile
     # to ACQBULK and PREEXIT
     for name in ("gemv_3popc", "gemv_2popc", "gemv_3popc_kmajor", "gemv16_3popc", "gemv16_2popc",
