@@ -15,11 +15,12 @@ Needs only torch and triton: copy this file alone into another project.
     python bt_kernel.py --tune     # sweep kernel configs (--shapes 16x8192x8192 ...)
     python bt_kernel.py --sass DIR # SASS for sm_90 and its instruction counts (no GPU needed)
 
-Measured (NVIDIA H200, Triton 3.6, 2026-11-29): 4096x4096x4096 at 97.0 ternary TOP/s with learned
-alpha_p/alpha_n (carry-save adders: past the 3-popcount ceiling of 85), 140 TOP/s with one scale; a
-1x8192x8192 GEMV (row-major weights) 5.6x faster than torch bf16 and 3.0x faster than gemlite's ternary
-layer; 16x8192x8192 1.12x of bf16 (1.47x with one scale) and 1.53x of gemlite; the MNIST LeNet's 10k test
-images through these kernels in 5.65 ms, bf16 cuDNN 6.19 (README: the whole table, and the targets it
+Measured (NVIDIA H200, Triton 3.6, 2026-11-29): from 4 activation rows up the GEMM runs on the tensor
+cores' single-bit MMA (AND + popcount, still no multiply): 16x8192x8192 in 10.9 us, 3.2x faster than torch
+bf16 and 4.2x faster than gemlite's ternary layer; 4096x4096x4096 at 480 ternary TOP/s with learned
+alpha_p/alpha_n, 706 with one scale; faster than gemlite at all 19 shapes of `make bench`. A 1x8192x8192
+GEMV (the CUDA cores' POPC) 5.4x faster than bf16 and 3.0x faster than gemlite; the MNIST LeNet's 10k test
+images through these kernels in 5.53 ms, bf16 cuDNN 6.24 (README: the whole table, and the targets it
 misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
@@ -55,6 +56,8 @@ Bit-serial A (an = 0): Sp = popc(ap & bp), Sn = popc(ap & bn), shifted left by t
 With CSA (tile kernel, and the GEMV's row loop), the product words of three K steps go through a
 carry-save adder first, popc(x) + popc(y) + popc(z) = popc(x ^ y ^ z) + 2 popc(maj(x, y, z)): 2
 popcounts for 3 words.
+On sm_80 and later, from 4 rows, the MMA kernel counts popc(A AND B) on the tensor cores instead
+(mma.sync m16n8k256 .b1 .and.popc), four plane products per [16 x 8] tile and 256 trits (section below).
 
 Channel-packed maps (inference)
 -------------------------------
@@ -1183,9 +1186,9 @@ def _mma_config(M, N, KW, sms, symmetric):
     """The MMA kernel's meta-parameters by shape: the fastest in sweeps on an H200 (row-major operands,
     TTQ scales / one scale; warps 1, 2, 4, n-tiles 1, 2, stages 1 to 6, split-K 1, 2, 4; README: Speed).
     Up to 32 rows the weight stream is the work, and bytes in flight are what count: a deep pipeline
-    (16x8192x8192 10.6 / 10.9 us with 4 stages, 14.1 / 14.4 with 3; 16x4096x4096 6.2 / 6.5 with 6).
-    Two n-tiles a warp share A's registers where there are programs enough for the SMs (16x1024x1024:
-    one). Split-K never won (its atomics cost more than the programs it adds), except over long K."""
+    (16x8192x8192 10.6 / 10.9 us with 4 stages, 10.7 / 10.9 with 6; 16x4096x4096 6.2 / 6.5 with 6, and 4
+    not among the five best). Two n-tiles a warp share A's registers where there are programs enough for the SMs
+    (16x1024x1024: one). Split-K never won in the sweeps; it is left for few programs over long K."""
     n_tiles = 2 if 2 * triton.cdiv(N, 32) >= sms else 1
     if M <= 32:
         stages = 4 if KW >= 256 else 6
@@ -1941,6 +1944,9 @@ TUNE_CONFIGS = {
             # thin tiles, one column a thread
             + [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, CSA=csa, num_warps=bn // 32) for bm in (4, 8)
                for bn in (32, 64, 128) for sk in (1, 4) for csa in (False, True)],
+    # the single-bit MMA kernel (sm_80 and later)
+    "mma": [dict(WARPS=w, N_TILES=nt, STAGES=st, SPLIT_K=sk) for w in (1, 2, 4) for nt in (1, 2)
+            for st in (1, 3, 4, 6) for sk in (1, 2)],
 }
 
 
@@ -1956,6 +1962,8 @@ def _tune(shapes):
                 if kind == "gemv" and (M > 256 or meta["BLOCK_M"] > max(M, 1) * 2):
                     continue
                 if kind == "tile" and (meta["BLOCK_M"] > 2 * max(M, 16) or (M >= 1024 and meta["SPLIT_K"] > 1)):
+                    continue
+                if kind == "mma" and not _mma_ok(c.device):
                     continue
                 fn = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, alpha_n, None,
                                             config=(kind, meta), out=c)
