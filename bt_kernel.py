@@ -972,8 +972,8 @@ def _ternary_gemv_kernel(
 #
 # mma.sync m16n8k256 .b1 .and.popc: D[16, 8] = C + popc(A_row AND B_col) over 256 bits, int32, on the tensor
 # cores, one warp at a time. The same AND + popcount as the CUDA-core kernels, at another rate: on an H200
-# 0.85 G MMAs a second per SM (`make bench`), at 4 MMAs per 16 x 8 outputs x 256 trits about 1800 ternary TOP/s
-# over the card, 14 times the 2-popcount ceiling of the POPC unit. Per lane (g = lane // 4, t = lane % 4)
+# 0.39 MMAs per clock per SM (`make bench`), at 4 MMAs per 16 x 8 outputs x 256 trits 1650 ternary TOP/s
+# over the card, 13 times the 2-popcount ceiling of the POPC unit. Per lane (g = lane // 4, t = lane % 4)
 # one register each:
 #     A: a0 row g, a1 row g + 8 (K bits 32 t ..), a2 row g, a3 row g + 8 (K bits 128 + 32 t ..)
 #     B: b0 column g (K bits 32 t ..), b1 column g (K bits 128 + 32 t ..)
