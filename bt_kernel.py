@@ -340,7 +340,7 @@ def _new_planes(bits, rows, kw, device, k_major=True):
     return torch.empty((bits, kw, rows), dtype=torch.uint32, device=device).transpose(1, 2)
 
 
-def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1, k_major=True, blocks=None):
+def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1, k_major=True):
     """Pack x4 (viewed [B, C, H, W]) into planes [bits, R, KW]; no checks (callers check)."""
     KW = triton.cdiv(K, 32)
     pos = _new_planes(bits, R, KW, x4.device, k_major)
@@ -351,8 +351,6 @@ def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1, k_ma
     # [2 rows x 64 words], against 83% and 61% with the K-word-major [32 x 4])
     BLOCK_W = min(4 if k_major else 64, triton.next_power_of_2(KW))
     BLOCK_R = (64 if _INTERPRET else 128) // BLOCK_W
-    if blocks:
-        BLOCK_R, BLOCK_W = blocks
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KW, BLOCK_W))
     _pack_kernel[grid](
         x4, thr if thr is not None else x4, pos, neg,
