@@ -1152,7 +1152,8 @@ def _ternary_mma_kernel(
 
 # From this many rows up, trits go through the MMA kernel where the GPU has it. Fewer rows stay on the GEMV,
 # which streams the weights at any row count (H200, TTQ scales: 2x8192x8192 8.3 us against 12.8 on the MMA
-# kernel, whose MMA has 16 rows whatever M is; 8x8192x8192 18.9 against 10.2)
+# kernel, whose MMA has 16 rows whatever M is; 8x8192x8192 18.9 against 10.2). 4 rows are the work of 8 for
+# the MMA kernel (one 16-row tile); it was timed there only on K-word-major activations (12.8 against 12.1)
 MMA_MIN_ROWS = 4
 
 _DEVICE_PROPS = {}
