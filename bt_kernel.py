@@ -1213,7 +1213,7 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
     rows2 = triton.cdiv(M, 2) * triton.cdiv(N, 64)   # programs of 2 rows x 64 weight rows
     rows4 = triton.cdiv(M, 4) * triton.cdiv(N, 64)   # ... of 4 rows
     if not bit_serial and 3 <= M <= 32 and not b_rows:
-        # K-word-major weights (pack_bitplanes' own layout): the 2D loop, two rows per program, three K blocks
+        # K-word-major weights (pack_bitplanes(k_major=True)): the 2D loop, two rows per program, three K blocks
         # of 16 words a step through carry-save adders (2 popcounts per product word instead of 3). H200, 3
         # alternating rounds, TTQ scales / one scale, against the plain loop on [32 x 32] (the rule before):
         # 16x8192x8192 32.6 / 24.0 us against 36.3 / 27.2, 32x8192x8192 60.4 / 43.3 against 67.5 / 48.2,
@@ -2000,7 +2000,7 @@ def _sass_report(folder):
 
     What matters: one POPC per popcount, no SWAR emulation (dozens of SHF/LOP3/IMAD per word), no spills;
     BAR and LDS count shared-memory layout conversions. Each kernel is specialized as the library launches
-    it on large operands: pack_bitplanes' K-word-major planes (unit row and weight-column strides, the K
+    it on large operands: K-word-major planes (pack_bitplanes(k_major=True)) (unit row and weight-column strides, the K
     strides 16-divisible), channel-packed maps (unit word stride) for the conv, 16-divisible pointers and
     sizes, the default GEMV configs for M = 1 (row-major and K-word-major weights), M = 16 (row-major
     weights: four rows per program, the K loop pipelined; K-word-major weights: two rows per program and

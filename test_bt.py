@@ -162,11 +162,11 @@ def test_gemm_integer_sums_exact(M, N, K, config):
 
 @pytest.mark.parametrize("M", [3, 40])
 def test_gemm_planes_in_two_layouts(M):
-    # the kernels read a pair of planes with one set of strides: a pos plane from pack_bitplanes (K-word-major)
-    # beside a row-major neg plane, and the other way round for the weights, must give the same sums
+    # the kernels read a pair of planes with one set of strides: a K-word-major pos plane beside a row-major
+    # neg plane, and the other way round for the weights, must give the same sums
     a, w = rand_trits(M, 70), rand_trits(9, 70)
-    ap, an = pack_bitplanes(a)
-    wp, wn = pack_bitplanes(w)
+    ap, an = pack_bitplanes(a, k_major=True)
+    wp, wn = pack_bitplanes(w, k_major=True)
     sp, sn = int_sums(a, w)
     one, zero = torch.ones(9, device=DEVICE), torch.zeros(9, device=DEVICE)
     run = lambda alpha_p, alpha_n: bt_kernel.ternary_gemm_triton(ap, an.contiguous(), wp.contiguous(), wn,
@@ -212,14 +212,14 @@ def test_pack_bitplanes_layouts():
 @pytest.mark.parametrize("M", [1, 2, 5, 9])
 def test_gemv_row_major_weights_exact(M):
     # the 2D GEMV streams whole weight rows when they are row-major (the layout it is tuned for), one row
-    # per program or 2 and 4 rows sharing each weight block; K-word-major planes (pack_bitplanes' own) must
+    # per program or 2 and 4 rows sharing each weight block; K-word-major planes (the tile kernel's) must
     # give the same sums, with and without split-K, masked and unmasked (KW = 32 words: BLOCK_K 16 divides
     # it, 16 x 3 splits do not), with and without the pipelined K loop, with carry-save adders (3 K blocks a
     # step; with split-K one split runs a CSA step, the other the plain loop's leftover words)
     N, K = 37, 1000
     a, w = rand_trits(M, K), rand_trits(N, K)
     ap, an = pack_bitplanes(a)
-    wp, wn = pack_bitplanes(w)
+    wp, wn = pack_bitplanes(w, k_major=True)
     sp, sn = int_sums(a, w)
     one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     configs = (None, ("gemv", dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=16, SPLIT_K=3, num_warps=4)),
@@ -329,7 +329,8 @@ def test_conv_packed_matches_float64(C, N, size, k, stride, pool, symmetric, con
     ref = _conv_reference(a, w, alpha_p, alpha_n, bias, stride, pool)
     # patches gathered one image at a time (chunks), and the neg planes in another layout than the pos planes
     monkeypatch.setattr(bt_kernel, "_PATCH_WORDS", 1)
-    out = bt_kernel.ternary_conv_packed(ap, an.contiguous(), wp.contiguous(), wn, *scales, kernel_size=k,
+    an_k = an.flatten(0, 2).t().contiguous().t().view(an.shape)   # K-word-major, beside row-major ap
+    out = bt_kernel.ternary_conv_packed(ap, an_k, wp.contiguous(), wn, *scales, kernel_size=k,
                                         stride=stride, pool=pool, config=config)
     assert torch.equal(out.cpu(), ref.permute(0, 2, 3, 1))    # bit for bit: same exact sums, same rounding
     monkeypatch.undo()
