@@ -1056,6 +1056,43 @@ def _mma_store(sp, sn, rows, cols, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M,
 
 
 @triton.jit
+def _mma_lanes(lane, pid_m, pid_n, COL_WARPS: tl.constexpr, N_TILES: tl.constexpr):
+    """Where a lane's fragments sit: its row g (and g + 8), its B column g, its C columns 2 t (and 2 t + 1) of
+    the first n-tile. Warps side by side in N, COL_WARPS of them; the warps past those repeat the columns."""
+    g = lane % 32 // 4
+    col0 = (pid_n * COL_WARPS + lane // 32 % COL_WARPS) * (8 * N_TILES)
+    return pid_m * 16 + g, col0 + g, col0 + 2 * (lane % 4)
+
+
+@triton.jit
+def _mma_n_tile(pl, ph, nl, nh, b_pos_ptr, b_neg_ptr, b, ok, acc, SYMMETRIC: tl.constexpr, EMULATE: tl.constexpr):
+    """Load one n-tile's B words (offsets b) and run its MMAs against A's registers."""
+    return _mma_step(pl, ph, nl, nh, _words4(b_pos_ptr, b, ok), _words4(b_neg_ptr, b, ok), acc, SYMMETRIC, EMULATE)
+
+
+@triton.jit
+def _k_warp_sum(x, K_WARPS: tl.constexpr):
+    """Sum a fragment register over the K_WARPS warps that split K (warp-major: shared memory, once a tile)."""
+    if K_WARPS == 1:
+        return x
+    else:
+        return tl.sum(tl.reshape(x, (K_WARPS, x.shape[0] // K_WARPS)), axis=0)
+
+
+@triton.jit
+def _tile_sums(acc, SYMMETRIC: tl.constexpr, K_WARPS: tl.constexpr):
+    """One n-tile's (Sp, Sn) per fragment register, summed over the warps that split K (Sn unused if SYMMETRIC)."""
+    sp = (_k_warp_sum(acc[0][0] - acc[1][0], K_WARPS), _k_warp_sum(acc[0][1] - acc[1][1], K_WARPS),
+          _k_warp_sum(acc[0][2] - acc[1][2], K_WARPS), _k_warp_sum(acc[0][3] - acc[1][3], K_WARPS))
+    if SYMMETRIC:
+        return sp, sp
+    else:
+        sn = (_k_warp_sum(acc[2][0] - acc[3][0], K_WARPS), _k_warp_sum(acc[2][1] - acc[3][1], K_WARPS),
+              _k_warp_sum(acc[2][2] - acc[3][2], K_WARPS), _k_warp_sum(acc[2][3] - acc[3][3], K_WARPS))
+        return sp, sn
+
+
+@triton.jit
 def _ternary_mma_kernel(
     # pointers
     a_pos_ptr, a_neg_ptr,         # activations [M, KW] uint32, trits (K words contiguous suit it best)
@@ -1072,30 +1109,31 @@ def _ternary_mma_kernel(
     # meta-parameters
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     WARPS: tl.constexpr,          # = num_warps: each warp one [16 rows x 8 N_TILES columns] tile
-    N_TILES: tl.constexpr,        # 1 or 2 n-tiles of 8 columns a warp, sharing A's registers
-    SPLIT_K: tl.constexpr,
+    N_TILES: tl.constexpr,        # 1, 2 or 4 n-tiles of 8 columns a warp, sharing A's registers
+    K_WARPS: tl.constexpr,        # warps sharing each tile, each taking 16 words of every 16 K_WARPS
+    SPLIT_K: tl.constexpr,        # programs sharing each tile, each taking a K range (atomics)
     STAGES: tl.constexpr,         # software pipelining depth of the K loop
     EMULATE: tl.constexpr,        # the interpreter: tensor ops in place of the MMA
 ):
-    tl.static_assert(N_TILES == 1 or N_TILES == 2)
-    lane = tl.arange(0, 32 * WARPS)
-    warp = lane // 32
-    g = lane % 32 // 4
-    t = lane % 4
+    tl.static_assert(N_TILES == 1 or N_TILES == 2 or N_TILES == 4)
+    tl.static_assert(WARPS % K_WARPS == 0)
+    COL_WARPS: tl.constexpr = WARPS // K_WARPS
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    row_lo = pid_m * 16 + g
+    lane = tl.arange(0, 32 * WARPS)
+    row_lo, col, _ = _mma_lanes(lane, pid_m, pid_n, COL_WARPS, N_TILES)
     row_hi = row_lo + 8
-    col0 = (pid_n * WARPS + warp) * (8 * N_TILES)    # the warp's first column
-    col = col0 + g
     k_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), 16) * 16
     k_lo = tl.program_id(2) * k_per
     k_hi = min(KW, k_lo + k_per)
-    kq = 4 * t[:, None] + tl.arange(0, 4)[None, :]   # the lane's 4 words of every 16
+    # the lane's 4 words of every 16, in its warp's 16 of every 16 K_WARPS
+    kq = 16 * (lane // (32 * COL_WARPS))[:, None] + 4 * (lane % 4)[:, None] + tl.arange(0, 4)[None, :]
     z = tl.zeros(lane.shape, dtype=tl.int32)
     acc0 = ((z, z, z, z), (z, z, z, z), (z, z, z, z), (z, z, z, z))
     acc1 = acc0
-    for k0 in tl.range(k_lo, k_hi, 16, num_stages=STAGES):
+    acc2 = acc0
+    acc3 = acc0
+    for k0 in tl.range(k_lo, k_hi, 16 * K_WARPS, num_stages=STAGES):
         kk = k0 + kq
         k_ok = kk < k_hi                              # words past the range load as 0 and add nothing
         a_lo = row_lo[:, None] * stride_am + kk * stride_ak
@@ -1107,47 +1145,53 @@ def _ternary_mma_kernel(
         nl = _words4(a_neg_ptr, a_lo, ok_lo)
         nh = _words4(a_neg_ptr, a_hi, ok_hi)
         b = col[:, None] * stride_bn + kk * stride_bk
-        ok = k_ok & (col < N)[:, None]
-        acc0 = _mma_step(pl, ph, nl, nh, _words4(b_pos_ptr, b, ok), _words4(b_neg_ptr, b, ok), acc0,
-                         SYMMETRIC, EMULATE)
-        if N_TILES == 2:
-            b += 8 * stride_bn
-            ok = k_ok & (col + 8 < N)[:, None]
-            acc1 = _mma_step(pl, ph, nl, nh, _words4(b_pos_ptr, b, ok), _words4(b_neg_ptr, b, ok), acc1,
-                             SYMMETRIC, EMULATE)
-    # (Sp, Sn) of fragment register r of n-tile h: rows (g, g, g + 8, g + 8), columns 2 t + (0, 1, 0, 1)
-    rows = (row_lo, row_lo, row_hi, row_hi)
-    cols = (col0 + 2 * t, col0 + 2 * t + 1, col0 + 2 * t, col0 + 2 * t + 1)
+        acc0 = _mma_n_tile(pl, ph, nl, nh, b_pos_ptr, b_neg_ptr, b, k_ok & (col < N)[:, None], acc0, SYMMETRIC,
+                           EMULATE)
+        if N_TILES >= 2:
+            acc1 = _mma_n_tile(pl, ph, nl, nh, b_pos_ptr, b_neg_ptr, b + 8 * stride_bn,
+                               k_ok & (col + 8 < N)[:, None], acc1, SYMMETRIC, EMULATE)
+        if N_TILES == 4:
+            acc2 = _mma_n_tile(pl, ph, nl, nh, b_pos_ptr, b_neg_ptr, b + 16 * stride_bn,
+                               k_ok & (col + 16 < N)[:, None], acc2, SYMMETRIC, EMULATE)
+            acc3 = _mma_n_tile(pl, ph, nl, nh, b_pos_ptr, b_neg_ptr, b + 24 * stride_bn,
+                               k_ok & (col + 24 < N)[:, None], acc3, SYMMETRIC, EMULATE)
+    # (Sp, Sn) of fragment register r of n-tile h: rows (g, g, g + 8, g + 8), columns 2 t + (0, 1, 0, 1) + 8 h,
+    # on the lanes of the first COL_WARPS warps once the warps that split K are summed
+    sums = (_tile_sums(acc0, SYMMETRIC, K_WARPS), _tile_sums(acc1, SYMMETRIC, K_WARPS),
+            _tile_sums(acc2, SYMMETRIC, K_WARPS), _tile_sums(acc3, SYMMETRIC, K_WARPS))
+    out_lane = tl.arange(0, 32 * COL_WARPS)
+    row_lo, _, col_t = _mma_lanes(out_lane, pid_m, pid_n, COL_WARPS, N_TILES)
+    rows = (row_lo, row_lo, row_lo + 8, row_lo + 8)
+    cols = (col_t, col_t + 1, col_t, col_t + 1)
     if SPLIT_K > 1:
         for h in tl.static_range(N_TILES):
-            acc = acc0 if h == 0 else acc1
             for r in tl.static_range(4):
                 ws = ws_ptr + rows[r] * N + cols[r] + 8 * h
                 ok = (rows[r] < M) & (cols[r] + 8 * h < N)
-                tl.atomic_add(ws, acc[0][r] - acc[1][r], mask=ok)
+                tl.atomic_add(ws, sums[h][0][r], mask=ok)
                 if not SYMMETRIC:
-                    tl.atomic_add(ws + M * N, acc[2][r] - acc[3][r], mask=ok)
+                    tl.atomic_add(ws + M * N, sums[h][1][r], mask=ok)
         tl.debug_barrier()
         tile = pid_m * tl.num_programs(0) + pid_n
         if tl.atomic_add(lock_ptr + tile, 1) == SPLIT_K - 1:
             # last program of this tile: take the sums and leave zeros for the next call
+            zero = tl.zeros(out_lane.shape, dtype=tl.int32)
             for h in tl.static_range(N_TILES):
                 for r in tl.static_range(4):
                     ws = ws_ptr + rows[r] * N + cols[r] + 8 * h
                     ok = (rows[r] < M) & (cols[r] + 8 * h < N)
-                    sp = tl.atomic_xchg(ws, z, mask=ok)
-                    sn = z
+                    sp = tl.atomic_xchg(ws, zero, mask=ok)
+                    sn = zero
                     if not SYMMETRIC:
-                        sn = tl.atomic_xchg(ws + M * N, z, mask=ok)
+                        sn = tl.atomic_xchg(ws + M * N, zero, mask=ok)
                     _mma_store(sp, sn, rows[r], cols[r] + 8 * h, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
                                stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
             tl.atomic_xchg(lock_ptr + tile, 0)
     else:
         for h in tl.static_range(N_TILES):
-            acc = acc0 if h == 0 else acc1
             for r in tl.static_range(4):
-                _mma_store(acc[0][r] - acc[1][r], acc[2][r] - acc[3][r], rows[r], cols[r] + 8 * h, alpha_p_ptr,
-                           alpha_n_ptr, bias_ptr, c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+                _mma_store(sums[h][0][r], sums[h][1][r], rows[r], cols[r] + 8 * h, alpha_p_ptr, alpha_n_ptr,
+                           bias_ptr, c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
 
 
 # From this many rows up, trits go through the MMA kernel where the GPU has it. Fewer rows stay on the GEMV,
@@ -1182,20 +1226,30 @@ def _mma_ok(device):
 
 
 def _mma_config(M, N, KW, sms, symmetric):
-    """The MMA kernel's meta-parameters by shape: the fastest in sweeps on an H200 (row-major operands,
-    TTQ scales / one scale; warps 1, 2, 4, n-tiles 1, 2, stages 1 to 6, split-K 1, 2, 4; README: Speed).
-    Up to 32 rows the weight stream is the work, and bytes in flight are what count: a deep pipeline
-    (16x8192x8192 10.6 / 10.9 us with 4 stages, 10.7 / 10.9 with 6; 16x4096x4096 6.2 / 6.5 with 6, and 4
-    not among the five best). Two n-tiles a warp share A's registers where there are programs enough for the SMs
-    (16x1024x1024: one). Split-K never won in the sweeps; it is left for few programs over long K."""
-    n_tiles = 2 if 2 * triton.cdiv(N, 32) >= sms else 1
+    """The MMA kernel's meta-parameters by shape: the fastest in sweeps on an H200 (row-major operands, TTQ
+    scales / one scale; warps 1 to 8, of them 1 to 8 splitting K, n-tiles 1, 2, 4, stages 1 to 6, split-K 1,
+    2, 4; README: Speed). Up to 32 rows the weight stream is the work, and bytes in flight are what count: a
+    deep pipeline (16x8192x8192 10.4 / 10.6 us with 4 stages; 16x4096x4096 6.1 / 6.5 with 6). With one
+    scale, 4 warps splitting each tile's K keep more loads in flight (16x8192x8192 9.1, 16x4096x4096 5.6,
+    4x4096x4096 5.4); with TTQ scales they do not (11.7, 6.5). From 17 rows on, 4 n-tiles a warp share A's
+    registers 4 ways where there are programs enough (32x8192x8192 12.5 against 13.2 us; 4096^3 208 against
+    302, 640000x128x1600 1105 against 1523 with TTQ scales). Split-K never won; it is left for few programs
+    over long K."""
+    programs = lambda n_tiles: triton.cdiv(M, 16) * triton.cdiv(N, 16 * n_tiles)   # 2 warps side by side
+    if M <= 32 and symmetric and KW >= 128:
+        return dict(WARPS=4, K_WARPS=4 if M <= 16 else 2, N_TILES=1, STAGES=1, SPLIT_K=1, num_warps=4)
     if M <= 32:
+        n_tiles = 4 if M > 16 and programs(4) >= sms else 2 if 2 * triton.cdiv(N, 32) >= sms else 1
         stages = 4 if KW >= 256 else 6
+    elif KW >= 128 or programs(4) >= 8 * sms:
+        # 128x4096x4096 10.9 / 11.0 us against 12.0 / 11.8 on 2 n-tiles; 1024x4096x4096 58 / 57 against 77 / 55
+        n_tiles = 4
+        stages = 3 if M <= 256 else 2 if KW >= 128 and not symmetric else 1
     else:
-        stages = 3 if M <= 256 else 1   # 256x4096x4096 21.9 / 18.1 us; 4096^3 (one stage) 263 / 192
-    programs = triton.cdiv(M, 16) * triton.cdiv(N, 16 * n_tiles)
-    return dict(WARPS=2, N_TILES=n_tiles, STAGES=stages, num_warps=2,
-                SPLIT_K=_split_k(programs, KW, sms, per_sm=1, min_k=256))
+        n_tiles = 2 if 2 * triton.cdiv(N, 32) >= sms else 1
+        stages = 3 if M <= 256 else 1
+    return dict(WARPS=2, K_WARPS=1, N_TILES=n_tiles, STAGES=stages, num_warps=2,
+                SPLIT_K=_split_k(programs(n_tiles), KW, sms, per_sm=1, min_k=256))
 
 
 def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=False):
@@ -1415,9 +1469,10 @@ def _launch_mma(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, 
     split = meta.setdefault("SPLIT_K", 1)
     meta.setdefault("STAGES", 1)
     meta.setdefault("N_TILES", 1)
+    k_warps = meta.setdefault("K_WARPS", 1)
     warps = meta.setdefault("WARPS", meta.get("num_warps", 4))
     meta["num_warps"] = warps
-    grid = (triton.cdiv(N, 8 * warps * meta["N_TILES"]), triton.cdiv(M, 16), split)
+    grid = (triton.cdiv(N, 8 * warps // k_warps * meta["N_TILES"]), triton.cdiv(M, 16), split)
     ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1]) if split > 1 else (c, c)
     symmetric = alpha_n is None
     _launch_gemm.compiled = _ternary_mma_kernel[grid](
@@ -1891,8 +1946,9 @@ def _bench_gemm_row(M, N, K, bw, popc_rate, mma_rate):
     t3 = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
     t2 = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, None, None, out=c)
     x = torch.randn(M, K, device="cuda")
+    xh = x.half()   # the activations gemlite's A16 layer takes, and pack+t3 with it
     def packed(i):
-        p, n = _pack_matrix(x, mode=1, threshold=0.5)
+        p, n = _pack_matrix(xh, mode=1, threshold=0.5)
         return _launch_gemm(p[None], n[None], *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
     wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(_rotation(2 * N * K))]
     xb = x.bfloat16()
@@ -1904,7 +1960,6 @@ def _bench_gemm_row(M, N, K, bw, popc_rate, mma_rate):
         w0 = unpack_bitplanes(*ws[0], K)
         layers = [_gemlite_ternary(w0)] + [_gemlite_ternary(unpack_bitplanes(*w, K)) for w in ws[1:]]   # same rotation
         if layers[0] is not None:
-            xh = x.half()
             ref = xh.float() @ w0.float().T
             err = ((layers[0](xh).float() - ref).norm() / ref.norm()).item()
             if not err < 1e-2:   # time no peer that computes something else
@@ -1944,8 +1999,9 @@ TUNE_CONFIGS = {
             + [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, CSA=csa, num_warps=bn // 32) for bm in (4, 8)
                for bn in (32, 64, 128) for sk in (1, 4) for csa in (False, True)],
     # the single-bit MMA kernel (sm_80 and later)
-    "mma": [dict(WARPS=w, N_TILES=nt, STAGES=st, SPLIT_K=sk) for w in (1, 2, 4) for nt in (1, 2)
-            for st in (1, 3, 4, 6) for sk in (1, 2)],
+    "mma": [dict(WARPS=w, K_WARPS=kw, N_TILES=nt, STAGES=st, SPLIT_K=sk)
+            for w, kw in ((2, 1), (4, 1), (4, 2), (4, 4), (8, 4), (8, 8)) for nt in (1, 2, 4) for st in (1, 2, 4)
+            for sk in (1, 2)],
 }
 
 
@@ -2054,11 +2110,15 @@ def _sass_report(folder):
                ("conv_bitserial8_pool_pack", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False,
                                                                         BLOCK_M=8, BLOCK_N=64, IMPLICIT=True, POOL=2,
                                                                         PACK_OUT=True), pixels, 1)]
-    # the MMA kernel as launched at 16x8192x8192 (row-major operands: unit K strides)
-    mma = dict(HAS_BIAS=True, WARPS=2, N_TILES=2, SPLIT_K=1, STAGES=4, EMULATE=False)
+    # the MMA kernel as launched (row-major operands: unit K strides) at 16x8192x8192 (TTQ scales; one scale:
+    # 4 warps splitting K) and at 4096^3 (4 n-tiles a warp)
+    mma = dict(HAS_BIAS=True, WARPS=2, K_WARPS=1, N_TILES=2, SPLIT_K=1, STAGES=4, EMULATE=False)
     rows_major = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("stride_am", "stride_bn", "stride_cm"))
     kernels += [("mma_3popc", _ternary_mma_kernel, dict(mma, SYMMETRIC=False), rows_major, 2),
-                ("mma_2popc", _ternary_mma_kernel, dict(mma, SYMMETRIC=True), rows_major, 2)]
+                ("mma_2popc_kwarps", _ternary_mma_kernel, dict(mma, SYMMETRIC=True, WARPS=4, K_WARPS=4, N_TILES=1,
+                                                               STAGES=1), rows_major, 4),
+                ("mma_3popc_4tiles", _ternary_mma_kernel, dict(mma, SYMMETRIC=False, N_TILES=4, STAGES=2),
+                 rows_major, 2)]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs, (ones, div16), warps in kernels:
         constexprs = dict(constexprs, **ones)
@@ -2138,7 +2198,7 @@ def _bench_main():
           "gives them, row-major); t3: TTQ scales; t2: one scale; kern: the kernel t3 runs on (mma: single-bit "
           "tensor-core MMA; gemv, tile: POPC on the CUDA cores); %unit: t3 against that unit's ceiling above (the "
           "MMA's 4 per [16 x 8] outputs x 256 trits, or 3 popcounts per word pair, passed where carry-save adders "
-          "count 3 words with 2); pack+t3: float activations packed first; eager: one Python call; gemlite "
+          "count 3 words with 2); pack+t3: fp16 activations (as gemlite takes them) packed first; eager: one Python call; gemlite "
           "(if installed): its A16W158 layer, ternary weights and fp16 activations; gl/t3, gl/p+t3 > 1: we are faster")
     hdr = (f"{'M':>6} {'N':>5} {'K':>5} | {'t3':>8} {'t2':>8} {'pack+t3':>8} {'bf16':>8} {'fp32':>8} | {'kern':>4} {'TOP/s':>6} "
            f"{'%unit':>5} {'%BW':>4} | {'bf16/t3':>7} {'bf16/t2':>7} | {'t3 eager':>8} {'bf16 eager':>10} | "

@@ -179,16 +179,19 @@ def test_gemm_planes_in_two_layouts(M):
 def test_mma_kernel_exact(M, N, K):
     # the single-bit MMA kernel (emulated by tensor ops in the interpreter, the tensor cores' mma.sync on a GPU)
     # gives the exact sums: one row tile partly masked (5 rows) or two (20), partial n-tiles, K ragged at both
-    # word and 16-word granularity; 1 and 2 n-tiles a warp, split-K with an empty split (3 splits of 16 words
-    # over 10 or 22 words), the pipelined loop; row-major and K-word-major operands
+    # word and 16-word granularity; 1, 2 and 4 n-tiles a warp, split-K with an empty split (3 splits of 16 words
+    # over 10 or 22 words), warps splitting K (their sums meet in shared memory; with 10 or 22 words, 3 or 2 of
+    # 4 warps get none), the pipelined loop; row-major and K-word-major operands
     a, w = rand_trits(M, K), rand_trits(N, K)
     ap, an = pack_bitplanes(a)
     wp, wn = pack_bitplanes(w)
     sp, sn = int_sums(a, w)
     one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
+    k_major = (wp.t().contiguous().t(), wn.t().contiguous().t())
     configs = (dict(WARPS=1, N_TILES=1), dict(WARPS=2, N_TILES=2, SPLIT_K=3, STAGES=2),
-               dict(WARPS=4, N_TILES=1, SPLIT_K=2, STAGES=3))
-    for config, (wp_, wn_) in zip(configs, ((wp, wn), (wp.t().contiguous().t(), wn.t().contiguous().t()), (wp, wn))):
+               dict(WARPS=4, N_TILES=1, SPLIT_K=2, STAGES=3), dict(WARPS=4, K_WARPS=4, N_TILES=1),
+               dict(WARPS=4, K_WARPS=2, N_TILES=4, SPLIT_K=2, STAGES=2))
+    for config, (wp_, wn_) in zip(configs, ((wp, wn), k_major, (wp, wn), (wp, wn), k_major)):
         run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n, None,
                                                               ("mma", config))
         assert torch.equal(run(one, zero).cpu().long(), sp), config
@@ -1470,10 +1473,10 @@ def test_sass_has_popc_and_no_spills(tmp_path):
         assert counts[name]["POPC"] >= n, (name, counts[name])
         sass = (tmp_path / f"{name}.sass").read_text()
         assert "0x55555555" not in sass and "0x33333333" not in sass, f"{name}: SWAR popcount left in SASS"
-    # the MMA kernel: 2 n-tiles x 8 single-bit MMAs per 16 K words, no popcount on the CUDA cores, and its
+    # the MMA kernel: n-tiles x 8 single-bit MMAs per 16 K words, no popcount on the CUDA cores, and its
     # fragments in the layout they assume (one element a thread, lane-major), or the sums would be garbage
-    for name in ("mma_3popc", "mma_2popc"):
-        assert counts[name]["BMMA"] >= 16 and counts[name]["POPC"] == 0, (name, counts[name])
+    for name, n_tiles in (("mma_3popc", 2), ("mma_2popc_kwarps", 1), ("mma_3popc_4tiles", 4)):
+        assert counts[name]["BMMA"] >= 8 * n_tiles and counts[name]["POPC"] == 0, (name, counts[name])
         assert counts[name]["lanes"] == "ok", (name, counts[name]["lanes"])
     # the GEMVs launch with programmatic dependent launch: griddepcontrol.wait and .launch_dependents compile
     # to ACQBULK and PREEXIT
