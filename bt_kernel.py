@@ -1233,7 +1233,7 @@ def _mma_config(M, N, KW, sms, symmetric):
     scale, 4 warps splitting each tile's K keep more loads in flight (16x8192x8192 9.1, 16x4096x4096 5.6,
     4x4096x4096 5.4); with TTQ scales they do not (11.7, 6.5). From 17 rows on, 4 n-tiles a warp share A's
     registers 4 ways where there are programs enough (32x8192x8192 12.5 against 13.2 us; 4096^3 208 against
-    302, 640000x128x1600 1105 against 1523 with TTQ scales). Split-K never won; it is left for few programs
+    302, 640000x128x1600 1152 against 1523 with TTQ scales). Split-K never won; it is left for few programs
     over long K."""
     programs = lambda n_tiles: triton.cdiv(M, 16) * triton.cdiv(N, 16 * n_tiles)   # 2 warps side by side
     if M <= 32 and symmetric and KW >= 128:
