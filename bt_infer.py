@@ -372,6 +372,8 @@ def _fused_plan(layers, input_shape):
                 step["conv"] = ((H, W), 1)
             trits = bt_kernel.unpack_bitplanes(rec["pos"], rec["neg"], K).view(N, K // (kh * kw), kh, kw)
             step["pos"], step["neg"] = bt_kernel.pack_conv_weight(trits)
+            if bt_kernel._mma_ok(trits.device):   # the MMA kernel loads row-major weights in 16-byte vectors
+                step["pos"], step["neg"] = step["pos"].contiguous(), step["neg"].contiguous()
             steps[-1]["threshold"] = rec["act_delta"]
         steps.append(step)
         if kind == "conv":
@@ -843,15 +845,16 @@ def bench_against_float(state, images, triton_seconds):
 def bench_layers(state, images, reps=20):
     """Where the fused engine's time goes: each of its kernels alone on the activations of these images, as
     GPU time (CUDA-graph replays, no launch overhead) and as one eager call (CUDA events, host work
-    included), with its GEMM shape and the popcount floor at the card's measured popcount rate."""
+    included), with its GEMM shape, the kernel it runs on, and its floor at the card's measured rate of that
+    kernel's unit (single-bit MMAs on the tensor cores, or popcounts on the CUDA cores)."""
     steps = state["fused_steps"]
     if steps is None:
         print("per layer: the fused engine does not cover this network (the layer-by-layer engine ran)")
         return
     timed = lambda fn: (bt_kernel._graph_ms(lambda i: fn(), calls=3, rep=reps) * 1e3, _event_seconds(fn, reps) * 1e6)
-    _, popc_rate, _ = bt_kernel._ceilings()
+    _, popc_rate, mma_rate = bt_kernel._ceilings()
     x = _images_4d(images, state["input_shape"], "images")
-    rows = [("pixels -> bit planes (pack_im2col)", "", "", *timed(lambda: _fused_input(steps, x)), None)]
+    rows = [("pixels -> bit planes (pack_im2col)", "", "", "", *timed(lambda: _fused_input(steps, x)), None)]
     a = _fused_input(steps, x)
     counts = {}
     for st in steps:
@@ -863,23 +866,27 @@ def bench_layers(state, images, reps=20):
         bits, B, H, W = (a[0].shape[0], *a[0].shape[1:4]) if a[1] is None else (None, *a[0].shape[:3])
         M = B * ((H - kh) // stride + 1) * ((W - kw) // stride + 1)
         N, KW = st["pos"].shape
-        popcounts = M * N * KW * (2 * bits if bits else 2 if rec["alpha_n"] is None else 3)
+        kind = bt_kernel._conv_config(M, N, KW, bits is not None, a[0].device, rec["alpha_n"] is None)[0]
+        if kind == "mma":   # 4 MMAs per [16 x 8] outputs and 256 trits, whole tiles
+            floor = math.ceil(M / 16) * math.ceil(N / 8) * math.ceil(KW / 8) * 4 / mma_rate
+        else:
+            floor = M * N * KW * (2 * bits if bits else 2 if rec["alpha_n"] is None else 3) / popc_rate
         call = lambda a=a, st=st: _fused_step(st, a)
         what = (f"{name}{counts[name]} {rec['out_features']} out" + (f", {bits}-bit pixels" if bits else "")
                 + (", + pool" if st["pool"] > 1 else "") + (", + pack" if st["threshold"] is not None else ", float"))
-        rows.append((what, f"{M}x{N}x{rec['in_features']}", f"{bits or 1} x {KW}", *timed(call),
-                     popcounts / popc_rate * 1e6))
+        rows.append((what, f"{M}x{N}x{rec['in_features']}", f"{bits or 1} x {KW}", "mma" if kind == "mma" else "tile",
+                     *timed(call), floor * 1e6))
         a = call()
         a = a if isinstance(a, tuple) else (a, None)
-    total, total_eager = sum(r[3] for r in rows), sum(r[4] for r in rows)
-    print(f"per layer (each kernel alone: GPU time from CUDA-graph replays, and one eager call; popcount floor at "
-          f"{popc_rate:.3g}/s measured here):")
-    print(f"  {'step':<40}{'GEMM M x N x K':>18}{'planes x words':>16}{'us':>8}{'share':>7}{'eager us':>10}"
+    total, total_eager = sum(r[4] for r in rows), sum(r[5] for r in rows)
+    print(f"per layer (each kernel alone: GPU time from CUDA-graph replays, and one eager call; floors at the rates "
+          f"measured here: {mma_rate:.3g} single-bit MMAs/s (mma), {popc_rate:.3g} popcounts/s (tile)):")
+    print(f"  {'step':<40}{'GEMM M x N x K':>18}{'planes x words':>16}{'kern':>6}{'us':>8}{'share':>7}{'eager us':>10}"
           f"{'floor us':>10}{'of floor':>9}")
-    for what, shape, words, us, us_eager, floor in rows:
+    for what, shape, words, kern, us, us_eager, floor in rows:
         tail = f"{floor:10.0f}{100 * floor / us:8.0f}%" if floor else ""
-        print(f"  {what:<40}{shape:>18}{words:>16}{us:8.0f}{100 * us / total:6.0f}%{us_eager:10.0f}{tail}")
-    print(f"  {'sum':<40}{'':>18}{'':>16}{total:8.0f}{'':>7}{total_eager:10.0f}")
+        print(f"  {what:<40}{shape:>18}{words:>16}{kern:>6}{us:8.0f}{100 * us / total:6.0f}%{us_eager:10.0f}{tail}")
+    print(f"  {'sum':<40}{'':>18}{'':>16}{'':>6}{total:8.0f}{'':>7}{total_eager:10.0f}")
 
 
 if __name__ == "__main__":

@@ -651,11 +651,12 @@ def _conv_rows(m0, offs, M, OH, OW, POOL: tl.constexpr):
 def _gather_patches_kernel(
     # pointers
     map_pos_ptr, map_neg_ptr,     # packed maps [B, H, W, CW] uint32, trits (any strides)
-    out_pos_ptr, out_neg_ptr,     # patch planes, K-word-major: word k of row m at k * LD + m
+    out_pos_ptr, out_neg_ptr,     # patch planes [M, KW]: K-word-major (the tile kernel's) or row-major (the MMA's)
     # sizes
-    M, LD, OH, OW, KX, CW, KW, conv_stride,
+    M, OH, OW, KX, CW, KW, conv_stride,
     # strides (elements)
     stride_mb, stride_my, stride_mx, stride_mc,
+    stride_om, stride_ok,
     # meta-parameters
     POOL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -667,7 +668,7 @@ def _gather_patches_kernel(
     src = (b * stride_mb + oy * conv_stride * stride_my + ox * conv_stride * stride_mx)[None, :] + \
           ((tap // KX) * stride_my + (tap % KX) * stride_mx + (k % CW) * stride_mc)[:, None]
     ok = (k < KW)[:, None] & (m < M)[None, :]
-    dst = k[:, None] * LD + m[None, :]
+    dst = k[:, None] * stride_ok + m[None, :] * stride_om
     tl.store(out_pos_ptr + dst, tl.load(map_pos_ptr + src, mask=ok, other=0), mask=ok)
     tl.store(out_neg_ptr + dst, tl.load(map_neg_ptr + src, mask=ok, other=0), mask=ok)
 
@@ -1093,21 +1094,48 @@ def _tile_sums(acc, SYMMETRIC: tl.constexpr, K_WARPS: tl.constexpr):
 
 
 @triton.jit
+def _n_tile_2d(x, CW: tl.constexpr):
+    """One n-tile's 4 fragment registers [32 * CW] as a [16, CW, 8] tile: rows, warps, columns."""
+    lo = tl.reshape(tl.join(x[0], x[1]), (CW, 8, 8))   # [warp, row g, column 2 t + (0, 1)]
+    hi = tl.reshape(tl.join(x[2], x[3]), (CW, 8, 8))   # rows g + 8
+    return tl.reshape(tl.permute(tl.join(lo, hi), (3, 1, 0, 2)), (16, CW, 8))
+
+
+@triton.jit
+def _fragments_2d(sums, which, N_TILES: tl.constexpr, CW: tl.constexpr):
+    """Sp (which 0) or Sn (1) of all n-tiles as [16, CW * N_TILES * 8]: column (warp * N_TILES + h) * 8 + c."""
+    t0 = _n_tile_2d(sums[0][which], CW)
+    if N_TILES == 1:
+        return tl.reshape(t0, (16, CW * 8))
+    elif N_TILES == 2:
+        x = tl.permute(tl.join(t0, _n_tile_2d(sums[1][which], CW)), (0, 1, 3, 2))   # [16, CW, h, 8]
+        return tl.reshape(x, (16, CW * 16))
+    else:
+        x = tl.join(tl.join(t0, _n_tile_2d(sums[1][which], CW)),
+                    tl.join(_n_tile_2d(sums[2][which], CW), _n_tile_2d(sums[3][which], CW)))   # [16, CW, 8, a, b]
+        return tl.reshape(tl.permute(x, (0, 1, 4, 3, 2)), (16, CW * 32))   # h = 2 b + a
+
+
+@triton.jit
 def _ternary_mma_kernel(
     # pointers
     a_pos_ptr, a_neg_ptr,         # activations [M, KW] uint32, trits (K words contiguous suit it best)
     b_pos_ptr, b_neg_ptr,         # weights [N, KW] uint32 (row-major suits it best)
     alpha_p_ptr, alpha_n_ptr, bias_ptr,
-    c_ptr,                        # [M, N] float32
+    c_ptr,                        # [M, N] float32, or [M / POOL^2, ceil(N / 32)] uint32 pos words (PACK_OUT)
+    c_neg_ptr,                    # neg words (PACK_OUT)
     ws_ptr, lock_ptr,             # split-K workspace, as in the tile kernel
     # sizes
     M, N, KW,
+    threshold,                    # PACK_OUT: the output's ternary threshold
     # strides (elements)
     stride_am, stride_ak,
     stride_bn, stride_bk,
     stride_cm, stride_cn,
     # meta-parameters
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    POOL: tl.constexpr,           # 2: max-pool windows of 4 consecutive rows (the conv's gathered patches)
+    PACK_OUT: tl.constexpr,       # ternarize and pack the output (the tile kernel's epilogue, on a 2D tile)
     WARPS: tl.constexpr,          # = num_warps: each warp one [16 rows x 8 N_TILES columns] tile
     N_TILES: tl.constexpr,        # 1, 2 or 4 n-tiles of 8 columns a warp, sharing A's registers
     K_WARPS: tl.constexpr,        # warps sharing each tile, each taking 16 words of every 16 K_WARPS
@@ -1163,7 +1191,16 @@ def _ternary_mma_kernel(
     row_lo, _, col_t = _mma_lanes(out_lane, pid_m, pid_n, COL_WARPS, N_TILES)
     rows = (row_lo, row_lo, row_lo + 8, row_lo + 8)
     cols = (col_t, col_t + 1, col_t, col_t + 1)
-    if SPLIT_K > 1:
+    if PACK_OUT or POOL > 1:
+        # the fragments as one [16, COL_WARPS * 8 * N_TILES] tile for the tile kernel's epilogue, which pools
+        # rows and packs 32 columns a word
+        tl.static_assert(SPLIT_K == 1 and (COL_WARPS * N_TILES) % 4 == 0)
+        offs_m = pid_m * 16 + tl.arange(0, 16)
+        offs_n = pid_n * (COL_WARPS * 8 * N_TILES) + tl.arange(0, COL_WARPS * 8 * N_TILES)
+        _epilogue(_fragments_2d(sums, 0, N_TILES, COL_WARPS), _fragments_2d(sums, 1, N_TILES, COL_WARPS), offs_m,
+                  offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, M, N, stride_cm, stride_cn,
+                  threshold, SYMMETRIC, HAS_BIAS, PACK_OUT, POOL)
+    elif SPLIT_K > 1:
         for h in tl.static_range(N_TILES):
             for r in tl.static_range(4):
                 ws = ws_ptr + rows[r] * N + cols[r] + 8 * h
@@ -1382,6 +1419,8 @@ def _conv_config(M, N, KW, bit_serial, device, symmetric=False):
     epilogue) serves more outputs; 4 rows with a K loop. 5760000x64x25, 8 planes, TTQ scales / one scale:
     2005 / 1844 us against 2256 / 2150 for [4 x 64] before the window math went per window (16 rows: 1950,
     but 168 registers and a spill on Triton 3.8; [16 x 64] on 4 warps, the sixth session's: 2634)."""
+    if not bit_serial and _mma_ok(device):
+        return "mma", _mma_config(M, N, KW, _sm_count(device), symmetric)
     if not bit_serial:
         return "im2col", _thin_tile(M, N, _sm_count(device), symmetric)
     if not _INTERPRET:
@@ -1394,33 +1433,50 @@ def _conv_config(M, N, KW, bit_serial, device, symmetric=False):
 _PATCH_WORDS = 1 << 25   # words per patch plane and chunk (128 MB)
 
 
-def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias, out, out_neg, meta, OH, OW, kx, stride,
-                     pool, threshold):
+def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias, out, out_neg, kind, meta, OH, OW, kx,
+                     stride, pool, threshold):
     """ternary_conv_packed on trits through explicit patch planes, no checks: the patches of a chunk of images
-    are gathered into K-word-major planes (rows in the implicit GEMM's pooling-window order, so that the
-    GEMM's epilogue pools and packs as it does there), then a plain GEMM runs on them. Chunks keep the
-    planes under 2 x 128 MB (the default conv2 on 10k images: 2 x 128 MB, one chunk)."""
+    are gathered into packed planes (rows in the implicit GEMM's pooling-window order, so that the GEMM's
+    epilogue pools and packs as it does there), then a plain GEMM runs on them: kind "im2col", the tile
+    kernel's thin tiles on K-word-major planes; "mma", the MMA kernel on row-major planes, rows padded to 16
+    words so that they load in 16-byte vectors. Chunks keep the planes under 2 x 128 MB (the default conv2
+    on 10k images: 2 x 128 MB, one chunk, K-word-major)."""
     B, H, W, CW = a_pos.shape
     N, KW = w_pos.shape
     rows = (OH // pool) * (OW // pool) * pool * pool   # per image
-    images = max(1, min(B, _PATCH_WORDS // max(1, rows * KW)))
-    ld = triton.cdiv(images * rows, 16) * 16           # a 16-divisible K stride lets the GEMM load rows in vectors
-    planes = torch.empty((2, KW, ld), dtype=torch.uint32, device=a_pos.device)
+    mma = kind == "mma"
+    row_words = triton.cdiv(KW, 16) * 16 if mma else KW
+    images = max(1, min(B, _PATCH_WORDS // max(1, rows * row_words)))
+    if mma:
+        planes = torch.empty((2, images * rows, row_words), dtype=torch.uint32, device=a_pos.device)
+        if w_pos.stride(1) != 1:   # pack_conv_weight's K-word-major planes cost the MMA kernel a load per word
+            w_pos, w_neg = w_pos.contiguous(), w_neg.contiguous()
+        if threshold is not None or pool > 1:   # the epilogue packs whole words of one 2D tile
+            meta = dict(meta, SPLIT_K=1, K_WARPS=1, N_TILES=4)
+    else:
+        ld = triton.cdiv(images * rows, 16) * 16        # a 16-divisible K stride lets the GEMM load rows in vectors
+        planes = torch.empty((2, KW, ld), dtype=torch.uint32, device=a_pos.device).transpose(1, 2)
     block_r, block_k = (32, 4) if _INTERPRET else (128, 8)
     words = out.shape[-1]
     for b0 in range(0, B, images):
         b1 = min(B, b0 + images)
         M = (b1 - b0) * rows
         _gather_patches_kernel[(triton.cdiv(M, block_r), triton.cdiv(KW, block_k))](
-            a_pos[b0:b1], a_neg[b0:b1], planes[0], planes[1], M, ld, OH, OW, kx, CW, KW, stride,
-            *a_pos.stride(), POOL=pool, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
-        m = dict(meta)
-        if "SPLIT_K" not in m:
-            tiles = triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])
-            m["SPLIT_K"] = _split_k(tiles, KW, _sm_count(a_pos.device))
-        a = planes[:, :, :M].transpose(1, 2)            # [2, M, KW], K-word-major
-        _launch_tile(a[0:1], a[1:2], w_pos, w_neg, alpha_p, alpha_n, bias, out[b0:b1].view(-1, words),
-                     out_neg[b0:b1].view(-1, words), m, M, N, KW, pool=pool, threshold=threshold)
+            a_pos[b0:b1], a_neg[b0:b1], planes[0], planes[1], M, OH, OW, kx, CW, KW, stride,
+            *a_pos.stride(), planes.stride(1), planes.stride(2), POOL=pool, BLOCK_R=block_r, BLOCK_K=block_k,
+            num_warps=4)
+        a = planes[:, :M]                               # [2, M, KW]
+        c, c_neg = out[b0:b1].view(-1, words), out_neg[b0:b1].view(-1, words)
+        if mma:
+            _launch_mma(a[0], a[1], w_pos, w_neg, alpha_p, alpha_n, bias, c, meta, M, N, KW, c_neg=c_neg, pool=pool,
+                        threshold=threshold)
+        else:
+            m = dict(meta)
+            if "SPLIT_K" not in m:
+                tiles = triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])
+                m["SPLIT_K"] = _split_k(tiles, KW, _sm_count(a_pos.device))
+            _launch_tile(a[0:1], a[1:2], w_pos, w_neg, alpha_p, alpha_n, bias, c, c_neg, m, M, N, KW, pool=pool,
+                         threshold=threshold)
 
 
 _WORKSPACE = {}
@@ -1463,8 +1519,10 @@ def _launch_tile(a, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c_neg, meta,
     return c
 
 
-def _launch_mma(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, N, KW):
-    """The MMA kernel, no checks: trits a_pos, a_neg [M, KW]."""
+def _launch_mma(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, N, KW, c_neg=None, pool=1,
+                threshold=None):
+    """The MMA kernel, no checks: trits a_pos, a_neg [M, KW] into c [M, N]; or, pooled (pool 2: windows of 4
+    consecutive rows) and/or packed at threshold, into c [M / pool^2, N or words] (and c_neg)."""
     meta = dict(meta)
     split = meta.setdefault("SPLIT_K", 1)
     meta.setdefault("STAGES", 1)
@@ -1477,8 +1535,10 @@ def _launch_mma(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, 
     symmetric = alpha_n is None
     _launch_gemm.compiled = _ternary_mma_kernel[grid](
         a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n, alpha_p if bias is None else bias,
-        c, ws, locks, M, N, KW, a_pos.stride(0), a_pos.stride(1), b_pos.stride(0), b_pos.stride(1), c.stride(0),
-        c.stride(1), SYMMETRIC=symmetric, HAS_BIAS=bias is not None, EMULATE=_INTERPRET, **meta)
+        c, c if c_neg is None else c_neg, ws, locks, M, N, KW, 0.0 if threshold is None else float(threshold),
+        a_pos.stride(0), a_pos.stride(1), b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
+        SYMMETRIC=symmetric, HAS_BIAS=bias is not None, POOL=pool, PACK_OUT=threshold is not None,
+        EMULATE=_INTERPRET, **meta)
     return c
 
 
@@ -1586,9 +1646,9 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
                         pool=1, threshold=None, config=None):
     """One conv (or linear) layer of an inference chain on channel-packed maps: a popcount GEMM that can
     max-pool, ternarize and pack its output for the next layer, so that no float activation ever reaches
-    memory. On trits the conv's patches are gathered first into packed K-word-major planes (2 bits a
-    trit, in chunks of at most 2 x 128 MB), where the GEMM runs its fastest tiles; bit-serial pixels are
-    read in place (implicit GEMM).
+    memory. On trits the conv's patches are gathered first into packed planes (2 bits a trit, in chunks of
+    at most 2 x 128 MB), where the GEMM runs its fastest tiles: the single-bit MMA's on sm_80 and later,
+    else the CUDA cores'; bit-serial pixels are read in place (implicit GEMM).
 
     a_pos, a_neg: uint32 [B, H, W, CW] maps of trits, bit j of word w at (b, y, x) = channel 32 w + j
         (any strides: pack_bitplanes(x_nhwc.reshape(-1, C)) viewed as [B, H, W, CW], or this function's
@@ -1598,8 +1658,9 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
     kernel_size, stride: the conv's (no padding). pool: 1, or 2 for 2x2 max-pooling with stride 2 (floor).
     threshold: None gives float32 [B, PH, PW, N], exactly as ternary_gemm_triton on the im2col planes;
         a number t >= 0 gives (pos, neg) uint32 [B, PH, PW, ceil(N / 32)], the output ternarized at t.
-    config: None (chosen by shape), or ("im2col", meta) / ("tile", meta): gathered patches or the implicit
-        GEMM, with the tile kernel's meta-parameters (bit-serial A is always implicit).
+    config: None (chosen by shape), or ("mma", meta) / ("im2col", meta) / ("tile", meta): gathered patches on
+        the MMA kernel or the tile kernel, or the implicit GEMM, with that kernel's meta-parameters
+        (bit-serial A is always implicit, on the tile kernel).
     """
     bit_serial = a_neg is None
     for name, t in (("a_pos", a_pos), ("w_pos", w_pos), ("w_neg", w_neg)) + (() if bit_serial else (("a_neg", a_neg),)):
@@ -1647,10 +1708,11 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
     if M:
         kind, meta = config or _conv_config(M, N, KW, bit_serial, a_pos.device, symmetric=alpha_n is None)
         scales = _f32(alpha_p), _f32(alpha_n), _f32(bias)
-        if kind not in ("im2col", "tile"):
-            raise ValueError(f"config must be ('im2col' or 'tile', meta-parameters), got kind {kind!r}")
-        if kind == "im2col" and not bit_serial:
-            _conv_by_patches(a_pos, a_neg, w_pos, w_neg, *scales, out, out_neg, meta, OH, OW, kx, stride, pool,
+        if kind not in ("im2col", "tile", "mma") or (kind == "mma" and bit_serial):
+            raise ValueError(f"config must be ('im2col', 'tile' or, on trits, 'mma', meta-parameters), got kind "
+                             f"{kind!r}{' on bit-serial pixels' if bit_serial else ''}")
+        if kind in ("im2col", "mma") and not bit_serial:
+            _conv_by_patches(a_pos, a_neg, w_pos, w_neg, *scales, out, out_neg, kind, meta, OH, OW, kx, stride, pool,
                              threshold)
         else:
             _launch_tile(a, None if bit_serial else a_neg[None], w_pos, w_neg, *scales, out, out_neg, meta, M, N, KW,
@@ -2111,14 +2173,17 @@ def _sass_report(folder):
                                                                         BLOCK_M=8, BLOCK_N=64, IMPLICIT=True, POOL=2,
                                                                         PACK_OUT=True), pixels, 1)]
     # the MMA kernel as launched (row-major operands: unit K strides) at 16x8192x8192 (TTQ scales; one scale:
-    # 4 warps splitting K) and at 4096^3 (4 n-tiles a warp)
-    mma = dict(HAS_BIAS=True, WARPS=2, K_WARPS=1, N_TILES=2, SPLIT_K=1, STAGES=4, EMULATE=False)
+    # 4 warps splitting K), at 4096^3 (4 n-tiles a warp) and as the engine's conv2 (pooled, packed output)
+    mma = dict(HAS_BIAS=True, WARPS=2, K_WARPS=1, N_TILES=2, SPLIT_K=1, STAGES=4, POOL=1, PACK_OUT=False,
+               EMULATE=False)
     rows_major = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("stride_am", "stride_bn", "stride_cm"))
     kernels += [("mma_3popc", _ternary_mma_kernel, dict(mma, SYMMETRIC=False), rows_major, 2),
                 ("mma_2popc_kwarps", _ternary_mma_kernel, dict(mma, SYMMETRIC=True, WARPS=4, K_WARPS=4, N_TILES=1,
                                                                STAGES=1), rows_major, 4),
                 ("mma_3popc_4tiles", _ternary_mma_kernel, dict(mma, SYMMETRIC=False, N_TILES=4, STAGES=2),
-                 rows_major, 2)]
+                 rows_major, 2),
+                ("mma_3popc_pool_pack", _ternary_mma_kernel, dict(mma, SYMMETRIC=False, N_TILES=4, STAGES=1, POOL=2,
+                                                                  PACK_OUT=True), rows_major, 2)]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs, (ones, div16), warps in kernels:
         constexprs = dict(constexprs, **ones)

@@ -311,8 +311,11 @@ def _map_planes(t, C):
     return pos.view(B, H, W, -1), neg.view(B, H, W, -1)
 
 
-@pytest.mark.parametrize("config", [None, ("tile", dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4))],
-                         ids=["im2col", "implicit"])   # the default on trits: patches gathered, then a plain GEMM
+# the defaults on trits: patches gathered, then a plain GEMM (on the MMA kernel on sm_80+, else the tile
+# kernel); the MMA kernel with 2 n-tiles (4 where it pools or packs: whole words of a 2D tile); the implicit GEMM
+@pytest.mark.parametrize("config", [None, ("mma", dict(WARPS=2, N_TILES=2, STAGES=2)),
+                                    ("tile", dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4))],
+                         ids=["default", "mma", "implicit"])
 @pytest.mark.parametrize("C, N, size, k, stride, pool, symmetric", [
     (37, 40, 7, 3, 1, 2, False),    # words padded on both sides, odd map: floor pooling
     (5, 64, 6, 2, 2, 1, False),     # stride 2, no pooling
@@ -1475,7 +1478,8 @@ def test_sass_has_popc_and_no_spills(tmp_path):
         assert "0x55555555" not in sass and "0x33333333" not in sass, f"{name}: SWAR popcount left in SASS"
     # the MMA kernel: n-tiles x 8 single-bit MMAs per 16 K words, no popcount on the CUDA cores, and its
     # fragments in the layout they assume (one element a thread, lane-major), or the sums would be garbage
-    for name, n_tiles in (("mma_3popc", 2), ("mma_2popc_kwarps", 1), ("mma_3popc_4tiles", 4)):
+    for name, n_tiles in (("mma_3popc", 2), ("mma_2popc_kwarps", 1), ("mma_3popc_4tiles", 4),
+                          ("mma_3popc_pool_pack", 4)):
         assert counts[name]["BMMA"] >= 8 * n_tiles and counts[name]["POPC"] == 0, (name, counts[name])
         assert counts[name]["lanes"] == "ok", (name, counts[name]["lanes"])
     # the GEMVs launch with programmatic dependent launch: griddepcontrol.wait and .launch_dependents compile
