@@ -1711,6 +1711,9 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
         if kind not in ("im2col", "tile", "mma") or (kind == "mma" and bit_serial):
             raise ValueError(f"config must be ('im2col', 'tile' or, on trits, 'mma', meta-parameters), got kind "
                              f"{kind!r}{' on bit-serial pixels' if bit_serial else ''}")
+        if kind == "mma" and not _INTERPRET and not _mma_ok(a_pos.device):
+            raise ValueError(f"config 'mma' needs the single-bit MMA of an NVIDIA GPU of sm_80 or later, not "
+                             f"{a_pos.device}")
         if kind in ("im2col", "mma") and not bit_serial:
             _conv_by_patches(a_pos, a_neg, w_pos, w_neg, *scales, out, out_neg, kind, meta, OH, OW, kx, stride, pool,
                              threshold)

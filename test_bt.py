@@ -376,7 +376,7 @@ def test_conv_on_pixels_exact(stride, padding, pool, symmetric, config):
     assert torch.equal(pos.cpu(), ref_pos.cpu()) and torch.equal(neg.cpu(), ref_neg.cpu())
 
 
-def test_conv_packed_bad_inputs():
+def test_conv_packed_bad_inputs(monkeypatch):
     p = torch.zeros(2, 6, 6, 1, dtype=torch.uint32, device=DEVICE)
     wp = torch.zeros(4, 9, dtype=torch.uint32, device=DEVICE)
     one = torch.ones(4, device=DEVICE)
@@ -397,6 +397,12 @@ def test_conv_packed_bad_inputs():
         conv(p[:, :3, :3], p[:, :3, :3], wp, wp, one, kernel_size=3, pool=2)
     with pytest.raises(ValueError, match="im2col"):
         conv(p, p, wp[:, :1], wp[:, :1], one, kernel_size=1, config=("gemv", {}))
+    with pytest.raises(ValueError, match="bit-serial"):
+        conv(p[None], None, wp[:, :1], wp[:, :1], one, kernel_size=1, config=("mma", {}))
+    if DEVICE == "cuda":   # a GPU without the single-bit MMA (stood in for): refused before launch
+        monkeypatch.setattr(bt_kernel, "_mma_ok", lambda device: False)
+        with pytest.raises(ValueError, match="sm_80"):
+            conv(p, p, wp[:, :1], wp[:, :1], one, kernel_size=1, config=("mma", {}))
 
 
 def test_reference_helper_agrees():
