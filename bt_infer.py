@@ -867,8 +867,8 @@ def bench_layers(state, images, reps=20):
         M = B * ((H - kh) // stride + 1) * ((W - kw) // stride + 1)
         N, KW = st["pos"].shape
         kind = bt_kernel._conv_config(M, N, KW, bits is not None, a[0].device, rec["alpha_n"] is None)[0]
-        if kind == "mma":   # 4 MMAs per [16 x 8] outputs and 256 trits, whole tiles
-            floor = math.ceil(M / 16) * math.ceil(N / 8) * math.ceil(KW / 8) * 4 / mma_rate
+        if kind == "mma":
+            floor = bt_kernel._mma_count(M, N, KW) / mma_rate
         else:
             floor = M * N * KW * (2 * bits if bits else 2 if rec["alpha_n"] is None else 3) / popc_rate
         call = lambda a=a, st=st: _fused_step(st, a)

@@ -17,11 +17,11 @@ Needs only torch and triton: copy this file alone into another project.
 
 Measured (NVIDIA H200, Triton 3.6, 2026-11-29): from 4 activation rows up the GEMM runs on the tensor
 cores' single-bit MMA (AND + popcount, still no multiply): 16x8192x8192 in 10.9 us, 3.2x faster than torch
-bf16 and 4.2x faster than gemlite's ternary layer; 4096x4096x4096 at 480 ternary TOP/s with learned
-alpha_p/alpha_n, 706 with one scale; faster than gemlite at all 19 shapes of `make bench`. A 1x8192x8192
-GEMV (the CUDA cores' POPC) 5.4x faster than bf16 and 3.0x faster than gemlite; the MNIST LeNet's 10k test
-images through these kernels in 5.53 ms, bf16 cuDNN 6.24 (README: the whole table, and the targets it
-misses).
+bf16 (9.1 us, 3.8x, with one scale) and 4.2x faster than gemlite's ternary layer; 4096x4096x4096 at 664
+ternary TOP/s with learned alpha_p/alpha_n, 743 with one scale; faster than gemlite at all 19 shapes of
+`make bench`. A 1x8192x8192 GEMV (the CUDA cores' POPC) 5.4x faster than bf16 and 2.9x faster than
+gemlite; the MNIST LeNet's 10k test images through these kernels in 4.12 ms, bf16 cuDNN 6.26 (README: the
+whole table, and the targets it misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
 
@@ -1382,6 +1382,12 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
     return kind, meta
 
 
+def _mma_count(M, N, KW):
+    """Single-bit MMAs of the MMA kernel for [M, N] outputs over KW words: 4 per [16 x 8] outputs and 256
+    trits, every tile whole (the bench tables' floors)."""
+    return triton.cdiv(M, 16) * triton.cdiv(N, 8) * triton.cdiv(KW, 8) * 4
+
+
 def _split_k(tiles, KW, sms, per_sm=4, min_k=32):
     """Split K until there are about per_sm programs per SM, with at least min_k words per split."""
     return max(1, min(triton.cdiv(per_sm * sms, tiles), KW // min_k))
@@ -2039,7 +2045,7 @@ def _bench_gemm_row(M, N, K, bw, popc_rate, mma_rate):
     tops = 2 * M * N * K / t / 1e12
     kind, _ = _gemm_config(M, N, KW, False, c.device, b_rows=ws[0][0].stride(1) == 1)
     if kind == "mma":   # 4 MMAs per [16 x 8] outputs and 256 trits, every row tile whole
-        pct_unit = 100 * triton.cdiv(M, 16) * triton.cdiv(N, 8) * triton.cdiv(KW, 8) * 4 / t / mma_rate
+        pct_unit = 100 * _mma_count(M, N, KW) / t / mma_rate
     else:
         pct_unit = 100 * M * N * KW * 3 / t / popc_rate
     pct_bw = 100 * (2 * (M + N) * KW * 4 + M * N * 4) / t / bw
