@@ -372,8 +372,8 @@ def _fused_plan(layers, input_shape):
                 step["conv"] = ((H, W), 1)
             trits = bt_kernel.unpack_bitplanes(rec["pos"], rec["neg"], K).view(N, K // (kh * kw), kh, kw)
             step["pos"], step["neg"] = bt_kernel.pack_conv_weight(trits)
-            if bt_kernel._mma_ok(trits.device):   # the MMA kernel loads row-major weights in 16-byte vectors
-                step["pos"], step["neg"] = step["pos"].contiguous(), step["neg"].contiguous()
+            if bt_kernel._mma_ok(trits.device):   # the MMA kernel loads 16-byte aligned weight rows in vectors
+                step["pos"], step["neg"] = bt_kernel._row_major(step["pos"], step["neg"])
             steps[-1]["threshold"] = rec["act_delta"]
         steps.append(step)
         if kind == "conv":

@@ -174,7 +174,7 @@ def export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, **
             if m.act_delta is None and not first:
                 raise ValueError(f"layer {i} ({type(m).__name__}) takes float input: only the first layer may")
             trits = m.ternary_weight().flatten(1)
-            pos, neg = pack_bitplanes(trits.cpu())
+            pos, neg = (p.contiguous() for p in pack_bitplanes(trits.cpu()))   # no row padding in the file
             ap, an = m.alpha_p.double().cpu(), m.alpha_n.double().cpu()
             b = torch.zeros_like(ap) if m.bias is None else m.bias.double().cpu()
             if m.act_delta is None:

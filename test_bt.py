@@ -175,6 +175,16 @@ def test_gemm_planes_in_two_layouts(M):
     assert torch.equal(run(zero, -one).cpu().long(), sn)
 
 
+def _garbage_padded(pos, neg):
+    """Copies of planes [R, KW] in rows of whole 16-byte runs (4 more words where KW is a multiple of 4) whose
+    padding words are all ones in the pos plane (pos and neg alike would cancel in Sp and Sn)."""
+    R, KW = pos.shape
+    planes = torch.full((2, R, KW // 4 * 4 + 4), -1, dtype=torch.int32, device=pos.device).view(torch.uint32)
+    planes[1] = 0
+    planes[0, :, :KW], planes[1, :, :KW] = pos, neg
+    return planes[0, :, :KW], planes[1, :, :KW]
+
+
 @pytest.mark.parametrize("M,N,K", [(5, 40, 700), (20, 24, 300)])
 def test_mma_kernel_exact(M, N, K):
     # the single-bit MMA kernel (emulated by tensor ops in the interpreter, the tensor cores' mma.sync on a GPU)
@@ -191,9 +201,17 @@ def test_mma_kernel_exact(M, N, K):
     configs = (dict(WARPS=1, N_TILES=1), dict(WARPS=2, N_TILES=2, SPLIT_K=3, STAGES=2),
                dict(WARPS=4, N_TILES=1, SPLIT_K=2, STAGES=3), dict(WARPS=4, K_WARPS=4, N_TILES=1),
                dict(WARPS=4, K_WARPS=2, N_TILES=4, SPLIT_K=2, STAGES=2))
-    for config, (wp_, wn_) in zip(configs, ((wp, wn), k_major, (wp, wn), (wp, wn), k_major)):
-        run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n, None,
-                                                              ("mma", config))
+    # 16-byte aligned rows (pack_bitplanes' row padding) load in vectors and take the K mask by whole vectors:
+    # padding full of set bits must add nothing; K-word-major weights take the word-by-word path
+    ap_g, an_g, wp_g, wn_g = _garbage_padded(ap, an) + _garbage_padded(wp, wn)
+    assert bt_kernel._rows_aligned(ap_g, an_g) and bt_kernel._rows_aligned(wp_g, wn_g)
+    assert not bt_kernel._rows_aligned(*k_major)
+    configs += (dict(WARPS=2, N_TILES=4), dict(WARPS=4, K_WARPS=4, N_TILES=1, SPLIT_K=2))
+    operands = [(ap, an, wp, wn), (ap, an) + k_major, (ap, an, wp, wn), (ap_g, an_g, wp_g, wn_g),
+                (ap, an) + k_major, (ap_g, an_g, wp_g, wn_g), (ap_g, an_g, wp_g, wn_g)]
+    for config, (ap_, an_, wp_, wn_) in zip(configs, operands):
+        run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap_[None], an_[None], wp_, wn_, alpha_p, alpha_n,
+                                                              None, ("mma", config))
         assert torch.equal(run(one, zero).cpu().long(), sp), config
         assert torch.equal(run(zero, -one).cpu().long(), sn), config
         assert torch.equal(run(one, None).cpu().long(), sp - sn), config
@@ -205,7 +223,10 @@ def test_pack_bitplanes_layouts():
     x = rand_trits(37, 200)
     pos, neg = pack_bitplanes(x)
     kpos, kneg = pack_bitplanes(x, k_major=True)
-    assert pos.stride() == (7, 1) and kpos.stride() == (1, 37)
+    # row-major rows start on 16-byte boundaries (7 words a row in runs of 8), the padding word written as 0
+    assert pos.stride() == (8, 1) and kpos.stride() == (1, 37)
+    assert not bool(pos.as_strided((37, 8), (8, 1))[:, 7:].cpu().view(torch.int32).any())
+    assert not bool(neg.as_strided((37, 8), (8, 1))[:, 7:].cpu().view(torch.int32).any())
     assert torch.equal(pos, kpos) and torch.equal(neg, kneg)
     assert torch.equal(unpack_bitplanes(pos, neg, 200).cpu(), x.cpu())
     cpos, _ = bt_kernel.pack_conv_weight(rand_trits(8, 64).reshape(8, 64, 1, 1))
