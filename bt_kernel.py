@@ -677,24 +677,39 @@ def _gather_patches_kernel(
     map_pos_ptr, map_neg_ptr,     # packed maps [B, H, W, CW] uint32, trits (any strides)
     out_pos_ptr, out_neg_ptr,     # patch planes [M, KW]: K-word-major (the tile kernel's) or row-major (the MMA's)
     # sizes
-    M, OH, OW, KX, CW, KW, conv_stride,
+    M, KW,
+    KWS,                          # words written a row: KW, then zeros up to the row-major planes' padding
     # strides (elements)
     stride_mb, stride_my, stride_mx, stride_mc,
     stride_om, stride_ok,
-    # meta-parameters
+    # meta-parameters: the conv's geometry is compiled in (its divisions become multiplications: conv2 into
+    # row-major planes 112 against 90 us on an H200)
+    OH: tl.constexpr, OW: tl.constexpr, KX: tl.constexpr, CW: tl.constexpr, CONV_STRIDE: tl.constexpr,
     POOL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROWS_FIRST: tl.constexpr,     # row-major planes: K words fastest, so that stores run along a row
 ):
-    # rows in the implicit GEMM's order (pooling windows of consecutive rows), K words in (ky, kx, cw) order
-    m = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    b, oy, ox = _conv_rows(tl.program_id(0) * BLOCK_R, tl.arange(0, BLOCK_R), M, OH, OW, POOL)
-    tap = k // CW
-    src = (b * stride_mb + oy * conv_stride * stride_my + ox * conv_stride * stride_mx)[None, :] + \
-          ((tap // KX) * stride_my + (tap % KX) * stride_mx + (k % CW) * stride_mc)[:, None]
-    ok = (k < KW)[:, None] & (m < M)[None, :]
-    dst = k[:, None] * stride_ok + m[None, :] * stride_om
-    tl.store(out_pos_ptr + dst, tl.load(map_pos_ptr + src, mask=ok, other=0), mask=ok)
-    tl.store(out_neg_ptr + dst, tl.load(map_neg_ptr + src, mask=ok, other=0), mask=ok)
+    # rows in the implicit GEMM's order (pooling windows of consecutive rows), K words in (ky, kx, cw) order.
+    # The block's fastest dimension is the planes' contiguous one: rows of K-word-major planes, K words of
+    # row-major ones (conv2 into row-major planes on [128 rows x 8 words] with rows fastest: 550 us, stores
+    # 52 words apart; K words fastest on [32 x 64]: 112)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b, oy, ox = _conv_rows(tl.program_id(0) * BLOCK_R, offs_r, M, OH, OW, POOL)
+    tap = offs_k // CW
+    row_src = b * stride_mb + oy * CONV_STRIDE * stride_my + ox * CONV_STRIDE * stride_mx
+    k_src = (tap // KX) * stride_my + (tap % KX) * stride_mx + (offs_k % CW) * stride_mc
+    m = tl.program_id(0) * BLOCK_R + offs_r
+    if ROWS_FIRST:
+        src = row_src[:, None] + k_src[None, :]
+        m2, k2 = m[:, None], offs_k[None, :]
+    else:
+        src = row_src[None, :] + k_src[:, None]
+        m2, k2 = m[None, :], offs_k[:, None]
+    ok = (k2 < KW) & (m2 < M)
+    dst = k2 * stride_ok + m2 * stride_om
+    out_ok = (k2 < KWS) & (m2 < M)
+    tl.store(out_pos_ptr + dst, tl.load(map_pos_ptr + src, mask=ok, other=0), mask=out_ok)
+    tl.store(out_neg_ptr + dst, tl.load(map_neg_ptr + src, mask=ok, other=0), mask=out_ok)
 
 
 @triton.jit
@@ -1459,15 +1474,19 @@ def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias, out, ou
     else:
         ld = triton.cdiv(images * rows, 16) * 16        # a 16-divisible K stride lets the GEMM load rows in vectors
         planes = torch.empty((2, KW, ld), dtype=torch.uint32, device=a_pos.device).transpose(1, 2)
-    block_r, block_k = (32, 4) if _INTERPRET else (128, 8)
+    if mma:   # about 2048 words a program
+        block_k = min(16 if _INTERPRET else 64, triton.next_power_of_2(row_words))
+        block_r = (256 if _INTERPRET else 2048) // block_k
+    else:
+        block_r, block_k = (32, 4) if _INTERPRET else (128, 8)
     words = out.shape[-1]
     for b0 in range(0, B, images):
         b1 = min(B, b0 + images)
         M = (b1 - b0) * rows
-        _gather_patches_kernel[(triton.cdiv(M, block_r), triton.cdiv(KW, block_k))](
-            a_pos[b0:b1], a_neg[b0:b1], planes[0], planes[1], M, OH, OW, kx, CW, KW, stride,
-            *a_pos.stride(), planes.stride(1), planes.stride(2), POOL=pool, BLOCK_R=block_r, BLOCK_K=block_k,
-            num_warps=4)
+        _gather_patches_kernel[(triton.cdiv(M, block_r), triton.cdiv(row_words, block_k))](
+            a_pos[b0:b1], a_neg[b0:b1], planes[0], planes[1], M, KW, row_words,
+            *a_pos.stride(), planes.stride(1), planes.stride(2), OH=OH, OW=OW, KX=kx, CW=CW, CONV_STRIDE=stride,
+            POOL=pool, BLOCK_R=block_r, BLOCK_K=block_k, ROWS_FIRST=mma, num_warps=4)
         a = planes[:, :M]                               # [2, M, KW]
         c, c_neg = out[b0:b1].view(-1, words), out_neg[b0:b1].view(-1, words)
         if mma:
