@@ -1290,10 +1290,13 @@ def _mma_config(M, N, KW, sms, symmetric):
     if M <= 32:
         n_tiles = 4 if M > 16 and programs(4) >= sms else 2 if 2 * triton.cdiv(N, 32) >= sms else 1
         stages = 4 if KW >= 256 else 6
-    elif KW >= 128 or programs(4) >= 8 * sms:
-        # 128x4096x4096 10.9 / 11.0 us against 12.0 / 11.8 on 2 n-tiles; 1024x4096x4096 58 / 57 against 77 / 55
+    elif KW >= 128 or programs(4) >= sms:
+        # 128x4096x4096 10.9 / 11.0 us against 12.0 / 11.8 on 2 n-tiles; 1024x4096x4096 58 / 57 against 77 / 55.
+        # Since the 2D epilogue also at short K where that fills the SMs once (8192x128x1600 8.0 against 11.5 on
+        # one n-tile, 1024x1024x1024 6.3 against 7.4), and without pipelining past 256 rows (4096^3 157 against
+        # 181 with 2 stages, 1024x4096x4096 41.5 against 50.2; TTQ scales)
         n_tiles = 4
-        stages = 3 if M <= 256 else 2 if KW >= 128 and not symmetric else 1
+        stages = 3 if M <= 256 else 1
     else:
         n_tiles = 2 if 2 * triton.cdiv(N, 32) >= sms else 1
         stages = 3 if M <= 256 else 1

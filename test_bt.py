@@ -333,10 +333,12 @@ def _map_planes(t, C):
 
 
 # the defaults on trits: patches gathered, then a plain GEMM (on the MMA kernel on sm_80+, else the tile
-# kernel); the MMA kernel with 2 n-tiles (4 where it pools or packs: whole words of a 2D tile); the implicit GEMM
+# kernel); the MMA kernel with 2 n-tiles (4 where it packs: whole words of a 2D tile), and with split-K (the
+# partial sums of the 2D tile meet in the workspace before pooling and packing); the implicit GEMM
 @pytest.mark.parametrize("config", [None, ("mma", dict(WARPS=2, N_TILES=2, STAGES=2)),
+                                    ("mma", dict(WARPS=2, N_TILES=2, SPLIT_K=2)),
                                     ("tile", dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4))],
-                         ids=["default", "mma", "implicit"])
+                         ids=["default", "mma", "mma-splitk", "implicit"])
 @pytest.mark.parametrize("C, N, size, k, stride, pool, symmetric", [
     (37, 40, 7, 3, 1, 2, False),    # words padded on both sides, odd map: floor pooling
     (5, 64, 6, 2, 2, 1, False),     # stride 2, no pooling
