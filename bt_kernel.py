@@ -16,12 +16,12 @@ Needs only torch and triton: copy this file alone into another project.
     python bt_kernel.py --sass DIR # SASS for sm_90 and its instruction counts (no GPU needed)
 
 Measured (NVIDIA H200, Triton 3.6, 2026-11-29): from 4 activation rows up the GEMM runs on the tensor
-cores' single-bit MMA (AND + popcount, still no multiply): 16x8192x8192 in 10.9 us, 3.2x faster than torch
-bf16 (9.1 us, 3.8x, with one scale) and 4.2x faster than gemlite's ternary layer; 4096x4096x4096 at 664
-ternary TOP/s with learned alpha_p/alpha_n, 743 with one scale; faster than gemlite at all 19 shapes of
-`make bench`. A 1x8192x8192 GEMV (the CUDA cores' POPC) 5.4x faster than bf16 and 2.9x faster than
-gemlite; the MNIST LeNet's 10k test images through these kernels in 4.12 ms, bf16 cuDNN 6.26 (README: the
-whole table, and the targets it misses).
+cores' single-bit MMA (AND + popcount, still no multiply): 16x8192x8192 in 10.5 us, 3.3x faster than torch
+bf16 (8.9 us, 3.9x, with one scale) and 5.0x faster than gemlite's ternary layer; 4096x4096x4096 at 885
+ternary TOP/s with learned alpha_p/alpha_n, 1.3x faster than bf16; faster than gemlite at all 19 shapes of
+`make bench`, also with its fp16 activations packed in the same call. A 1x8192x8192 GEMV (the CUDA cores'
+POPC) 5.5x faster than bf16 and 2.9x faster than gemlite; the MNIST LeNet's 10k test images through these
+kernels in 2.77 ms, bf16 cuDNN 6.18 (README: the whole table, and the targets it misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
 
@@ -33,8 +33,9 @@ KW = ceil(K / 32):
     bit j of neg[r, w] is 1  iff  T[r, 32 * w + j] == -1
 Bit 0 is the least significant bit. Padding columns (32 * KW > K) are 0 in both planes and no bit is
 ever set in both planes. The shape is logical; the memory order is free (any strides are accepted).
-pack_bitplanes stores the words row-major (K words contiguous): the MMA kernel and the GEMVs load
-16-byte runs of a row. With k_major=True it stores them K-word-major (a contiguous [KW, R] tensor,
+pack_bitplanes stores the words row-major (K words contiguous, each row padded with zero words to a
+16-byte boundary: the planes are views [R, KW] of that storage): the MMA kernel and the GEMVs load 16-byte
+runs of a row. With k_major=True it stores them K-word-major (a contiguous [KW, R] tensor,
 returned transposed as [R, KW]), the tile kernel's layout: it loads, at each K step, one word for every
 row of its tile, and consecutive rows are then consecutive addresses. Unsigned integers (8-bit pixels) are packed
 bit-serially: planes [BITS, R, KW], plane b holding bit b of every value.
