@@ -868,7 +868,7 @@ def bench_layers(state, images, reps=20):
         N, KW = st["pos"].shape
         kind = bt_kernel._conv_config(M, N, KW, bits is not None, a[0].device, rec["alpha_n"] is None)[0]
         if kind == "mma":
-            floor = bt_kernel._mma_count(M, N, KW) / mma_rate
+            floor = bt_kernel._mma_count(M, N, KW, bits or 0) / mma_rate
         else:
             floor = M * N * KW * (2 * bits if bits else 2 if rec["alpha_n"] is None else 3) / popc_rate
         call = lambda a=a, st=st: _fused_step(st, a)

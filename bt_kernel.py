@@ -1244,6 +1244,95 @@ def _ternary_mma_kernel(
             lock_ptr, M, N, stride_cm, stride_cn, threshold, SYMMETRIC, HAS_BIAS, SPLIT_K, PACK_OUT, POOL)
 
 
+@triton.jit
+def _bitserial_n_tile(a0, a1, a2, a3, b_pos_ptr, b_neg_ptr, col, N, stride_bn, t, BITS: tl.constexpr,
+                      SYMMETRIC: tl.constexpr, EMULATE: tl.constexpr):
+    """One n-tile's (Sp, Sn) over bit-serial A (see the kernel): per plane q, from the top bit down, the
+    weight word goes into K slot q of B (zeros elsewhere), so one MMA counts plane q alone, and the sums so
+    far, doubled, ride in as its accumulator (Horner): 2 MMAs a plane."""
+    ok = col < N
+    wp = tl.load(b_pos_ptr + col * stride_bn, mask=ok, other=0)
+    wn = tl.load(b_neg_ptr + col * stride_bn, mask=ok, other=0)
+    z = tl.zeros(col.shape, dtype=tl.int32)
+    none = tl.zeros(col.shape, dtype=tl.uint32)
+    sp = (z, z, z, z)
+    sn = (z, z, z, z)
+    for i in tl.static_range(BITS):
+        q = BITS - 1 - i   # a compile-time constant: static_range unrolls
+        bp = tl.where(t == q % 4, wp, none)
+        bn = tl.where(t == q % 4, wn, none)
+        if q < 4:
+            sp = _and_popc_mma(a0, a1, a2, a3, bp, none, sp[0] << 1, sp[1] << 1, sp[2] << 1, sp[3] << 1, EMULATE)
+            sn = _and_popc_mma(a0, a1, a2, a3, bn, none, sn[0] << 1, sn[1] << 1, sn[2] << 1, sn[3] << 1, EMULATE)
+        else:
+            sp = _and_popc_mma(a0, a1, a2, a3, none, bp, sp[0] << 1, sp[1] << 1, sp[2] << 1, sp[3] << 1, EMULATE)
+            sn = _and_popc_mma(a0, a1, a2, a3, none, bn, sn[0] << 1, sn[1] << 1, sn[2] << 1, sn[3] << 1, EMULATE)
+    if SYMMETRIC:
+        return (sp[0] - sn[0], sp[1] - sn[1], sp[2] - sn[2], sp[3] - sn[3]), sn
+    else:
+        return sp, sn
+
+
+@triton.jit
+def _bitserial_mma_kernel(
+    # pointers
+    a_ptr,                        # bit planes [BITS, B, H, W] of one-word patches (pack_im2col's pixels)
+    b_pos_ptr, b_neg_ptr,         # weights [N] words (one K word)
+    alpha_p_ptr, alpha_n_ptr, bias_ptr,
+    c_ptr, c_neg_ptr,             # as in the MMA kernel
+    # sizes
+    M, N,
+    threshold,
+    # strides (elements; the map's y and x strides times the conv stride)
+    stride_abit, stride_ab, stride_ay, stride_ax,
+    stride_bn,
+    stride_cm, stride_cn,
+    # meta-parameters
+    OH: tl.constexpr, OW: tl.constexpr,   # the output map: GEMM rows are its positions, pooling windows first
+    BITS: tl.constexpr,           # planes of A, up to 8: one MMA's 256 K bits hold 8 one-word patches
+    SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, POOL: tl.constexpr, PACK_OUT: tl.constexpr,
+    WARPS: tl.constexpr, N_TILES: tl.constexpr, EMULATE: tl.constexpr,
+):
+    # The first layer on the tensor cores: A's K is one word (a 5x5 patch of one channel), so the 8 bit
+    # planes of a row fill the MMA's 8 K slots (plane q in slot q: registers a0, a2 of lane t hold planes t
+    # and 4 + t), loaded once a tile; each of the 16 MMAs per n-tile then picks one plane through B.
+    tl.static_assert(BITS <= 8)
+    tl.static_assert(not PACK_OUT or (WARPS * N_TILES) % 4 == 0)
+    pid_m = tl.program_id(0)      # row tiles in the grid's first dimension: conv1 has 360000 of them
+    pid_n = tl.program_id(1)
+    lane = tl.arange(0, 32 * WARPS)
+    _, col = _mma_lanes(lane, pid_m, pid_n, WARPS, N_TILES)
+    g = lane % 32 // 4
+    t = lane % 4
+    b, oy, ox = _conv_rows(pid_m * 16, g, M, OH, OW, POOL)
+    lo = b * stride_ab + oy * stride_ay + ox * stride_ax
+    b, oy, ox = _conv_rows(pid_m * 16, g + 8, M, OH, OW, POOL)
+    hi = b * stride_ab + oy * stride_ay + ox * stride_ax
+    a0 = tl.load(a_ptr + t * stride_abit + lo, mask=t < BITS, other=0)
+    a1 = tl.load(a_ptr + t * stride_abit + hi, mask=t < BITS, other=0)
+    a2 = tl.load(a_ptr + (t + 4) * stride_abit + lo, mask=t + 4 < BITS, other=0)
+    a3 = tl.load(a_ptr + (t + 4) * stride_abit + hi, mask=t + 4 < BITS, other=0)
+    z = tl.zeros(lane.shape, dtype=tl.int32)
+    s1 = ((z, z, z, z), (z, z, z, z))
+    s2 = s1
+    s3 = s1
+    s0 = _bitserial_n_tile(a0, a1, a2, a3, b_pos_ptr, b_neg_ptr, col, N, stride_bn, t, BITS, SYMMETRIC, EMULATE)
+    if N_TILES >= 2:
+        s1 = _bitserial_n_tile(a0, a1, a2, a3, b_pos_ptr, b_neg_ptr, col + 8, N, stride_bn, t, BITS, SYMMETRIC,
+                               EMULATE)
+    if N_TILES == 4:
+        s2 = _bitserial_n_tile(a0, a1, a2, a3, b_pos_ptr, b_neg_ptr, col + 16, N, stride_bn, t, BITS, SYMMETRIC,
+                               EMULATE)
+        s3 = _bitserial_n_tile(a0, a1, a2, a3, b_pos_ptr, b_neg_ptr, col + 24, N, stride_bn, t, BITS, SYMMETRIC,
+                               EMULATE)
+    sums = (s0, s1, s2, s3)
+    offs_m = pid_m * 16 + tl.arange(0, 16)
+    offs_n = pid_n * (WARPS * 8 * N_TILES) + tl.arange(0, WARPS * 8 * N_TILES)
+    _epilogue(_fragments_2d(sums, 0, N_TILES, WARPS), _fragments_2d(sums, 1, N_TILES, WARPS), offs_m, offs_n,
+              alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, M, N, stride_cm, stride_cn, threshold,
+              SYMMETRIC, HAS_BIAS, PACK_OUT, POOL)
+
+
 # From this many rows up, trits go through the MMA kernel where the GPU has it. Fewer rows stay on the GEMV,
 # which streams the weights at any row count (H200, TTQ scales: 2x8192x8192 8.3 us against 12.8 on the MMA
 # kernel, whose MMA has 16 rows whatever M is; 8x8192x8192 18.9 against 10.2). 4 rows are the work of 8 for
@@ -1398,9 +1487,11 @@ def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=Fals
     return kind, meta
 
 
-def _mma_count(M, N, KW):
+def _mma_count(M, N, KW, bits=0):
     """Single-bit MMAs of the MMA kernel for [M, N] outputs over KW words: 4 per [16 x 8] outputs and 256
-    trits, every tile whole (the bench tables' floors)."""
+    trits, every tile whole (the bench tables' floors); bits: bit-serial A of one word, 2 a plane."""
+    if bits:
+        return triton.cdiv(M, 16) * triton.cdiv(N, 8) * 2 * bits
     return triton.cdiv(M, 16) * triton.cdiv(N, 8) * triton.cdiv(KW, 8) * 4
 
 
@@ -1443,6 +1534,8 @@ def _conv_config(M, N, KW, bit_serial, device, symmetric=False):
     but 168 registers and a spill on Triton 3.8; [16 x 64] on 4 warps, the sixth session's: 2634)."""
     if not bit_serial and _mma_ok(device):
         return "mma", _mma_config(M, N, KW, _sm_count(device), symmetric)
+    if bit_serial and KW == 1 and _mma_ok(device):   # one-word pixel patches (conv1): the bit-serial MMA kernel
+        return "mma", dict(WARPS=2 if N > 32 else 1, N_TILES=4)
     if not bit_serial:
         return "im2col", _thin_tile(M, N, _sm_count(device), symmetric)
     if not _INTERPRET:
@@ -1573,6 +1666,24 @@ def _launch_mma(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, 
         SYMMETRIC=symmetric, HAS_BIAS=bias is not None, POOL=pool, PACK_OUT=threshold is not None,
         EMULATE=_INTERPRET, **meta)
     return c
+
+
+def _launch_bitserial_mma(a, w_pos, w_neg, alpha_p, alpha_n, bias, out, out_neg, meta, M, N, OH, OW, stride,
+                          pool, threshold):
+    """The bit-serial MMA kernel, no checks: planes a [BITS, B, H, W, 1] of one-word patches, weights [N, 1],
+    into out [B, OH / pool, OW / pool, N or words] (and out_neg)."""
+    warps, n_tiles = meta.get("WARPS", 2), meta.get("N_TILES", 4)
+    words = out.shape[-1]
+    c, c_neg = out.view(-1, words), out_neg.view(-1, words)
+    grid = (triton.cdiv(M, 16), triton.cdiv(N, 8 * warps * n_tiles))
+    symmetric = alpha_n is None
+    _launch_gemm.compiled = _bitserial_mma_kernel[grid](
+        a, w_pos, w_neg, alpha_p, alpha_p if symmetric else alpha_n, alpha_p if bias is None else bias,
+        c, c_neg, M, N, 0.0 if threshold is None else float(threshold),
+        a.stride(0), a.stride(1), a.stride(2) * stride, a.stride(3) * stride, w_pos.stride(0),
+        c.stride(0), c.stride(1), OH=OH, OW=OW, BITS=a.shape[0], SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
+        POOL=pool, PACK_OUT=threshold is not None, WARPS=warps, N_TILES=n_tiles, EMULATE=_INTERPRET,
+        num_warps=warps)
 
 
 def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None, out=None):
@@ -1741,13 +1852,19 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
     if M:
         kind, meta = config or _conv_config(M, N, KW, bit_serial, a_pos.device, symmetric=alpha_n is None)
         scales = _f32(alpha_p), _f32(alpha_n), _f32(bias)
-        if kind not in ("im2col", "tile", "mma") or (kind == "mma" and bit_serial):
-            raise ValueError(f"config must be ('im2col', 'tile' or, on trits, 'mma', meta-parameters), got kind "
-                             f"{kind!r}{' on bit-serial pixels' if bit_serial else ''}")
+        if kind not in ("im2col", "tile", "mma"):
+            raise ValueError(f"config must be ('im2col', 'tile' or 'mma', meta-parameters), got kind {kind!r}")
+        if kind == "mma" and bit_serial and (KW != 1 or a.shape[0] > 8):
+            raise ValueError(f"config 'mma' on bit-serial pixels needs one-word patches of up to 8 bits "
+                             f"(pack_im2col's, read as a map of 1x1 patches), got {KW} words a row and "
+                             f"{a.shape[0]} bits")
         if kind == "mma" and not _INTERPRET and not _mma_ok(a_pos.device):
             raise ValueError(f"config 'mma' needs the single-bit MMA of an NVIDIA GPU of sm_80 or later, not "
                              f"{a_pos.device}")
-        if kind in ("im2col", "mma") and not bit_serial:
+        if kind == "mma" and bit_serial:
+            _launch_bitserial_mma(a_pos, w_pos, w_neg, *scales, out, out_neg, meta, M, N, OH, OW, stride, pool,
+                                  threshold)
+        elif kind in ("im2col", "mma"):
             _conv_by_patches(a_pos, a_neg, w_pos, w_neg, *scales, out, out_neg, kind, meta, OH, OW, kx, stride, pool,
                              threshold)
         else:
@@ -2219,7 +2336,11 @@ def _sass_report(folder):
                 ("mma_3popc_4tiles", _ternary_mma_kernel, dict(mma, SYMMETRIC=False, N_TILES=4, STAGES=2),
                  rows_major, 2),
                 ("mma_3popc_pool_pack", _ternary_mma_kernel, dict(mma, SYMMETRIC=False, N_TILES=4, STAGES=1, POOL=2,
-                                                                  PACK_OUT=True), rows_major, 2)]
+                                                                  PACK_OUT=True), rows_major, 2),
+                # conv1 of the engine: 8 pixel planes of one-word patches, 64 channels, pooled and packed
+                ("mma_bitserial8_pool_pack", _bitserial_mma_kernel,
+                 dict(OH=24, OW=24, BITS=8, SYMMETRIC=False, HAS_BIAS=True, POOL=2, PACK_OUT=True, WARPS=2, N_TILES=4,
+                      EMULATE=False), (dict(stride_ax=1, stride_cn=1), ("stride_abit", "stride_ab", "stride_ay")), 2)]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs, (ones, div16), warps in kernels:
         constexprs = dict(constexprs, **ones)
@@ -2239,7 +2360,7 @@ def _sass_report(folder):
         regs = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
         keys = ("POPC", "BMMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA")
-        lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn is _ternary_mma_kernel else "-"
+        lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn in (_ternary_mma_kernel, _bitserial_mma_kernel) else "-"
         print(f"  {tag:25} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
               + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys) + f"  lanes {lanes}")
 

@@ -373,8 +373,9 @@ def test_conv_packed_matches_float64(C, N, size, k, stride, pool, symmetric, con
 
 
 @pytest.mark.parametrize("config", [None] + [("tile", dict(BLOCK_M=m, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, num_warps=1))
-                                             for m in (4, 8, 16)],
-                         ids=["auto", "rows4", "rows8", "rows16"])
+                                             for m in (4, 8, 16)]
+                         + [("mma", dict(WARPS=2, N_TILES=4)), ("mma", dict(WARPS=2, N_TILES=2))],
+                         ids=["auto", "rows4", "rows8", "rows16", "mma", "mma-2tiles"])
 # the GPU defaults for pixels: 8 rows a tile on one warp where the patch is one word, 4 where it is more; 16
 # rows leave the last tile half full (72 rows), so its windows are clamped onto the last one
 @pytest.mark.parametrize("stride, padding, pool, symmetric", [(1, 0, 2, False), (2, 1, 1, True)])
@@ -420,8 +421,8 @@ def test_conv_packed_bad_inputs(monkeypatch):
         conv(p[:, :3, :3], p[:, :3, :3], wp, wp, one, kernel_size=3, pool=2)
     with pytest.raises(ValueError, match="im2col"):
         conv(p, p, wp[:, :1], wp[:, :1], one, kernel_size=1, config=("gemv", {}))
-    with pytest.raises(ValueError, match="bit-serial"):
-        conv(p[None], None, wp[:, :1], wp[:, :1], one, kernel_size=1, config=("mma", {}))
+    with pytest.raises(ValueError, match="one-word patches"):   # the bit-serial MMA kernel takes one K word
+        conv(p[None], None, wp[:, :4], wp[:, :4], one, kernel_size=2, config=("mma", {}))
     if DEVICE == "cuda":   # a GPU without the single-bit MMA (stood in for): refused before launch
         monkeypatch.setattr(bt_kernel, "_mma_ok", lambda device: False)
         with pytest.raises(ValueError, match="sm_80"):
@@ -1511,6 +1512,9 @@ def test_sass_has_popc_and_no_spills(tmp_path):
                           ("mma_3popc_pool_pack", 4)):
         assert counts[name]["BMMA"] >= 8 * n_tiles and counts[name]["POPC"] == 0, (name, counts[name])
         assert counts[name]["lanes"] == "ok", (name, counts[name]["lanes"])
+    # the bit-serial MMA kernel (conv1): 2 MMAs a pixel plane per n-tile, 8 planes, 4 n-tiles
+    c = counts["mma_bitserial8_pool_pack"]
+    assert c["BMMA"] >= 2 * 8 * 4 and c["POPC"] == 0 and c["lanes"] == "ok", c
     # the GEMVs launch with programmatic dependent launch: griddepcontrol.wait and .launch_dependents compile
     # to ACQBULK and PREEXIT
     for name in ("gemv_3popc", "gemv_2popc", "gemv_3popc_kmajor", "gemv16_3popc", "gemv16_2popc",
