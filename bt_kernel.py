@@ -1177,13 +1177,16 @@ def _ternary_mma_kernel(
     tl.static_assert(N_TILES == 1 or N_TILES == 2 or N_TILES == 4)
     tl.static_assert(WARPS % K_WARPS == 0)
     COL_WARPS: tl.constexpr = WARPS // K_WARPS
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # one grid dimension for the tiles, columns fastest (the order of a 2D grid, without its limit of 65535
+    # row tiles in the second dimension: a million rows)
+    n_progs = tl.cdiv(N, COL_WARPS * 8 * N_TILES)
+    pid_n = tl.program_id(0) % n_progs
+    pid_m = tl.program_id(0) // n_progs
     lane = tl.arange(0, 32 * WARPS)
     row_lo, col = _mma_lanes(lane, pid_m, pid_n, COL_WARPS, N_TILES)
     row_hi = row_lo + 8
     k_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), 16) * 16
-    k_lo = tl.program_id(2) * k_per
+    k_lo = tl.program_id(1) * k_per
     k_hi = min(KW, k_lo + k_per)
     # the lane's 4 words of every 16, in its warp's 16 of every 16 K_WARPS
     kq0 = 16 * (lane // (32 * COL_WARPS)) + 4 * (lane % 4)
@@ -1241,7 +1244,7 @@ def _ternary_mma_kernel(
     offs_m = pid_m * 16 + tl.arange(0, 16)
     offs_n = pid_n * (COL_WARPS * 8 * N_TILES) + tl.arange(0, COL_WARPS * 8 * N_TILES)
     _finish(_fragments_2d(sums, 0, N_TILES, COL_WARPS), _fragments_2d(sums, 1, N_TILES, COL_WARPS), offs_m, offs_n,
-            pid_m * tl.num_programs(0) + pid_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, ws_ptr,
+            tl.program_id(0), alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, ws_ptr,
             lock_ptr, M, N, stride_cm, stride_cn, threshold, SYMMETRIC, HAS_BIAS, SPLIT_K, PACK_OUT, POOL)
 
 
@@ -1656,8 +1659,8 @@ def _launch_mma(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, 
     k_warps = meta.setdefault("K_WARPS", 1)
     warps = meta.setdefault("WARPS", meta.get("num_warps", 4))
     meta["num_warps"] = warps
-    grid = (triton.cdiv(N, 8 * warps // k_warps * meta["N_TILES"]), triton.cdiv(M, 16), split)
-    ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1]) if split > 1 else (c, c)
+    grid = (triton.cdiv(N, 8 * warps // k_warps * meta["N_TILES"]) * triton.cdiv(M, 16), split)
+    ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0]) if split > 1 else (c, c)
     symmetric = alpha_n is None
     meta.setdefault("ALIGNED", _rows_aligned(a_pos, a_neg) and _rows_aligned(b_pos, b_neg))
     _launch_gemm.compiled = _ternary_mma_kernel[grid](

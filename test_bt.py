@@ -217,6 +217,23 @@ def test_mma_kernel_exact(M, N, K):
         assert torch.equal(run(one, None).cpu().long(), sp - sn), config
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="a grid limit of the GPU (the interpreter has none, and would take hours)")
+def test_mma_kernel_past_65535_row_tiles():
+    # 65537 row tiles of 16: more than a CUDA grid's second dimension holds (the kernel's grid is one
+    # dimension of tiles, columns fastest, and one of K splits)
+    M, N, K = 16 * 65536 + 5, 8, 32
+    a, w = rand_trits(M, K), rand_trits(N, K)
+    ap, an = pack_bitplanes(a)
+    wp, wn = pack_bitplanes(w)
+    sp = a.double() @ w.double().clamp(min=0).T
+    sn = a.double() @ w.double().clamp(max=0).abs().T
+    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
+    run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None,
+                                                          ("mma", dict(WARPS=1, N_TILES=1)))
+    assert torch.equal(run(one, zero).double(), sp)
+    assert torch.equal(run(zero, -one).double(), sn)
+
+
 def test_pack_bitplanes_layouts():
     # row-major by default (the MMA kernel's and the GEMVs' layout), K-word-major on request (the tile
     # kernel's): the same words either way, and pack_conv_weight keeps the tile kernel's
