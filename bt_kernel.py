@@ -355,7 +355,7 @@ def _row_major(pos, neg):
     """Planes [R, KW] (any strides) as row-major planes with 16-byte aligned rows (zero padding): the MMA
     kernel's fast layout. Planes already so are returned as they are."""
     R, KW = pos.shape
-    if pos.stride(1) == 1 and pos.stride(0) % 4 == 0 and pos.stride() == neg.stride():
+    if _rows_aligned(pos, neg):
         return pos, neg
     planes = torch.zeros((2, R, _row_words(KW)), dtype=torch.uint32, device=pos.device)
     planes[0, :, :KW] = pos
@@ -1265,12 +1265,12 @@ def _bitserial_n_tile(a0, a1, a2, a3, b_pos_ptr, b_neg_ptr, col, N, stride_bn, t
         q = BITS - 1 - i   # a compile-time constant: static_range unrolls
         bp = tl.where(t == q % 4, wp, none)
         bn = tl.where(t == q % 4, wn, none)
-        if q < 4:
-            sp = _and_popc_mma(a0, a1, a2, a3, bp, none, sp[0] << 1, sp[1] << 1, sp[2] << 1, sp[3] << 1, EMULATE)
-            sn = _and_popc_mma(a0, a1, a2, a3, bn, none, sn[0] << 1, sn[1] << 1, sn[2] << 1, sn[3] << 1, EMULATE)
-        else:
-            sp = _and_popc_mma(a0, a1, a2, a3, none, bp, sp[0] << 1, sp[1] << 1, sp[2] << 1, sp[3] << 1, EMULATE)
-            sn = _and_popc_mma(a0, a1, a2, a3, none, bn, sn[0] << 1, sn[1] << 1, sn[2] << 1, sn[3] << 1, EMULATE)
+        # slot q is in register b0 (slots 0..3) or b1 (4..7)
+        p0, p1, n0, n1 = bp, none, bn, none
+        if q >= 4:
+            p0, p1, n0, n1 = none, bp, none, bn
+        sp = _and_popc_mma(a0, a1, a2, a3, p0, p1, sp[0] << 1, sp[1] << 1, sp[2] << 1, sp[3] << 1, EMULATE)
+        sn = _and_popc_mma(a0, a1, a2, a3, n0, n1, sn[0] << 1, sn[1] << 1, sn[2] << 1, sn[3] << 1, EMULATE)
     if SYMMETRIC:
         return (sp[0] - sn[0], sp[1] - sn[1], sp[2] - sn[2], sp[3] - sn[3]), sn
     else:
