@@ -219,8 +219,7 @@ def test_mma_kernel_exact(M, N, K):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a grid limit of the GPU (the interpreter has none, and would take hours)")
 def test_mma_kernel_past_65535_row_tiles():
-    # 65537 row tiles of 16: more than a CUDA grid's second dimension holds (the kernel's grid is one
-    # dimension of tiles, columns fastest, and one of K splits)
+    # 65537 row tiles of 16: more than a CUDA grid's second dimension holds (the launcher runs them in chunks)
     M, N, K = 16 * 65536 + 5, 8, 32
     a, w = rand_trits(M, K), rand_trits(N, K)
     ap, an = pack_bitplanes(a)
@@ -232,6 +231,40 @@ def test_mma_kernel_past_65535_row_tiles():
                                                           ("mma", dict(WARPS=1, N_TILES=1)))
     assert torch.equal(run(one, zero).double(), sp)
     assert torch.equal(run(zero, -one).double(), sn)
+
+
+def test_mma_kernel_in_row_chunks(monkeypatch):
+    # A taller than a grid holds runs in launches of MMA_CHUNK_TILES row tiles: 2 here, so 84 rows take 3
+    # launches, the last one partly masked. Split-K's workspace is shared by the launches, and pooled, packed
+    # outputs (windows of 4 rows) are cut at the chunks' ends
+    M, N, K = 84, 64, 300
+    a, w = rand_trits(M, K), rand_trits(N, K)
+    ap, an = pack_bitplanes(a)
+    wp, wn = pack_bitplanes(w)
+    sp, sn = int_sums(a, w)
+    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
+    meta = dict(WARPS=2, N_TILES=2, SPLIT_K=2)
+    alpha_p, alpha_n = torch.rand(N, device=DEVICE) + 0.5, torch.rand(N, device=DEVICE) + 0.5
+
+    def pooled_packed():
+        pos = torch.zeros((M // 4, 2), dtype=torch.uint32, device=DEVICE)
+        neg = torch.zeros_like(pos)
+        bt_kernel._launch_mma(ap, an, wp, wn, alpha_p, alpha_n, None, pos, meta, M, N, wp.shape[1], c_neg=neg,
+                              pool=2, threshold=3.0)
+        return pos, neg
+
+    whole = pooled_packed()
+    monkeypatch.setattr(bt_kernel, "MMA_CHUNK_TILES", 2)
+    run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None,
+                                                          ("mma", meta))
+    assert torch.equal(run(one, zero).cpu().long(), sp)
+    assert torch.equal(run(zero, -one).cpu().long(), sn)
+    chunked = pooled_packed()
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    # and the packed words are the pooled float outputs' trits (not zeros in both runs)
+    c = (alpha_p.cpu().double() * sp - alpha_n.cpu().double() * sn).float().view(M // 4, 4, N).amax(dim=1)
+    trits = (c > 3.0).to(torch.int8) - (c < -3.0).to(torch.int8)
+    assert bool(trits.any()) and torch.equal(unpack_bitplanes(*chunked, N).cpu(), trits)
 
 
 def test_pack_bitplanes_layouts():
