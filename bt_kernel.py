@@ -1573,13 +1573,12 @@ def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias, out, ou
         w_pos, w_neg = _row_major(w_pos, w_neg)
         if threshold is not None:   # the epilogue packs whole 32-column words of its 2D tile
             meta = dict(meta, K_WARPS=1, N_TILES=4)
-    else:
-        ld = triton.cdiv(images * rows, 16) * 16        # a 16-divisible K stride lets the GEMM load rows in vectors
-        planes = torch.empty((2, KW, ld), dtype=torch.uint32, device=a_pos.device).transpose(1, 2)
-    if mma:   # about 2048 words a program
+        # the gather: about 2048 words a program
         block_k = min(16 if _INTERPRET else 64, triton.next_power_of_2(row_words))
         block_r = (256 if _INTERPRET else 2048) // block_k
     else:
+        ld = triton.cdiv(images * rows, 16) * 16        # a 16-divisible K stride lets the GEMM load rows in vectors
+        planes = torch.empty((2, KW, ld), dtype=torch.uint32, device=a_pos.device).transpose(1, 2)
         block_r, block_k = (32, 4) if _INTERPRET else (128, 8)
     words = out.shape[-1]
     for b0 in range(0, B, images):
