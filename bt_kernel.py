@@ -169,6 +169,14 @@ def _gdc_launch_dependents():
                               pack=1)
 
 
+@triton.jit
+def _l2_prefetch(ptrs, mask):
+    # bring the 128-byte lines at ptrs into L2 (a hint: always safe, even before _gdc_wait, since L2 is where
+    # the writes of the kernel before this one land)
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; } // $0",
+                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
 # -----------------------------------------------------------------------------
 # pack: ternarize (or take bits of) a tensor and pack it into uint32 bitplanes, im2col on the fly
 
@@ -1173,6 +1181,8 @@ def _ternary_mma_kernel(
     STAGES: tl.constexpr,         # software pipelining depth of the K loop
     ALIGNED: tl.constexpr,        # rows of A and B start on 16-byte boundaries, K words contiguous
     EMULATE: tl.constexpr,        # the interpreter: tensor ops in place of the MMA
+    PDL: tl.constexpr = False,    # launched with programmatic dependent launch (sm_90+)
+    PREFETCH: tl.constexpr = 0,   # K words of each of the program's weight rows prefetched into L2 at the start
 ):
     tl.static_assert(N_TILES == 1 or N_TILES == 2 or N_TILES == 4)
     tl.static_assert(WARPS % K_WARPS == 0)
@@ -1188,6 +1198,22 @@ def _ternary_mma_kernel(
     k_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), 16) * 16
     k_lo = tl.program_id(2) * k_per
     k_hi = min(KW, k_lo + k_per)
+    if PDL:
+        _gdc_launch_dependents()
+    if PREFETCH > 0:
+        # the weights are not written by the kernel before this one: request them from DRAM now, ahead of the
+        # pipeline (and, under PDL, while that kernel finishes)
+        pf_cols = pid_n * (COL_WARPS * 8 * N_TILES) + tl.arange(0, COL_WARPS * 8 * N_TILES)
+        pf_k = tl.arange(0, 8) * 32
+        pf_hi = min(k_hi, k_lo + PREFETCH)
+        for k0 in range(k_lo, pf_hi, 256):
+            kk = k0 + pf_k
+            ok = (pf_cols < N)[:, None] & (kk < pf_hi)[None, :]
+            offs = pf_cols[:, None] * stride_bn + kk[None, :] * stride_bk
+            _l2_prefetch(b_pos_ptr + offs, ok)
+            _l2_prefetch(b_neg_ptr + offs, ok)
+    if PDL:
+        _gdc_wait()
     # the lane's 4 words of every 16, in its warp's 16 of every 16 K_WARPS
     kq0 = 16 * (lane // (32 * COL_WARPS)) + 4 * (lane % 4)
     kq = kq0[:, None] + tl.arange(0, 4)[None, :]
@@ -1378,14 +1404,25 @@ def _mma_config(M, N, KW, sms, symmetric):
     4x4096x4096 5.4); with TTQ scales they do not (11.7, 6.5). From 17 rows on, 4 n-tiles a warp share A's
     registers 4 ways where there are programs enough (32x8192x8192 12.5 against 13.2 us; 4096^3 208 against
     302, 640000x128x1600 1152 against 1523 with TTQ scales). Split-K never won; it is left for few programs
-    over long K."""
+    over long K.
+    PDL (programmatic dependent launch, sm_90+; chains of 10 calls, H200) where it measured faster: the K split
+    (16x8192x8192 8.37 against 8.92 us with one scale, 4x8192x8192 7.91 against 8.64, 16x4096x4096 5.17
+    against 5.62) and up to 16 rows of at most 4096 x 128 weight words (16x4096x4096 4.68 against 5.73 with
+    TTQ scales, 16x1024x1024 2.25 against 3.25), both with the program's weights prefetched into L2 before
+    the wait (64 or 128 words of each row). Elsewhere it was slower: 16x8192x8192 with TTQ scales 10.68
+    against 10.08 (and prefetching 64 to 256 words 10.6 to 12.3), 32x8192x8192 13.6 against 11.3, 16x16384^2
+    37.2 against 30.4, 128x8192x8192 27.3 against 25.7."""
     programs = lambda n_tiles: triton.cdiv(M, 16) * triton.cdiv(N, 16 * n_tiles)   # 2 warps side by side
     if M <= 32 and symmetric and KW >= 128:
-        return dict(WARPS=4, K_WARPS=4 if M <= 16 else 2, N_TILES=1, STAGES=1, SPLIT_K=1, num_warps=4)
+        return dict(WARPS=4, K_WARPS=4 if M <= 16 else 2, N_TILES=1, STAGES=1, SPLIT_K=1, num_warps=4,
+                    PDL=True, PREFETCH=64)
     if M <= 32:
         n_tiles = 4 if M > 16 and programs(4) >= sms else 2 if 2 * triton.cdiv(N, 32) >= sms else 1
         stages = 4 if KW >= 256 else 6
-    elif KW >= 128 or programs(4) >= sms:
+        short = M <= 16 and N * KW <= 4096 * 128
+        return dict(WARPS=2, K_WARPS=1, N_TILES=n_tiles, STAGES=stages, num_warps=2, PDL=short,
+                    PREFETCH=128 if short else 0, SPLIT_K=_split_k(programs(n_tiles), KW, sms, per_sm=1, min_k=256))
+    if KW >= 128 or programs(4) >= sms:
         # 128x4096x4096 10.9 / 11.0 us against 12.0 / 11.8 on 2 n-tiles; 1024x4096x4096 58 / 57 against 77 / 55.
         # Since the 2D epilogue also at short K where that fills the SMs once (8192x128x1600 8.0 against 11.5 on
         # one n-tile, 1024x1024x1024 6.3 against 7.4), and without pipelining past 256 rows (4096^3 157 against
@@ -1662,6 +1699,9 @@ def _launch_mma(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, 
     c_neg = c if c_neg is None else c_neg
     symmetric = alpha_n is None
     meta.setdefault("ALIGNED", _rows_aligned(a_pos, a_neg) and _rows_aligned(b_pos, b_neg))
+    # PDL where the device has it; the prefetch walks rows of K words (row-major weights) and only under PDL
+    meta["PDL"] = meta.get("PDL", False) and _pdl(a_pos.device)
+    meta["PREFETCH"] = meta.get("PREFETCH", 0) if meta["PDL"] and b_pos.stride(1) == 1 else 0
     # at most 65535 row tiles a launch (the grid's second dimension); chunks end on whole pooling windows
     rows = MMA_CHUNK_TILES * 16
     for r0 in range(0, M, rows):
@@ -1675,7 +1715,7 @@ def _launch_mma(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, 
             0.0 if threshold is None else float(threshold),
             a_pos.stride(0), a_pos.stride(1), b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
             SYMMETRIC=symmetric, HAS_BIAS=bias is not None, POOL=pool, PACK_OUT=threshold is not None,
-            EMULATE=_INTERPRET, **meta)
+            EMULATE=_INTERPRET, launch_pdl=meta["PDL"], **meta)
     return c
 
 
@@ -2337,13 +2377,13 @@ def _sass_report(folder):
                                                                         BLOCK_M=8, BLOCK_N=64, IMPLICIT=True, POOL=2,
                                                                         PACK_OUT=True), pixels, 1)]
     # the MMA kernel as launched (row-major operands: unit K strides) at 16x8192x8192 (TTQ scales; one scale:
-    # 4 warps splitting K), at 4096^3 (4 n-tiles a warp) and as the engine's conv2 (pooled, packed output)
+    # 4 warps splitting K, PDL and the L2 prefetch), at 4096^3 (4 n-tiles a warp) and as the engine's conv2 (pooled, packed output)
     mma = dict(HAS_BIAS=True, WARPS=2, K_WARPS=1, N_TILES=2, SPLIT_K=1, STAGES=4, POOL=1, PACK_OUT=False,
-               EMULATE=False)
+               ALIGNED=True, EMULATE=False, PDL=False, PREFETCH=0)
     rows_major = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("stride_am", "stride_bn", "stride_cm"))
     kernels += [("mma_3popc", _ternary_mma_kernel, dict(mma, SYMMETRIC=False), rows_major, 2),
                 ("mma_2popc_kwarps", _ternary_mma_kernel, dict(mma, SYMMETRIC=True, WARPS=4, K_WARPS=4, N_TILES=1,
-                                                               STAGES=1), rows_major, 4),
+                                                               STAGES=1, PDL=True, PREFETCH=64), rows_major, 4),
                 ("mma_3popc_4tiles", _ternary_mma_kernel, dict(mma, SYMMETRIC=False, N_TILES=4, STAGES=2),
                  rows_major, 2),
                 ("mma_3popc_pool_pack", _ternary_mma_kernel, dict(mma, SYMMETRIC=False, N_TILES=4, STAGES=1, POOL=2,
@@ -2370,7 +2410,8 @@ def _sass_report(folder):
         ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass, re.M))
         regs = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
-        keys = ("POPC", "BMMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA")
+        keys = ("POPC", "BMMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA",
+                "CCTL")
         lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn in (_ternary_mma_kernel, _bitserial_mma_kernel) else "-"
         print(f"  {tag:25} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
               + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys) + f"  lanes {lanes}")
@@ -2408,17 +2449,20 @@ def _bench_main():
         print(f"ceilings: single-bit MMA (m16n8k256 AND + popc) {mma_rate / 1e9:.1f} G/s = {mma_rate / sms / 1.98e9:.2f} "
               f"per clock per SM at 1.98 GHz; ternary ceiling {2 * 16 * 8 * 256 / 4 * mma_rate / 1e12:.0f} TOP/s at "
               f"4 MMAs per 16 x 8 outputs x 256 trits")
-    # pack: float -> trits -> bitplanes, one pass
+    # pack: float -> trits -> bitplanes, one pass. Timed from CUDA-graph replays like the GEMMs: the int8 pack
+    # takes about 50 us, near what its eager Python call costs, and eager timings of it swung from 49.6 to 78.1 us
+    # between H200 machines (80% to 51% of copy bandwidth)
     from triton.testing import do_bench
     for R, K, dtype in ((16384, 8192, torch.float32), (16384, 8192, torch.bfloat16), (16384, 8192, torch.int8)):
         x = torch.randn(R, K, device="cuda").to(dtype) if dtype != torch.int8 else \
             torch.randint(-1, 2, (R, K), dtype=torch.int8, device="cuda")
         thr = 0.5 if dtype != torch.int8 else 0.0
         mode = 0 if dtype == torch.int8 else 1
-        ms = do_bench(lambda: _pack_matrix(x, mode, thr), return_mode="median")
+        ms = _graph_ms(lambda i: _pack_matrix(x, mode, thr), rep=200)
+        eager = do_bench(lambda: _pack_matrix(x, mode, thr), return_mode="median")
         nbytes = x.numel() * x.element_size() + 2 * R * triton.cdiv(K, 32) * 4
         print(f"pack {R}x{K} {str(dtype).replace('torch.', ''):8}: {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s "
-              f"= {100 * nbytes / ms / 1e-3 / bw:3.0f}% of copy bandwidth")
+              f"= {100 * nbytes / ms / 1e-3 / bw:3.0f}% of copy bandwidth (graph replays; eager {eager * 1e3:.1f} us)")
     # GEMM table
     gemlite = _gemlite()
     if gemlite is not None:

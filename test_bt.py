@@ -1499,6 +1499,46 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "e.pt").exists()
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mma_chain_of_packed_layers(symmetric):
+    # layers of 16 rows, each MMA call ternarizing and packing its output as the next one's input, back to back
+    # on one stream. On sm_90 these shapes launch with PDL: each kernel lets the next one start and prefetch its
+    # weights into L2, and the next one must wait before it reads the activations this one writes (a missing
+    # wait reads the garbage the outputs start as). TTQ scales take the path of at most 4096 x 128 weight words,
+    # one scale the K split; the interpreter runs the same chain at a smaller size, without PDL
+    M, N = 16, (256 if DEVICE == "cpu" else 4096 if symmetric else 1024)
+    KW, layers, threshold = N // 32, 4, 0.5 * N ** 0.5   # about half the trits nonzero
+    meta = bt_kernel._mma_config(M, N, KW, bt_kernel._sm_count(torch.device(DEVICE)), symmetric)
+    if DEVICE == "cuda" and bt_kernel._pdl(torch.device(DEVICE)):
+        assert meta["PDL"] and meta["PREFETCH"] > 0 and (meta["K_WARPS"] > 1) == symmetric, meta
+    # a packed output takes 32 columns a program at least: more n-tiles where the config has fewer
+    meta["N_TILES"] = max(meta["N_TILES"], 4 * meta["K_WARPS"] // meta["WARPS"])
+    gen = torch.Generator().manual_seed(5)
+    x = rand_trits(M, N, gen=gen)
+    weights = [rand_trits(N, N, gen=gen) for _ in range(layers)]
+    alphas = [(torch.rand(N, generator=gen) + 0.5).to(DEVICE) for _ in range(2 * layers)]
+    planes = [pack_bitplanes(w) for w in weights]
+    outs = [tuple(torch.full((M, KW), 0x55555555, dtype=torch.int32, device=DEVICE).view(torch.uint32)
+                  for _ in range(2)) for _ in range(layers)]
+    a = pack_bitplanes(x)
+    for i in range(layers):
+        alpha_n = None if symmetric else alphas[2 * i + 1]
+        bt_kernel._launch_mma(*a, *planes[i], alphas[2 * i], alpha_n, None, outs[i][0], meta, M, N, KW,
+                              c_neg=outs[i][1], threshold=threshold)
+        a = outs[i]
+    # the reference: float64 sums and scales, rounded to float32 once (as the epilogue), ternarized
+    ref = x
+    for i in range(layers):
+        sp, sn = int_sums(ref, weights[i])
+        alpha_p = alphas[2 * i].double().cpu()
+        alpha_n = alpha_p if symmetric else alphas[2 * i + 1].double().cpu()
+        c = (alpha_p * sp.double() - alpha_n * sn.double()).float()
+        ref = ((c > threshold).to(torch.int8) - (c < -threshold).to(torch.int8))
+        got = unpack_bitplanes(*outs[i], N).cpu()
+        assert 0.2 < (ref != 0).float().mean() < 0.8, "threshold leaves the trits one-sided: a weak test"
+        assert torch.equal(got, ref), f"layer {i}: {(got != ref).sum().item()} trits differ"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--epochs", "0"], "--epochs must be >= 1"), (["--batch", "-3"], "--batch must be >= 1"),
     (["--dataset", "cifar"], "invalid choice"), (["--device", "tpu"], "invalid choice"),
@@ -1571,6 +1611,13 @@ def test_sass_has_popc_and_no_spills(tmp_path):
                  "gemv16_3popc_kmajor", "gemv16_2popc_kmajor", "gemv2rows_3popc"):
         sass = (tmp_path / f"{name}.sass").read_text()
         assert "ACQBULK" in sass and "PREEXIT" in sass, f"{name}: no PDL instructions"
+    # ... as does the MMA kernel at few rows, whose programs first prefetch their weight rows into L2: 64 words
+    # a row, 2 rows of 8 lines a thread (128 threads, 8 rows a warp), both planes
+    sass = (tmp_path / "mma_2popc_kwarps.sass").read_text()
+    assert "ACQBULK" in sass and "PREEXIT" in sass, "mma_2popc_kwarps: no PDL instructions"
+    assert counts["mma_2popc_kwarps"]["CCTL"] >= 4 and "CCTL.E.PF2" in sass, counts["mma_2popc_kwarps"]
+    assert sass.index("CCTL.E.PF2") < sass.index("ACQBULK"), "the prefetch should come before the PDL wait"
+    assert counts["mma_3popc"]["CCTL"] == 0 and "ACQBULK" not in (tmp_path / "mma_3popc.sass").read_text()
     # no kernel spills to local memory
     for name, c in counts.items():
         assert c["STL"] == 0 and c["LDL"] == 0, f"{name} spills to local memory: {c}"
