@@ -200,7 +200,11 @@ def _pack_kernel(
     BITS: tl.constexpr,           # planes written in MODE 3
     IM2COL: tl.constexpr,         # rows are (b, oy, ox), columns (c, ky, kx) of a conv patch
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    PDL: tl.constexpr = False,    # launched with programmatic dependent launch (sm_90+), as the GEMMs after it
 ):
+    if PDL:
+        _gdc_launch_dependents()
+        _gdc_wait()
     pid_r = tl.program_id(0)
     pid_w = tl.program_id(1)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -262,9 +266,13 @@ def _pack_trits4_kernel(
     stride_xr, stride_pr, stride_pk,
     # meta-parameters
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    PDL: tl.constexpr = False,    # as in _pack_kernel
 ):
     # MODE 0 of _pack_kernel with a quarter of the work per trit: one load, flag tests and bit gathering
     # for 4 trits at once, and a sum over 8 nibbles per output word instead of over 32 bits
+    if PDL:
+        _gdc_launch_dependents()
+        _gdc_wait()
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     q = tl.arange(0, 8)
@@ -389,7 +397,7 @@ def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1, k_ma
         R, K, KWS, OH, OW, KH, KWD, H, W, stride, pad, float(threshold),
         *x4.stride(), *pos.stride(),
         MODE=mode, BITS=bits, IM2COL=im2col, BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4,
-    )
+        PDL=_pdl(x4.device), launch_pdl=_pdl(x4.device))
     return pos[:, :, :KW], neg[:, :, :KW]
 
 
@@ -427,7 +435,8 @@ def _pack_trits4(x, blocks=None, k_major=False):
     BLOCK_R, BLOCK_W = blocks or ((16, 2) if _INTERPRET else (256 // BLOCK_W, BLOCK_W))
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KWS, BLOCK_W))
     _pack_trits4_kernel[grid](x4, pos, neg, R, K // 4, KWS, x4.stride(0), pos.stride(0), pos.stride(1),
-                              BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4)
+                              BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4, PDL=_pdl(x.device),
+                              launch_pdl=_pdl(x.device))
     return pos[:, :KW], neg[:, :KW]
 
 
@@ -1385,8 +1394,12 @@ def _sm_count(device):
 
 
 def _pdl(device):
-    """Programmatic dependent launch for the short GEMV kernels: sm_90 and later, not in the interpreter.
-    1x8192x8192 on an H200, chains of 10 calls: 6.84 against 7.15 us; 1x1024x1024 2.24 against 2.89."""
+    """Programmatic dependent launch (sm_90 and later, not in the interpreter) for the GEMVs, the pack kernels
+    and the MMA kernel at few rows (_mma_config): each kernel lets the next one be scheduled at its start, and
+    waits for the one before it to finish before touching memory. H200, chains of 10 calls: the GEMV at
+    1x8192x8192 6.84 against 7.15 us, 1x1024x1024 2.24 against 2.89; fp16 activations packed, then the GEMM
+    (`make bench`, pack+t3) 1x1024x1024 3.17 against 4.07 to 4.78, 16x1024x1024 3.11 against 4.93, 1x8192x8192
+    7.40 against 8.93."""
     return not _INTERPRET and device.type == "cuda" and _props(device).major >= 9
 
 
