@@ -16,12 +16,12 @@ Needs only torch and triton: copy this file alone into another project.
     python bt_kernel.py --sass DIR # SASS for sm_90 and its instruction counts (no GPU needed)
 
 Measured (NVIDIA H200, Triton 3.6, 2026-11-29): from 4 activation rows up the GEMM runs on the tensor
-cores' single-bit MMA (AND + popcount, still no multiply): 16x8192x8192 in 10.6 us, 3.3x faster than torch
-bf16 (8.9 us, 3.9x, with one scale) and 4.3x faster than gemlite's ternary layer; 4096x4096x4096 at 879
+cores' single-bit MMA (AND + popcount, still no multiply): 16x8192x8192 in 10.2 us, 3.4x faster than torch
+bf16 (8.4 us, 4.05x, with one scale) and 4.7x faster than gemlite's ternary layer; 4096x4096x4096 at 871
 ternary TOP/s with learned alpha_p/alpha_n, 1.3x faster than bf16; faster than gemlite at all 19 shapes of
 `make bench`, also with its fp16 activations packed in the same call. A 1x8192x8192 GEMV (the CUDA cores'
-POPC) 5.5x faster than bf16 and 2.9x faster than gemlite; the MNIST LeNet's 10k test images through these
-kernels, every layer on the single-bit MMA, in 1.96 ms, bf16 cuDNN 6.29 (README: the whole table, and the
+POPC) 5.3x faster than bf16 and 2.8x faster than gemlite; the MNIST LeNet's 10k test images through these
+kernels, every layer on the single-bit MMA, in 1.77 ms, bf16 cuDNN 6.25 (README: the whole table, and the
 targets it misses).
 
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
