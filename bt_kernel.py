@@ -392,12 +392,13 @@ def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1, k_ma
     BLOCK_W = min(4 if k_major else 64, triton.next_power_of_2(KWS))
     BLOCK_R = (64 if _INTERPRET else 128) // BLOCK_W
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KWS, BLOCK_W))
+    pdl = _pdl(x4.device)
     _pack_kernel[grid](
         x4, thr if thr is not None else x4, pos, neg,
         R, K, KWS, OH, OW, KH, KWD, H, W, stride, pad, float(threshold),
         *x4.stride(), *pos.stride(),
         MODE=mode, BITS=bits, IM2COL=im2col, BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4,
-        PDL=_pdl(x4.device), launch_pdl=_pdl(x4.device))
+        PDL=pdl, launch_pdl=pdl)
     return pos[:, :, :KW], neg[:, :, :KW]
 
 
@@ -434,9 +435,9 @@ def _pack_trits4(x, blocks=None, k_major=False):
     BLOCK_W = min(8 if k_major else 32, triton.next_power_of_2(KWS))
     BLOCK_R, BLOCK_W = blocks or ((16, 2) if _INTERPRET else (256 // BLOCK_W, BLOCK_W))
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KWS, BLOCK_W))
+    pdl = _pdl(x.device)
     _pack_trits4_kernel[grid](x4, pos, neg, R, K // 4, KWS, x4.stride(0), pos.stride(0), pos.stride(1),
-                              BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4, PDL=_pdl(x.device),
-                              launch_pdl=_pdl(x.device))
+                              BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4, PDL=pdl, launch_pdl=pdl)
     return pos[:, :KW], neg[:, :KW]
 
 
@@ -1210,8 +1211,8 @@ def _ternary_mma_kernel(
     if PDL:
         _gdc_launch_dependents()
     if PREFETCH > 0:
-        # the weights are not written by the kernel before this one: request them from DRAM now, ahead of the
-        # pipeline (and, under PDL, while that kernel finishes)
+        # request the program's weight rows from DRAM now, ahead of the pipeline (under PDL, while the kernel
+        # before this one finishes: a prefetch only fills L2, see _l2_prefetch)
         pf_cols = pid_n * (COL_WARPS * 8 * N_TILES) + tl.arange(0, COL_WARPS * 8 * N_TILES)
         pf_k = tl.arange(0, 8) * 32
         pf_hi = min(k_hi, k_lo + PREFETCH)
@@ -2390,7 +2391,8 @@ def _sass_report(folder):
                                                                         BLOCK_M=8, BLOCK_N=64, IMPLICIT=True, POOL=2,
                                                                         PACK_OUT=True), pixels, 1)]
     # the MMA kernel as launched (row-major operands: unit K strides) at 16x8192x8192 (TTQ scales; one scale:
-    # 4 warps splitting K, PDL and the L2 prefetch), at 4096^3 (4 n-tiles a warp) and as the engine's conv2 (pooled, packed output)
+    # 4 warps splitting K, PDL and the L2 prefetch), at 4096^3 (4 n-tiles a warp) and as the engine's conv2
+    # (pooled, packed output)
     mma = dict(HAS_BIAS=True, WARPS=2, K_WARPS=1, N_TILES=2, SPLIT_K=1, STAGES=4, POOL=1, PACK_OUT=False,
                ALIGNED=True, EMULATE=False, PDL=False, PREFETCH=0)
     rows_major = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("stride_am", "stride_bn", "stride_cm"))

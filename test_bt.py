@@ -1611,8 +1611,8 @@ def test_sass_has_popc_and_no_spills(tmp_path):
                  "gemv16_3popc_kmajor", "gemv16_2popc_kmajor", "gemv2rows_3popc"):
         sass = (tmp_path / f"{name}.sass").read_text()
         assert "ACQBULK" in sass and "PREEXIT" in sass, f"{name}: no PDL instructions"
-    # ... as does the MMA kernel at few rows, whose programs first prefetch their weight rows into L2: 64 words
-    # a row, 2 rows of 8 lines a thread (128 threads, 8 rows a warp), both planes
+    # ... as does the MMA kernel at few rows, whose programs first prefetch their weight rows into L2 (64 words,
+    # 2 lines, of each of the program's 8 rows, both planes)
     sass = (tmp_path / "mma_2popc_kwarps.sass").read_text()
     assert "ACQBULK" in sass and "PREEXIT" in sass, "mma_2popc_kwarps: no PDL instructions"
     assert counts["mma_2popc_kwarps"]["CCTL"] >= 4 and "CCTL.E.PF2" in sass, counts["mma_2popc_kwarps"]
