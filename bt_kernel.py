@@ -170,6 +170,17 @@ def _gdc_launch_dependents():
 
 
 @triton.jit
+def _gdc_enter(PDL: tl.constexpr):
+    # under PDL: let the next kernel be scheduled now, then wait for the previous one to finish before touching
+    # memory. Memory order stays that of plain launches, and the launch gaps between short kernels overlap (each
+    # kernel's own wait keeps the next one from reading its output early). Waiting first measured slower: the
+    # GEMV at 1x1024x1024 2.80 against 2.24 us
+    if PDL:
+        _gdc_launch_dependents()
+        _gdc_wait()
+
+
+@triton.jit
 def _l2_prefetch(ptrs, mask):
     # bring the 128-byte lines at ptrs into L2 (a hint: always safe, even before _gdc_wait, since L2 is where
     # the writes of the kernel before this one land)
@@ -202,9 +213,7 @@ def _pack_kernel(
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
     PDL: tl.constexpr = False,    # launched with programmatic dependent launch (sm_90+), as the GEMMs after it
 ):
-    if PDL:
-        _gdc_launch_dependents()
-        _gdc_wait()
+    _gdc_enter(PDL)
     pid_r = tl.program_id(0)
     pid_w = tl.program_id(1)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -270,9 +279,7 @@ def _pack_trits4_kernel(
 ):
     # MODE 0 of _pack_kernel with a quarter of the work per trit: one load, flag tests and bit gathering
     # for 4 trits at once, and a sum over 8 nibbles per output word instead of over 32 bits
-    if PDL:
-        _gdc_launch_dependents()
-        _gdc_wait()
+    _gdc_enter(PDL)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     q = tl.arange(0, 8)
@@ -978,13 +985,7 @@ def _ternary_gemv_kernel(
     STAGES: tl.constexpr,         # software pipelining depth of the 2D K loop
     CSA: tl.constexpr,            # 2D K loop: 3 K blocks a step through carry-save adders (fewer popcounts)
 ):
-    if PDL:
-        # Let the next kernel be scheduled now, then wait for the previous one to finish before touching memory:
-        # memory order stays that of plain launches, and the launch gaps between short kernels overlap. (Each
-        # kernel's own wait keeps the next one from reading C early. Waiting first measured slower: 1x1024x1024
-        # 2.80 against 2.24 us.)
-        _gdc_launch_dependents()
-        _gdc_wait()
+    _gdc_enter(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1430,13 +1431,11 @@ def _mma_config(M, N, KW, sms, symmetric):
     if M <= 32 and symmetric and KW >= 128:
         return dict(WARPS=4, K_WARPS=4 if M <= 16 else 2, N_TILES=1, STAGES=1, SPLIT_K=1, num_warps=4,
                     PDL=True, PREFETCH=64)
+    short = M <= 16 and N * KW <= 4096 * 128   # PDL on the 2-warp configs
     if M <= 32:
         n_tiles = 4 if M > 16 and programs(4) >= sms else 2 if 2 * triton.cdiv(N, 32) >= sms else 1
         stages = 4 if KW >= 256 else 6
-        short = M <= 16 and N * KW <= 4096 * 128
-        return dict(WARPS=2, K_WARPS=1, N_TILES=n_tiles, STAGES=stages, num_warps=2, PDL=short,
-                    PREFETCH=128 if short else 0, SPLIT_K=_split_k(programs(n_tiles), KW, sms, per_sm=1, min_k=256))
-    if KW >= 128 or programs(4) >= sms:
+    elif KW >= 128 or programs(4) >= sms:
         # 128x4096x4096 10.9 / 11.0 us against 12.0 / 11.8 on 2 n-tiles; 1024x4096x4096 58 / 57 against 77 / 55.
         # Since the 2D epilogue also at short K where that fills the SMs once (8192x128x1600 8.0 against 11.5 on
         # one n-tile, 1024x1024x1024 6.3 against 7.4), and without pipelining past 256 rows (4096^3 157 against
@@ -1446,8 +1445,8 @@ def _mma_config(M, N, KW, sms, symmetric):
     else:
         n_tiles = 2 if 2 * triton.cdiv(N, 32) >= sms else 1
         stages = 3 if M <= 256 else 1
-    return dict(WARPS=2, K_WARPS=1, N_TILES=n_tiles, STAGES=stages, num_warps=2,
-                SPLIT_K=_split_k(programs(n_tiles), KW, sms, per_sm=1, min_k=256))
+    return dict(WARPS=2, K_WARPS=1, N_TILES=n_tiles, STAGES=stages, num_warps=2, PDL=short,
+                PREFETCH=128 if short else 0, SPLIT_K=_split_k(programs(n_tiles), KW, sms, per_sm=1, min_k=256))
 
 
 def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=False):
