@@ -44,12 +44,12 @@ infer: $(DEPS) ## Triton-only inference of the export (numpy on the CPU with DEV
 	$(PY) bt_infer.py --export $(EXPORT) --device $(DEVICE)
 
 bench: $(DEPS) ## kernel tables, training s/epoch and inference images/s against torch (GPU)
-	$(PY) bt_kernel.py $(BENCH_ARGS)
+	$(PY) bt_bench.py $(BENCH_ARGS)
 	@echo "== training seconds per epoch: PyTorch path, then --use-triton-linear (3 epochs each)"
 	$(PY) bt_train.py --epochs 3 --export /tmp/bt_bench_export.pt --checkpoint /tmp/bt_bench_ckpt.pt
 	$(PY) bt_train.py --epochs 3 --use-triton-linear --export /tmp/bt_bench_export.pt --checkpoint /tmp/bt_bench_ckpt.pt
 	@echo "== Triton-only inference against the float model on cuDNN"
-	$(PY) bt_infer.py --export /tmp/bt_bench_export.pt --device cuda --bench
+	$(PY) bt_bench.py --infer /tmp/bt_bench_export.pt
 
 clean: ## remove the venv, caches, exports and checkpoints
 	rm -rf $(VENV) __pycache__ .pytest_cache .hypothesis bt_mnist_export.pt bt_mnist_ckpt.pt

@@ -11,20 +11,13 @@ Needs only torch and triton: copy this file alone into another project.
     a_pos, a_neg = ternary_conv_packed(a_pos, a_neg, *pack_conv_weight(w_trits_4d), alpha_p, alpha_n, bias,
                                        kernel_size=5, pool=2, threshold=0.5)
 
-    python bt_kernel.py            # the kernel benchmark tables of `make bench` (needs a GPU)
-    python bt_kernel.py --tune     # sweep kernel configs (--shapes 16x8192x8192 ...)
-    python bt_kernel.py --sass DIR # SASS for sm_90 and its instruction counts (no GPU needed)
-
-Measured (NVIDIA H200, Triton 3.6, 2026-11-29): from 4 activation rows up the GEMM runs on the tensor
-cores' single-bit MMA (AND + popcount, still no multiply): 16x8192x8192 in 10.2 us, 3.4x faster than torch
-bf16 (8.4 us, 4.05x, with one scale) and 4.7x faster than gemlite's ternary layer; 4096x4096x4096 at 871
-ternary TOP/s with learned alpha_p/alpha_n, 1.3x faster than bf16; faster than gemlite at all 19 shapes of
-`make bench`, also with its fp16 activations packed in the same call. A 1x8192x8192 GEMV (the CUDA cores'
-POPC) 5.3x faster than bf16 and 2.8x faster than gemlite; the MNIST LeNet's 10k test images through these
-kernels, every layer on the single-bit MMA, in 1.77 ms, bf16 cuDNN 6.25 (README: the whole table, and the
-targets it misses).
-
+Which kernel runs for a shape: choose_kernel(M, N, KW, gpu_spec(device)). From 4 activation rows up, on
+sm_80 and later, the single-bit MMA of the tensor cores; 1 to 3 rows, the GEMV on the CUDA cores' POPC.
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
+
+Contents, in the order data flows: popcount helpers; pack kernels; GEMM kernels (tile, GEMV, MMA,
+bit-serial MMA); dispatch (choose_kernel); launch (one launcher for every GEMM kernel, the pack
+launchers); the public API; the weight quantizer rules, autograd and TernaryLinearTriton.
 
 Packed layout
 -------------
@@ -76,6 +69,7 @@ compiled to one POPC instruction per word on sm_90 (on int32 the shifts are arit
 """
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -89,7 +83,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _popc(x):
+def popc(x):
     # x: uint32. Logical shifts on uint32 are what lets the compiler see a popcount (POPC).
     x = x - ((x >> 1) & 0x55555555)
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
@@ -103,19 +97,19 @@ def _trit_products(ap, an, wp, wn, SYMMETRIC: tl.constexpr, NZ_FORM: tl.constexp
     NZ_FORM: through the nonzero and negative masks (fewer LOP3), else the textbook form (one scale only;
     the GEMV's one-scale loop measured faster with it, below)."""
     if SYMMETRIC and not NZ_FORM:
-        sp = _popc((ap & wp) | (an & wn)) - _popc((ap & wn) | (an & wp))
+        sp = popc((ap & wp) | (an & wn)) - popc((ap & wn) | (an & wp))
         sn = tl.zeros_like(sp)
     else:
         w_nz = wp | wn                  # shared by every row that reads this weight word (CSE)
         nz = (ap | an) & w_nz           # products != 0
         neg = nz & (an ^ wn)            # products == -1
         if SYMMETRIC:   # not popc(nz) - 2 popc(neg): LLVM folds the 2x into the popcount and loses POPC
-            sp = _popc(nz ^ neg) - _popc(neg)
+            sp = popc(nz ^ neg) - popc(neg)
             sn = tl.zeros_like(sp)
         else:
-            p3 = _popc(ap & w_nz)
-            p_neg = _popc(neg)
-            sp, sn = p3 - p_neg, p3 - _popc(nz) + p_neg
+            p3 = popc(ap & w_nz)
+            p_neg = popc(neg)
+            sp, sn = p3 - p_neg, p3 - popc(nz) + p_neg
     return sp, sn
 
 
@@ -147,12 +141,12 @@ def _trit_products3(ap0, an0, wp0, wn0, ap1, an1, wp1, wn1, ap2, an2, wp2, wn2, 
             s1, c1 = _csa(nz0, nz1, nz2)
             s3, c3 = _csa(ap0 & z0, ap1 & z1, ap2 & z2)   # a = +1 on a nonzero weight
     if SYMMETRIC:
-        zero = tl.zeros_like(_popc(s1))
-        sp, sn, cp, cn = _popc(s1) - _popc(s2), zero, _popc(c1) - _popc(c2), zero
+        zero = tl.zeros_like(popc(s1))
+        sp, sn, cp, cn = popc(s1) - popc(s2), zero, popc(c1) - popc(c2), zero
     else:
-        q3, r3 = _popc(s3), _popc(c3)
-        n3, m3 = _popc(s2), _popc(c2)
-        sp, sn, cp, cn = q3 - n3, q3 - _popc(s1) + n3, r3 - m3, r3 - _popc(c1) + m3
+        q3, r3 = popc(s3), popc(c3)
+        n3, m3 = popc(s2), popc(c2)
+        sp, sn, cp, cn = q3 - n3, q3 - popc(s1) + n3, r3 - m3, r3 - popc(c1) + m3
     return sp, sn, cp, cn
 
 
@@ -173,8 +167,7 @@ def _gdc_launch_dependents():
 def _gdc_enter(PDL: tl.constexpr):
     # under PDL: let the next kernel be scheduled now, then wait for the previous one to finish before touching
     # memory. Memory order stays that of plain launches, and the launch gaps between short kernels overlap (each
-    # kernel's own wait keeps the next one from reading its output early). Waiting first measured slower: the
-    # GEMV at 1x1024x1024 2.80 against 2.24 us
+    # kernel's own wait keeps the next one from reading its output early). Waiting first measured slower
     if PDL:
         _gdc_launch_dependents()
         _gdc_wait()
@@ -358,248 +351,44 @@ def _im2col_rows_kernel(
     tl.store(planes_ptr + plane[None, :] * stride_pbit + r[:, None] * stride_pr, acc, mask=(r < R)[:, None])
 
 
-def _new_planes(bits, rows, kw, device, k_major=True, padded=False):
-    # K-word-major storage [BITS, KW, R], viewed as [BITS, R, KW]; or row-major [BITS, R, KW], rows padded to
-    # whole 16-byte runs (padded=True: the padded storage itself, for kernels that write the zeros there too)
-    if not k_major:
-        planes = torch.empty((bits, rows, _row_words(kw)), dtype=torch.uint32, device=device)
-        return planes if padded else planes[:, :, :kw]
-    return torch.empty((bits, kw, rows), dtype=torch.uint32, device=device).transpose(1, 2)
-
-
-def _row_words(kw):
-    """The row stride of row-major planes: whole runs of 4 words, so that every row starts on a 16-byte
-    boundary and the MMA kernel loads 16-byte vectors. Rows of 50 words (K = 1600) otherwise load word by
-    word: H200, TTQ scales, 640000x128x1600 1174 against 580 us, 8192x128x1600 21.9 against 12.7."""
-    return triton.cdiv(kw, 4) * 4
-
-
-def _row_major(pos, neg):
-    """Planes [R, KW] (any strides) as row-major planes with 16-byte aligned rows (zero padding): the MMA
-    kernel's fast layout. Planes already so are returned as they are."""
-    R, KW = pos.shape
-    if _rows_aligned(pos, neg):
-        return pos, neg
-    planes = torch.zeros((2, R, _row_words(KW)), dtype=torch.uint32, device=pos.device)
-    planes[0, :, :KW] = pos
-    planes[1, :, :KW] = neg
-    return planes[0, :, :KW], planes[1, :, :KW]
-
-
-def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1, k_major=True):
-    """Pack x4 (viewed [B, C, H, W]) into planes [bits, R, KW]; no checks (callers check)."""
-    KW = triton.cdiv(K, 32)
-    pos = _new_planes(bits, R, KW, x4.device, k_major, padded=True)
-    neg = pos if mode == 3 else _new_planes(1, R, KW, x4.device, k_major, padded=True)
-    KWS = pos.shape[2]   # words written a row: row-major planes' padding gets its zeros in the same pass
-    OH, OW, KH, KWD, H, W, stride, pad, im2col = geometry
-    # about 4096 values per program; few words per row (a 5x5 patch is one word) go to more rows. Row-major
-    # planes take long runs of a row (H200, 16384x8192: float32 95%, bf16 78% of copy bandwidth with
-    # [2 rows x 64 words], against 83% and 61% with the K-word-major [32 x 4])
-    BLOCK_W = min(4 if k_major else 64, triton.next_power_of_2(KWS))
-    BLOCK_R = (64 if _INTERPRET else 128) // BLOCK_W
-    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KWS, BLOCK_W))
-    pdl = _pdl(x4.device)
-    _pack_kernel[grid](
-        x4, thr if thr is not None else x4, pos, neg,
-        R, K, KWS, OH, OW, KH, KWD, H, W, stride, pad, float(threshold),
-        *x4.stride(), *pos.stride(),
-        MODE=mode, BITS=bits, IM2COL=im2col, BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4,
-        PDL=pdl, launch_pdl=pdl)
-    return pos[:, :, :KW], neg[:, :, :KW]
-
-
-def _f32(t):
-    """A float32 contiguous copy-if-needed of a scale/bias tensor, outside autograd (None stays None)."""
-    return None if t is None else t.detach().float().contiguous()
-
-
-def _pack_matrix(x, mode, threshold=0.0, thr=None, k_major=False):
-    """_launch_pack of a matrix [R, K] (any strides): returns (pos, neg), each [R, KW], row-major (the MMA
-    kernel's and the GEMVs' layout) or K-word-major (the tile kernel's)."""
-    R, K = x.shape
-    if mode == 0 and K % 4 == 0 and x.stride(1) == 1 and x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0:
-        return _pack_trits4(x, k_major=k_major)
-    if x.dtype == torch.float64:   # the kernel compares in float32
-        x = x.float()
-    pos, neg = _launch_pack(x[:, :, None, None], R, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode, threshold, thr,
-                            k_major=k_major)
-    return pos[0], neg[0]
-
-
-def _pack_trits4(x, blocks=None, k_major=False):
-    """pack_bitplanes of int8 trits [R, K] with K % 4 == 0, unit column stride and 4-byte aligned rows."""
-    R, K = x.shape
-    KW = triton.cdiv(K, 32)
-    pos = _new_planes(1, R, KW, x.device, k_major, padded=True)[0]
-    neg = _new_planes(1, R, KW, x.device, k_major, padded=True)[0]
-    KWS = pos.shape[1]   # words written a row, the padding's zeros too
-    if R == 0:
-        return pos[:, :KW], neg[:, :KW]
-    x4 = x.view(torch.int32)
-    # row-major planes: long runs of a row (H200, 16384x8192, two rounds: 78-79% of copy bandwidth on [8 x 32],
-    # 76% on [16 x 16], 60-82% on [4 x 64]; K-word-major planes 51-71% on [32 x 8])
-    BLOCK_W = min(8 if k_major else 32, triton.next_power_of_2(KWS))
-    BLOCK_R, BLOCK_W = blocks or ((16, 2) if _INTERPRET else (256 // BLOCK_W, BLOCK_W))
-    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KWS, BLOCK_W))
-    pdl = _pdl(x.device)
-    _pack_trits4_kernel[grid](x4, pos, neg, R, K // 4, KWS, x4.stride(0), pos.stride(0), pos.stride(1),
-                              BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4, PDL=pdl, launch_pdl=pdl)
-    return pos[:, :KW], neg[:, :KW]
-
-
-def _pack_pixel_patches(x, OH, OW, kh, kw, stride, padding):
-    """pack_im2col's 8 bitplanes of uint8 x [B, C, H, W] when a patch fits one word (C*kh*kw <= 32) and a
-    padded row one word (W + 2*padding <= 32): rows are bit-sliced once, then cut into patches."""
-    B, C, H, W = x.shape
-    R = B * OH * OW
-    rows = torch.empty((B * C * H, 8), dtype=torch.uint32, device=x.device)
-    block = 16 if _INTERPRET else 64
-    _slice_rows_kernel[(triton.cdiv(B * C * H, block),)](x, rows, B * C * H, C, H, W, padding, *x.stride(),
-                                                         BLOCK_R=block, num_warps=4)
-    planes = _new_planes(8, R, 1, x.device)
-    block = 32 if _INTERPRET else 128
-    _im2col_rows_kernel[(triton.cdiv(R, block),)](rows, planes, R, C, H, OH, OW, kh, kw, stride, padding,
-                                                  planes.stride(0), planes.stride(1), BLOCK_R=block, num_warps=4)
-    return planes
-
-
-def _check_device(*tensors, allow_cpu=False):
-    dev = tensors[0].device
-    for t in tensors:
-        if t.device != dev:
-            raise ValueError(f"tensors are on different devices: {dev} and {t.device}")
-    if dev.type == "cpu" and not _INTERPRET and not allow_cpu:
-        raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing triton "
-                         "(or move the tensors to a CUDA device)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {dev}: use cuda (or cpu with TRITON_INTERPRET=1)")
-
-
-def _check_matrix(x, name):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [rows, K], got shape {tuple(x.shape)}")
-
-
-def _same_layout(pos, neg):
-    """The kernels read both planes of a pair with the pos plane's strides: a pair stored in two layouts
-    (one from pack_bitplanes, one made contiguous) is copied to one."""
-    if pos.stride() == neg.stride():
-        return pos, neg
-    return pos.contiguous(), neg.contiguous()
-
-
-def _check_int8_trits(x, name):
-    if x.numel() and bool((x.abs() > 1).any()):
-        bad = x[x.abs() > 1][0].item()
-        raise ValueError(f"{name} holds {bad}: int8 trits must be -1, 0 or +1")
-
-
-def pack_bitplanes(x, threshold=None, k_major=False):
-    """Pack a ternary matrix into (pos, neg) uint32 bitplanes [R, ceil(K/32)] (layout: module docstring).
-
-    x: int8 [R, K] with values in {-1, 0, +1}; or a float tensor [R, K] with `threshold` >= 0, which is
-    ternarized on the fly (+1 where x > threshold, -1 where x < -threshold) in the same pass. `threshold`
-    may also be a float tensor [R]: one threshold per row (per output channel of a weight matrix).
-    CUDA tensors go through the Triton kernel; CPU tensors too under TRITON_INTERPRET=1, else through
-    torch ops with the same result.
-
-    The planes come back row-major (K words contiguous), the layout of the MMA kernel and of the GEMVs:
-    both read 16-byte runs of a row. k_major=True gives the tile kernel's layout instead (pack_conv_weight,
-    and GPUs without the single-bit MMA). Any strides work everywhere; this is only speed (H200,
-    16x8192x8192 with TTQ scales: 10.6 us with both operands row-major, 13.2 with K-word-major
-    activations, README: Packed layout).
-    """
-    _check_matrix(x, "x")
-    R, K = x.shape
-    if K < 1:
-        raise ValueError("x must have at least one column (K >= 1)")
-    if x.dtype == torch.int8:
-        if threshold is not None:
-            raise ValueError("threshold is for float input; int8 input must already hold trits")
-        _check_device(x, allow_cpu=True)
-        _check_int8_trits(x, "x")
-        mode, thr, t = 0, None, 0.0
-    elif x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        if threshold is None:
-            raise ValueError("float input needs a threshold (x > t -> +1, x < -t -> -1)")
-        if isinstance(threshold, torch.Tensor):
-            if threshold.shape != (R,):
-                raise ValueError(f"per-row threshold must have shape ({R},), got {tuple(threshold.shape)}")
-            _check_device(x, threshold, allow_cpu=True)
-            mode, thr, t = 2, _f32(threshold), 0.0
-        else:
-            t = float(threshold)
-            if not t >= 0:
-                raise ValueError(f"threshold must be >= 0, got {threshold}")
-            _check_device(x, allow_cpu=True)
-            mode, thr = 1, None
+@triton.jit
+def _gather_patches_kernel(
+    # pointers
+    map_pos_ptr, map_neg_ptr,     # packed maps [B, H, W, CW] uint32, trits (any strides)
+    out_pos_ptr, out_neg_ptr,     # patch planes [M, KW]: K-word-major (the tile kernel's) or row-major (the MMA's)
+    # sizes
+    M, KW,
+    KWS,                          # words written a row: KW, then zeros up to the row-major planes' padding
+    # strides (elements)
+    stride_mb, stride_my, stride_mx, stride_mc,
+    stride_om, stride_ok,
+    # meta-parameters: the conv's geometry is compiled in (its divisions become multiplications)
+    OH: tl.constexpr, OW: tl.constexpr, KX: tl.constexpr, CW: tl.constexpr, CONV_STRIDE: tl.constexpr,
+    POOL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROWS_FIRST: tl.constexpr,     # row-major planes: K words fastest, so that stores run along a row
+):
+    # rows in the implicit GEMM's order (pooling windows of consecutive rows), K words in (ky, kx, cw) order.
+    # The block's fastest dimension is the planes' contiguous one: rows of K-word-major planes, K words of
+    # row-major ones (conv2 into row-major planes on [128 rows x 8 words] with rows fastest: 550 us, stores
+    # 52 words apart; K words fastest on [32 x 64]: 112)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b, oy, ox = _conv_rows(tl.program_id(0) * BLOCK_R, offs_r, M, OH, OW, POOL)
+    tap = offs_k // CW
+    row_src = b * stride_mb + oy * CONV_STRIDE * stride_my + ox * CONV_STRIDE * stride_mx
+    k_src = (tap // KX) * stride_my + (tap % KX) * stride_mx + (offs_k % CW) * stride_mc
+    m = tl.program_id(0) * BLOCK_R + offs_r
+    if ROWS_FIRST:
+        src = row_src[:, None] + k_src[None, :]
+        m2, k2 = m[:, None], offs_k[None, :]
     else:
-        raise TypeError(f"x must be int8 trits or a float tensor, got {x.dtype}")
-    if x.device.type == "cpu" and not _INTERPRET:
-        # no Triton on the CPU without the interpreter: the same words through torch ops
-        pos, neg = _pack_torch(x if mode == 0 else _ternarize_rows(x, threshold))
-        return (pos.t().contiguous().t(), neg.t().contiguous().t()) if k_major else (pos, neg)
-    return _pack_matrix(x, mode, t, thr, k_major)
-
-
-def _ternarize_rows(x, threshold):
-    t = threshold[:, None].float() if isinstance(threshold, torch.Tensor) else float(threshold)
-    return (x.float() > t).to(torch.int8) - (x.float() < -t).to(torch.int8)
-
-
-def _pack_torch(trits):
-    """pack_bitplanes for int8 trits [R, K] in plain torch (CPU without Triton)."""
-    R, K = trits.shape
-    KW = triton.cdiv(K, 32)
-    t = torch.nn.functional.pad(trits, (0, 32 * KW - K)).view(R, KW, 32).long()
-    weights = 1 << torch.arange(32, dtype=torch.int64, device=trits.device)
-    def plane(mask):
-        words = (mask.long() * weights).sum(-1)
-        return (words - (words >= 1 << 31).long() * (1 << 32)).to(torch.int32).view(torch.uint32)
-    return plane(t == 1), plane(t == -1)
-
-
-def pack_im2col(x, kernel_size, stride=1, padding=0, threshold=None):
-    """Conv patches of x [B, C, H, W], ternarized or bit-sliced and packed, without materialising im2col.
-
-    Rows are output positions (b, oy, ox), columns (c, ky, kx): the order of F.unfold and of
-    weight.flatten(1). With a float threshold (float x): returns (pos, neg), each [B*OH*OW, KW].
-    With threshold=None and uint8 x: returns the 8 bitplanes [8, B*OH*OW, KW] of the unsigned values
-    (pass them as a_pos with a_neg=None to ternary_gemm_triton). Also returns (OH, OW).
-    """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor [B, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
-    B, C, H, W = x.shape
-    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-    OH, OW = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
-    if OH < 1 or OW < 1 or stride < 1 or padding < 0:
-        raise ValueError(f"bad conv geometry: input {H}x{W}, kernel {kh}x{kw}, stride {stride}, padding {padding}")
-    _check_device(x)
-    R, K = B * OH * OW, C * kh * kw
-    geometry = (OH, OW, kh, kw, H, W, stride, padding, True)
-    if threshold is None:
-        if x.dtype != torch.uint8:
-            raise TypeError(f"bit-serial packing takes uint8 input, got {x.dtype}")
-        if K <= 32 and W + 2 * padding <= 32 and R:   # the first conv of small images: a faster way, same planes
-            return _pack_pixel_patches(x, OH, OW, kh, kw, stride, padding), (OH, OW)
-        planes, _ = _launch_pack(x, R, K, geometry, mode=3, bits=8)
-        return planes, (OH, OW)
-    if not x.is_floating_point():
-        raise TypeError(f"a threshold needs float input, got {x.dtype}")
-    pos, neg = _launch_pack(x.float() if x.dtype == torch.float64 else x, R, K, geometry, mode=1,
-                            threshold=float(threshold))
-    return (pos[0], neg[0]), (OH, OW)
-
-
-def unpack_bitplanes(pos, neg, K):
-    """Inverse of pack_bitplanes (torch reference): int8 [R, K] trits."""
-    shifts = torch.arange(32, device=pos.device, dtype=torch.int32)
-    def bits(p):
-        return ((p.view(torch.int32)[..., None] >> shifts) & 1).flatten(-2)[..., :K]
-    return (bits(pos) - bits(neg)).to(torch.int8)
+        src = row_src[None, :] + k_src[:, None]
+        m2, k2 = m[None, :], offs_k[:, None]
+    ok = (k2 < KW) & (m2 < M)
+    dst = k2 * stride_ok + m2 * stride_om
+    out_ok = (k2 < KWS) & (m2 < M)
+    tl.store(out_pos_ptr + dst, tl.load(map_pos_ptr + src, mask=ok, other=0), mask=out_ok)
+    tl.store(out_neg_ptr + dst, tl.load(map_neg_ptr + src, mask=ok, other=0), mask=out_ok)
 
 
 # -----------------------------------------------------------------------------
@@ -699,47 +488,6 @@ def _conv_rows(m0, offs, M, OH, OW, POOL: tl.constexpr):
 
 
 @triton.jit
-def _gather_patches_kernel(
-    # pointers
-    map_pos_ptr, map_neg_ptr,     # packed maps [B, H, W, CW] uint32, trits (any strides)
-    out_pos_ptr, out_neg_ptr,     # patch planes [M, KW]: K-word-major (the tile kernel's) or row-major (the MMA's)
-    # sizes
-    M, KW,
-    KWS,                          # words written a row: KW, then zeros up to the row-major planes' padding
-    # strides (elements)
-    stride_mb, stride_my, stride_mx, stride_mc,
-    stride_om, stride_ok,
-    # meta-parameters: the conv's geometry is compiled in (its divisions become multiplications: conv2 into
-    # row-major planes 112 against 90 us on an H200)
-    OH: tl.constexpr, OW: tl.constexpr, KX: tl.constexpr, CW: tl.constexpr, CONV_STRIDE: tl.constexpr,
-    POOL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ROWS_FIRST: tl.constexpr,     # row-major planes: K words fastest, so that stores run along a row
-):
-    # rows in the implicit GEMM's order (pooling windows of consecutive rows), K words in (ky, kx, cw) order.
-    # The block's fastest dimension is the planes' contiguous one: rows of K-word-major planes, K words of
-    # row-major ones (conv2 into row-major planes on [128 rows x 8 words] with rows fastest: 550 us, stores
-    # 52 words apart; K words fastest on [32 x 64]: 112)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    b, oy, ox = _conv_rows(tl.program_id(0) * BLOCK_R, offs_r, M, OH, OW, POOL)
-    tap = offs_k // CW
-    row_src = b * stride_mb + oy * CONV_STRIDE * stride_my + ox * CONV_STRIDE * stride_mx
-    k_src = (tap // KX) * stride_my + (tap % KX) * stride_mx + (offs_k % CW) * stride_mc
-    m = tl.program_id(0) * BLOCK_R + offs_r
-    if ROWS_FIRST:
-        src = row_src[:, None] + k_src[None, :]
-        m2, k2 = m[:, None], offs_k[None, :]
-    else:
-        src = row_src[None, :] + k_src[:, None]
-        m2, k2 = m[None, :], offs_k[:, None]
-    ok = (k2 < KW) & (m2 < M)
-    dst = k2 * stride_ok + m2 * stride_om
-    out_ok = (k2 < KWS) & (m2 < M)
-    tl.store(out_pos_ptr + dst, tl.load(map_pos_ptr + src, mask=ok, other=0), mask=out_ok)
-    tl.store(out_neg_ptr + dst, tl.load(map_neg_ptr + src, mask=ok, other=0), mask=out_ok)
-
-
-@triton.jit
 def _load_trit_step(a_pos_ptrs, a_neg_ptrs, b_pos_ptrs, b_neg_ptrs, k, CW, KX, stride_ay, stride_ax, stride_ak,
                     stride_bk, IMPLICIT: tl.constexpr):
     """The words of K step k: ap, an [BLOCK_M, 1] and wp, wn [1, BLOCK_N]."""
@@ -798,9 +546,9 @@ def _ternary_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # wrap out-of-range rows/columns onto valid ones: loads need no mask, the store is masked. (A modulo, not
-    # a clamp: Triton sees that x % M keeps runs of 4 contiguous where M is 16-divisible, and loads 4 rows'
-    # words as one 16-byte vector; with tl.minimum 4096^3 took 1911 against 1476 us.)
+    # wrap out-of-range rows/columns onto valid ones: loads need no mask, the store is masked. A modulo, not a
+    # clamp: Triton sees that x % M keeps runs of 4 contiguous where M is 16-divisible, and loads 4 rows' words
+    # as one 16-byte vector
     am = offs_m % M
     bn = offs_n % N
     if IMPLICIT:   # conv rows: window math once per pooling window, not once a row
@@ -820,8 +568,8 @@ def _ternary_gemm_kernel(
             for k in range(k_lo, k_hi):
                 ap, _, wp, wn = _load_trit_step(a_bit_ptrs, a_bit_ptrs, b_pos_ptrs, b_neg_ptrs, k, CW, KX,
                                                 stride_ay, stride_ax, stride_ak, stride_bk, IMPLICIT)
-                part_p += _popc(ap & wp)
-                part_n += _popc(ap & wn)
+                part_p += popc(ap & wp)
+                part_n += popc(ap & wn)
             acc_p += part_p << bit
             acc_n += part_n << bit
     else:
@@ -858,9 +606,8 @@ def _ternary_gemm_kernel(
 @triton.jit
 def _row_products(a_pos_ptrs, a_neg_ptrs, k_ok, wp, wn, SYMMETRIC: tl.constexpr):
     # one activation row's K words [BLOCK_K] against a weight block [BLOCK_K, BLOCK_N], broadcast along N.
-    # The GEMVs take the nonzero/negative masks with TTQ scales only: with one scale the textbook form
-    # measured faster in them (H200: 16x4096x4096 9.26 against 10.22 us, 128x512x2048 5.73 against 6.42),
-    # though the masks spend fewer LOP3; the tile kernel gains with both (4096^3 1.04x / 1.06x)
+    # The GEMVs take the nonzero/negative masks with TTQ scales only: with one scale the textbook form measured
+    # faster in them, though the masks spend fewer LOP3 (PERFORMANCE.md)
     ap = tl.load(a_pos_ptrs, mask=k_ok, other=0)[:, None]
     an = tl.load(a_neg_ptrs, mask=k_ok, other=0)[:, None]
     return _trit_products(ap, an, wp, wn, SYMMETRIC, False)
@@ -930,9 +677,8 @@ def _gemv_row_sums(a_pos_ptr, a_neg_ptr, b_pos_ptr, b_neg_ptr, bn, m0, M, k_lo, 
     for k0 in tl.range(k_mid, k_hi, BLOCK_K, num_stages=STAGES):
         k_ok = (k0 + offs_k) < k_hi                  # words past the range load as 0 and add nothing
         # the weights first (from DRAM), then the activation words (L2 hits). With one row nobody re-reads a
-        # weight word: evict_first keeps the stream from pushing the activations out of L2 (1x8192x8192: 6.39
-        # against 6.93 us); with more rows the other rows' programs re-read it from L2 (16x8192x8192: 43.9
-        # against 39.7 with it)
+        # weight word: evict_first keeps the stream from pushing the activations out of L2; with more rows the
+        # other rows' programs re-read it from L2
         wp = tl.load(b_pos_ptr + k0 * stride_bk + b_offs, mask=k_ok[:, None], other=0, eviction_policy=W_EVICT)
         wn = tl.load(b_neg_ptr + k0 * stride_bk + b_offs, mask=k_ok[:, None], other=0, eviction_policy=W_EVICT)
         a_offs = (k0 + offs_k) * stride_ak
@@ -1045,16 +791,16 @@ def _ternary_gemv_kernel(
 
 
 @triton.jit
-def _and_popc_mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, EMULATE: tl.constexpr):
+def and_popc_mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, EMULATE: tl.constexpr):
     """One warp-wide m16n8k256 AND-popcount MMA per warp of the block (fragments above): (c0, .., c3) +=.
     EMULATE: the same sums from tensor ops (the interpreter runs no inline PTX)."""
     if EMULATE:
         W: tl.constexpr = a0.shape[0] // 32
         # [warp, row g, column, word t]: lane 4 g + t holds word t of row g and of column g
-        rows_lo = _popc(tl.reshape(a0, (W, 8, 1, 4)) & tl.reshape(b0, (W, 1, 8, 4))) \
-            + _popc(tl.reshape(a2, (W, 8, 1, 4)) & tl.reshape(b1, (W, 1, 8, 4)))
-        rows_hi = _popc(tl.reshape(a1, (W, 8, 1, 4)) & tl.reshape(b0, (W, 1, 8, 4))) \
-            + _popc(tl.reshape(a3, (W, 8, 1, 4)) & tl.reshape(b1, (W, 1, 8, 4)))
+        rows_lo = popc(tl.reshape(a0, (W, 8, 1, 4)) & tl.reshape(b0, (W, 1, 8, 4))) \
+            + popc(tl.reshape(a2, (W, 8, 1, 4)) & tl.reshape(b1, (W, 1, 8, 4)))
+        rows_hi = popc(tl.reshape(a1, (W, 8, 1, 4)) & tl.reshape(b0, (W, 1, 8, 4))) \
+            + popc(tl.reshape(a3, (W, 8, 1, 4)) & tl.reshape(b1, (W, 1, 8, 4)))
         lo_even, lo_odd = tl.split(tl.reshape(tl.sum(rows_lo, axis=3), (W, 8, 4, 2)))   # columns 2 t, 2 t + 1
         hi_even, hi_odd = tl.split(tl.reshape(tl.sum(rows_hi, axis=3), (W, 8, 4, 2)))
         return (c0 + tl.reshape(lo_even, c0.shape), c1 + tl.reshape(lo_odd, c0.shape),
@@ -1090,17 +836,17 @@ def _mma_step(pl, ph, nl, nh, wp, wn, acc, SYMMETRIC: tl.constexpr, EMULATE: tl.
     a0, a1, a2, a3 = acc
     if SYMMETRIC:
         for j in tl.static_range(4):
-            a0 = _and_popc_mma(pl[j], ph[j], nl[j], nh[j], wp[j], wn[j], a0[0], a0[1], a0[2], a0[3], EMULATE)
-            a1 = _and_popc_mma(pl[j], ph[j], nl[j], nh[j], wn[j], wp[j], a1[0], a1[1], a1[2], a1[3], EMULATE)
+            a0 = and_popc_mma(pl[j], ph[j], nl[j], nh[j], wp[j], wn[j], a0[0], a0[1], a0[2], a0[3], EMULATE)
+            a1 = and_popc_mma(pl[j], ph[j], nl[j], nh[j], wn[j], wp[j], a1[0], a1[1], a1[2], a1[3], EMULATE)
     else:
         for j in tl.static_range(0, 4, 2):
-            a0 = _and_popc_mma(pl[j], ph[j], pl[j + 1], ph[j + 1], wp[j], wp[j + 1], a0[0], a0[1], a0[2], a0[3],
+            a0 = and_popc_mma(pl[j], ph[j], pl[j + 1], ph[j + 1], wp[j], wp[j + 1], a0[0], a0[1], a0[2], a0[3],
                                EMULATE)
-            a1 = _and_popc_mma(nl[j], nh[j], nl[j + 1], nh[j + 1], wp[j], wp[j + 1], a1[0], a1[1], a1[2], a1[3],
+            a1 = and_popc_mma(nl[j], nh[j], nl[j + 1], nh[j + 1], wp[j], wp[j + 1], a1[0], a1[1], a1[2], a1[3],
                                EMULATE)
-            a2 = _and_popc_mma(pl[j], ph[j], pl[j + 1], ph[j + 1], wn[j], wn[j + 1], a2[0], a2[1], a2[2], a2[3],
+            a2 = and_popc_mma(pl[j], ph[j], pl[j + 1], ph[j + 1], wn[j], wn[j + 1], a2[0], a2[1], a2[2], a2[3],
                                EMULATE)
-            a3 = _and_popc_mma(nl[j], nh[j], nl[j + 1], nh[j + 1], wn[j], wn[j + 1], a3[0], a3[1], a3[2], a3[3],
+            a3 = and_popc_mma(nl[j], nh[j], nl[j + 1], nh[j + 1], wn[j], wn[j + 1], a3[0], a3[1], a3[2], a3[3],
                                EMULATE)
     return a0, a1, a2, a3
 
@@ -1199,8 +945,7 @@ def _ternary_mma_kernel(
     tl.static_assert(WARPS % K_WARPS == 0)
     COL_WARPS: tl.constexpr = WARPS // K_WARPS
     # row tiles in the grid's second dimension, which holds 65535 of them: the launcher runs taller A in chunks
-    # (one grid dimension, its index divided into row and column tiles, measured 15 to 22% slower with TTQ
-    # scales at 128 to 640000 rows)
+    # (one grid dimension divided into row and column tiles measured 15 to 22% slower)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     lane = tl.arange(0, 32 * WARPS)
@@ -1274,9 +1019,8 @@ def _ternary_mma_kernel(
     sums = (_tile_sums(acc0, SYMMETRIC, K_WARPS), _tile_sums(acc1, SYMMETRIC, K_WARPS),
             _tile_sums(acc2, SYMMETRIC, K_WARPS), _tile_sums(acc3, SYMMETRIC, K_WARPS))
     # the fragments as one [16, COL_WARPS * 8 * N_TILES] tile for the tile kernel's epilogue: split-K, pooling,
-    # packing 32 columns a word, and float rows stored in 16-byte vectors (H200, TTQ scales, against a store a
-    # fragment register: 4096x1024x1024 16.4 against 26.1 us, 10000x512x2048 28.8 against 41.4, 640000x128x1600
-    # 425 against 569, 16x8192x8192 10.4 against 10.8)
+    # packing 32 columns a word, and float rows stored in 16-byte vectors (faster than a store a fragment
+    # register: 4096x1024x1024 16.4 against 26.1 us on an H200)
     tl.static_assert(not PACK_OUT or (COL_WARPS * N_TILES) % 4 == 0)
     offs_m = pid_m * 16 + tl.arange(0, 16)
     offs_n = pid_n * (COL_WARPS * 8 * N_TILES) + tl.arange(0, COL_WARPS * 8 * N_TILES)
@@ -1306,8 +1050,8 @@ def _bitserial_n_tile(a0, a1, a2, a3, b_pos_ptr, b_neg_ptr, col, N, stride_bn, t
         p0, p1, n0, n1 = bp, none, bn, none
         if q >= 4:
             p0, p1, n0, n1 = none, bp, none, bn
-        sp = _and_popc_mma(a0, a1, a2, a3, p0, p1, sp[0] << 1, sp[1] << 1, sp[2] << 1, sp[3] << 1, EMULATE)
-        sn = _and_popc_mma(a0, a1, a2, a3, n0, n1, sn[0] << 1, sn[1] << 1, sn[2] << 1, sn[3] << 1, EMULATE)
+        sp = and_popc_mma(a0, a1, a2, a3, p0, p1, sp[0] << 1, sp[1] << 1, sp[2] << 1, sp[3] << 1, EMULATE)
+        sn = and_popc_mma(a0, a1, a2, a3, n0, n1, sn[0] << 1, sn[1] << 1, sn[2] << 1, sn[3] << 1, EMULATE)
     if SYMMETRIC:
         return (sp[0] - sn[0], sp[1] - sn[1], sp[2] - sn[2], sp[3] - sn[3]), sn
     else:
@@ -1374,185 +1118,166 @@ def _bitserial_mma_kernel(
               SYMMETRIC, HAS_BIAS, PACK_OUT, POOL)
 
 
-# From this many rows up, trits go through the MMA kernel where the GPU has it. Fewer rows stay on the GEMV,
-# which streams the weights at any row count (H200, TTQ scales: 2x8192x8192 8.3 us against 12.8 on the MMA
-# kernel, whose MMA has 16 rows whatever M is; 8x8192x8192 18.9 against 10.2). 4 rows are the work of 8 for
-# the MMA kernel (one 16-row tile); it was timed there only on K-word-major activations (12.8 against 12.1)
-MMA_MIN_ROWS = 4
-MMA_CHUNK_TILES = 65535   # row tiles of the MMA kernel a launch: the most a grid's second dimension holds
-
-_DEVICE_PROPS = {}
+# -----------------------------------------------------------------------------
+# dispatch: which kernel runs for a shape on a GPU, with which meta-parameters
+#
+# The rules come from config sweeps on an H200 (`python bt_bench.py --tune`); PERFORMANCE.md holds the
+# measurements behind each one.
 
 
-def _props(device):
-    """torch.cuda.get_device_properties, once per device (it is asked on every launch)."""
-    if device not in _DEVICE_PROPS:
-        _DEVICE_PROPS[device] = torch.cuda.get_device_properties(device)
-    return _DEVICE_PROPS[device]
+class GpuSpec(NamedTuple):
+    """What the dispatch reads of a device (gpu_spec), or what a test says a GPU is."""
+    capability: int            # compute capability, major: 8 and later have the single-bit MMA with AND
+    sms: int                   # streaming multiprocessors
+    l2_bytes: int = 0
+    interpret: bool = False    # Triton's interpreter: small blocks keep its numpy emulation quick
 
 
-def _sm_count(device):
-    return _props(device).multi_processor_count if device.type == "cuda" else 4
+INTERPRETER = GpuSpec(capability=0, sms=4, interpret=True)
+MMA_MIN_ROWS = 4               # from this many rows up, trits go to the MMA kernel where the GPU has it
+MMA_CHUNK_TILES = 65535        # row tiles of the MMA kernel a launch: the most a grid's second dimension holds
+_SPECS = {}
+
+
+def gpu_spec(device):
+    """The GpuSpec of a torch device, read once: INTERPRETER under TRITON_INTERPRET=1 or for CPU tensors."""
+    device = torch.device(device)
+    if _INTERPRET or device.type != "cuda":
+        return INTERPRETER
+    if device not in _SPECS:
+        p = torch.cuda.get_device_properties(device)
+        _SPECS[device] = GpuSpec(p.major, p.multi_processor_count, getattr(p, "L2_cache_size", 0))
+    return _SPECS[device]
+
+
+def mma_available(device):
+    """True where the single-bit tensor-core MMA runs (NVIDIA sm_80 and later, not the interpreter)."""
+    return gpu_spec(device).capability >= 8
 
 
 def _pdl(device):
-    """Programmatic dependent launch (sm_90 and later, not in the interpreter) for the GEMVs, the pack kernels
-    and the MMA kernel at few rows (_mma_config): each kernel lets the next one be scheduled at its start, and
-    waits for the one before it to finish before touching memory. H200, chains of 10 calls: the GEMV at
-    1x8192x8192 6.84 against 7.15 us, 1x1024x1024 2.24 against 2.89; fp16 activations packed, then the GEMM
-    (`make bench`, pack+t3) 1x1024x1024 3.17 against 4.07 to 4.78, 16x1024x1024 3.11 against 4.93, 1x8192x8192
-    7.40 against 8.93."""
-    return not _INTERPRET and device.type == "cuda" and _props(device).major >= 9
+    """Programmatic dependent launch (sm_90 and later): a kernel lets the next one be scheduled at its start
+    and waits for the one before it to finish before touching memory, so short kernels' launch gaps overlap."""
+    return gpu_spec(device).capability >= 9
 
 
-def _mma_ok(device):
-    """The single-bit MMA with AND: sm_80 and later (not in the interpreter, which is asked for it by config)."""
-    return not _INTERPRET and device is not None and device.type == "cuda" and _props(device).major >= 8
+def choose_kernel(M, N, KW, gpu, *, bit_serial=False, row_major_weights=True, symmetric=False, conv=False):
+    """(kind, meta-parameters) of the kernel for [M, N] outputs over KW words of K on `gpu` (a GpuSpec).
+
+    kind: "mma" (the tensor cores' single-bit MMA), "gemv" (few rows, CUDA cores' POPC), "tile" (many rows,
+    POPC); for convs (conv=True) also "im2col" (patches gathered into planes, then the tile kernel).
+    bit_serial: A holds unsigned ints bit-serially; symmetric: one scale per channel (alpha_n is None).
+    """
+    if conv:
+        return _choose_conv_kernel(M, N, KW, gpu, bit_serial, symmetric)
+    if gpu.interpret:
+        if M <= 4 and not bit_serial:
+            return "gemv", dict(BLOCK_M=1 if M <= 2 else 4, BLOCK_N=32, BLOCK_K=8, SPLIT_K=1, num_warps=4)
+        return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, CSA=True, num_warps=4)
+    if gpu.capability >= 8 and not bit_serial and M >= MMA_MIN_ROWS:
+        return "mma", _mma_meta(M, N, KW, gpu.sms, symmetric)
+    # CUDA cores: 1 to 3 rows everywhere, bit-serial A, and every shape on GPUs without the single-bit MMA
+    # (the portable path). per_sm: programs per SM that split-K aims for
+    sms, rows4 = gpu.sms, triton.cdiv(M, 4) * triton.cdiv(N, 64)
+    if bit_serial:             # pixels: [16 x BLOCK_N] tiles, narrow layers (conv1: N = 32) waste no columns
+        kind, meta, per_sm = "tile", dict(BLOCK_M=16, BLOCK_N=min(128, max(32, triton.next_power_of_2(N))),
+                                          GROUP_M=8, CSA=False, num_warps=4), 4
+    elif M <= 2:               # one row a program streaming long weight blocks
+        kind, meta, per_sm = "gemv", _gemv_one_row(M, N, KW, sms, symmetric, row_major_weights), 1
+    elif M <= 32 and not row_major_weights:   # 2 rows a program, 3 K blocks a step through carry-save adders
+        kind, meta, per_sm = "gemv", _gemv_csa(M, N, KW, sms, symmetric), 1
+    elif 8 <= M <= 32 and (rows4 >= sms if not symmetric else rows4 >= 2 * sms or M * N >= 65536):
+        kind, meta, per_sm = "gemv", _gemv_rows(rows4, KW, sms, symmetric), 1   # rows share a weight block
+    elif M <= 32:
+        kind, meta, per_sm = "gemv", _gemv_one_row(M, N, KW, sms, symmetric, row_major_weights), 1
+    elif M <= 256 and triton.cdiv(M, 16) * triton.cdiv(N, 128) >= sms:   # thin tiles fill every SM
+        kind, meta, per_sm = "tile", _thin_tile(M, N, sms, symmetric), 1
+    elif M <= 256 and not row_major_weights:  # too few row tiles: 2 rows a program, carry-save adders
+        kind, meta, per_sm = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=64,
+                                          BLOCK_K=min(16, triton.next_power_of_2(KW)), CSA=True, num_warps=4), 4
+    elif M <= 256:             # too few row tiles, row-major weights: 3D products, 2 rows a program
+        kind, meta, per_sm = "gemv", dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=32, num_warps=4), 4
+    else:
+        kind, meta, per_sm = "tile", _thin_tile(M, N, sms, symmetric), 4
+    # split K where the programs do not fill the GPU, keeping 2 blocks of K a split (2 steps of 3 with CSA)
+    programs = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+    min_k = 2 * meta.get("BLOCK_K", 16) * (3 if kind == "gemv" and meta.get("CSA") else 1)
+    meta["SPLIT_K"] = _split_k(programs, KW, sms, per_sm, min_k)
+    return kind, meta
 
 
-def _mma_config(M, N, KW, sms, symmetric):
-    """The MMA kernel's meta-parameters by shape: the fastest in sweeps on an H200 (row-major operands, TTQ
-    scales / one scale; warps 1 to 8, of them 1 to 8 splitting K, n-tiles 1, 2, 4, stages 1 to 6, split-K 1,
-    2, 4; README: Speed). Up to 32 rows the weight stream is the work, and bytes in flight are what count: a
-    deep pipeline (16x8192x8192 10.4 / 10.6 us with 4 stages; 16x4096x4096 6.1 / 6.5 with 6). With one
-    scale, 4 warps splitting each tile's K keep more loads in flight (16x8192x8192 9.1, 16x4096x4096 5.6,
-    4x4096x4096 5.4); with TTQ scales they do not (11.7, 6.5). From 17 rows on, 4 n-tiles a warp share A's
-    registers 4 ways where there are programs enough (32x8192x8192 12.5 against 13.2 us; 4096^3 208 against
-    302, 640000x128x1600 1152 against 1523 with TTQ scales). Split-K never won; it is left for few programs
-    over long K.
-    PDL (programmatic dependent launch, sm_90+; chains of 10 calls, H200) where it measured faster: the K split
-    (16x8192x8192 8.37 against 8.92 us with one scale, 4x8192x8192 7.91 against 8.64, 16x4096x4096 5.17
-    against 5.62) and up to 16 rows of at most 4096 x 128 weight words (16x4096x4096 4.68 against 5.73 with
-    TTQ scales, 16x1024x1024 2.25 against 3.25), both with the program's weights prefetched into L2 before
-    the wait (64 or 128 words of each row). Elsewhere it was slower: 16x8192x8192 with TTQ scales 10.68
-    against 10.08 (and prefetching 64 to 256 words 10.6 to 12.3), 32x8192x8192 13.6 against 11.3, 16x16384^2
-    37.2 against 30.4, 128x8192x8192 27.3 against 25.7."""
+def _choose_conv_kernel(M, N, KW, gpu, bit_serial, symmetric):
+    """choose_kernel for ternary_conv_packed. On trits the patches are gathered first: the implicit GEMM's
+    tiles have rows scattered over the map (no 16-byte loads, address work every K step), and are reached
+    only through an explicit config=("tile", meta)."""
+    mma = gpu.capability >= 8
+    if mma and not bit_serial:
+        return "mma", _mma_meta(M, N, KW, gpu.sms, symmetric)
+    if mma and KW == 1:        # one-word pixel patches (conv1): the bit-serial MMA kernel
+        return "mma", dict(WARPS=2 if N > 32 else 1, N_TILES=4)
+    if not bit_serial:
+        return "im2col", _thin_tile(M, N, gpu.sms, symmetric)
+    if gpu.interpret:
+        return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, CSA=True, num_warps=4)
+    # pixels read in place on one warp: 8 rows (2 pooling windows) a thread where the patch is one word, so
+    # that each thread's window math and epilogue serve 16 outputs; with a K loop 8 rows spill, so 4
+    bn, bm = _thin_columns(N), 8 if KW == 1 else 4
+    split = _split_k(triton.cdiv(M, bm) * triton.cdiv(N, bn), KW, gpu.sms)
+    return "tile", dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, CSA=False, SPLIT_K=split, num_warps=1)
+
+
+def _mma_meta(M, N, KW, sms, symmetric):
+    """The MMA kernel's meta-parameters. Up to 32 rows the weight stream is the work, so what counts is bytes in
+    flight: deep pipelines, and with one scale 4 warps splitting each tile's K. From 17 rows on, 4 n-tiles a
+    warp share A's registers where there are programs enough. PDL with an L2 prefetch of the weight rows where
+    it measured faster: the K split, and up to 16 rows of at most 4096 x 128 weight words."""
     programs = lambda n_tiles: triton.cdiv(M, 16) * triton.cdiv(N, 16 * n_tiles)   # 2 warps side by side
     if M <= 32 and symmetric and KW >= 128:
         return dict(WARPS=4, K_WARPS=4 if M <= 16 else 2, N_TILES=1, STAGES=1, SPLIT_K=1, num_warps=4,
                     PDL=True, PREFETCH=64)
-    short = M <= 16 and N * KW <= 4096 * 128   # PDL on the 2-warp configs
+    short = M <= 16 and N * KW <= 4096 * 128
     if M <= 32:
         n_tiles = 4 if M > 16 and programs(4) >= sms else 2 if 2 * triton.cdiv(N, 32) >= sms else 1
         stages = 4 if KW >= 256 else 6
-    elif KW >= 128 or programs(4) >= sms:
-        # 128x4096x4096 10.9 / 11.0 us against 12.0 / 11.8 on 2 n-tiles; 1024x4096x4096 58 / 57 against 77 / 55.
-        # Since the 2D epilogue also at short K where that fills the SMs once (8192x128x1600 8.0 against 11.5 on
-        # one n-tile, 1024x1024x1024 6.3 against 7.4), and without pipelining past 256 rows (4096^3 157 against
-        # 181 with 2 stages, 1024x4096x4096 41.5 against 50.2; TTQ scales)
-        n_tiles = 4
-        stages = 3 if M <= 256 else 1
+    elif KW >= 128 or programs(4) >= sms:   # no pipelining past 256 rows: the loads are not the limit there
+        n_tiles, stages = 4, 3 if M <= 256 else 1
     else:
-        n_tiles = 2 if 2 * triton.cdiv(N, 32) >= sms else 1
-        stages = 3 if M <= 256 else 1
+        n_tiles, stages = 2 if 2 * triton.cdiv(N, 32) >= sms else 1, 3 if M <= 256 else 1
     return dict(WARPS=2, K_WARPS=1, N_TILES=n_tiles, STAGES=stages, num_warps=2, PDL=short,
                 PREFETCH=128 if short else 0, SPLIT_K=_split_k(programs(n_tiles), KW, sms, per_sm=1, min_k=256))
 
 
-def _gemm_config(M, N, KW, bit_serial, device=None, b_rows=False, symmetric=False):
-    """(kernel, meta-parameters) by shape (b_rows: the weights are row-major, K words contiguous; symmetric:
-    one scale per channel, 2 popcounts per word pair): the fastest in `python bt_kernel.py --tune` and
-    config sweeps on an H200 (README: Speed)."""
-    if _INTERPRET:   # small tiles keep the numpy emulation quick
-        if M <= 4 and not bit_serial:
-            return "gemv", dict(BLOCK_M=1 if M <= 2 else 4, BLOCK_N=32, BLOCK_K=8, SPLIT_K=1, num_warps=4)
-        return "tile", dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=8, SPLIT_K=1, CSA=True, num_warps=4)
-    sms = _sm_count(device) if device is not None else 132
-    if not bit_serial and M >= MMA_MIN_ROWS and _mma_ok(device):
-        return "mma", _mma_config(M, N, KW, sms, symmetric)
-    per_sm = 4
-    rows2 = triton.cdiv(M, 2) * triton.cdiv(N, 64)   # programs of 2 rows x 64 weight rows
-    rows4 = triton.cdiv(M, 4) * triton.cdiv(N, 64)   # ... of 4 rows
-    if not bit_serial and 3 <= M <= 32 and not b_rows:
-        # K-word-major weights (pack_bitplanes(k_major=True)): the 2D loop, two rows per program, three K blocks
-        # of 16 words a step through carry-save adders (2 popcounts per product word instead of 3). H200, 3
-        # alternating rounds, TTQ scales / one scale, against the plain loop on [32 x 32] (the rule before):
-        # 16x8192x8192 32.6 / 24.0 us against 36.3 / 27.2, 32x8192x8192 60.4 / 43.3 against 67.5 / 48.2,
-        # 4x8192x8192 13.0 / 11.0 against 14.3 / 13.5, 6x8192x8192 16.9 / 11.2 against 18.5 / 15.0. 64 weight
-        # rows a program where that makes 3 to 6 programs per SM, 32 elsewhere (16x4096x4096 11.4 / 9.2 against
-        # 13.3 / 10.5 for 32 rows, 16x8192x8192 33.0 / 25.8 against 32.6 / 24.0).
-        # Short K takes blocks of 8 words so that the carry-save loop runs at all (KW = 32: 16x1024x1024 3.50 /
-        # 3.06 us against 4.47 / 3.28 for 16 words), with TTQ scales up to KW = 64 too (32x2048x2048 6.85
-        # against 7.68; one scale: 16x2048x2048 5.24 against 4.69, so 16 words).
-        bn = 64 if 3 * sms <= rows2 < 6 * sms else 32
-        bk = 8 if KW < (96 if not symmetric else 48) else 16
-        kind, meta = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(KW)),
-                                  CSA=True, num_warps=4)
-        tiles, per_sm = triton.cdiv(M, 2) * triton.cdiv(N, bn), 1
-    elif (not bit_serial and 8 <= M <= 32 and b_rows
-          and (rows4 >= sms if not symmetric else (rows4 >= 2 * sms or M * N >= 65536))):
-        # row-major weights: several rows per program share each [64 weight rows x BLOCK_K words] block from
-        # registers, the K loop pipelined through shared memory (3 stages). One row per program left the
-        # popcount unit idle a third of the time (ncu, 16x8192x8192: XU pipe 62 to 71% busy, warps waiting on
-        # their loads) and read each block again from L2 for every row. H200, 3 alternating rounds, TTQ scales
-        # / one scale: 4 rows where that makes 2 or more programs per SM (16x8192x8192 35.0 / 25.6 us against
-        # 38.4 / 27.6 for 2 rows, 12x8192x8192 26.2 / 18.8 against 33.9 / 21.3, 32x4096x4096 19.4 / 14.7
-        # against 20.2 / 16.3). With fewer, TTQ scales keep 4 rows on [64 x 32] (8x8192x8192 18.9 against 22.0,
-        # 16x4096x4096 11.1 against 12.5) and one scale 2 rows (8x8192x8192 15.3 against 19.2 for 4 rows).
-        # Carry-save adders do not pay on row-major weights (16x8192x8192 40.7 / 31.7 at best).
-        if rows4 >= 2 * sms:
-            rows, bk = 4, (32 if symmetric else 16)
-        else:
-            rows, bk = (2, 32) if symmetric else (4, 32)
-        kind, meta = "gemv", dict(BLOCK_M=rows, ROW_LOOP=True, BLOCK_N=64, BLOCK_K=min(bk, triton.next_power_of_2(KW)),
-                                  STAGES=3, num_warps=4)
-        tiles, per_sm = triton.cdiv(M, rows) * triton.cdiv(N, 64), 1
-    elif not bit_serial and (M <= 2 or (M <= 32 and b_rows)):
-        # one row per program, [BLOCK_N rows x BLOCK_K words] = 2048 weight words a step, the longest K block
-        # that keeps the programs to one wave, 16 words at least (1x8192x8192 before PDL and evict_first:
-        # row-major [16 x 128] on 8 warps 7.52 us, K-word-major on 4 warps 8.49, the 3D kernel 8.80;
-        # 16x8192x8192 row-major [128 x 16] 39.8, the 3D kernel 48.4). K-word-major weights suit it only for
-        # M <= 2. From 3 rows up with TTQ scales, 4 warps and the K loop pipelined (3 stages): 8x4096x4096
-        # 7.8 against 8.9 us, 16x2048x2048 5.3 against 5.6, 4x8192x8192 11.7 against 12.1.
-        bk = min(128, triton.next_power_of_2(KW))
-        bn = min(128, 2048 // bk)
-        while M * triton.cdiv(N, bn) > 4 * sms and bk > 16:
-            bk, bn = bk // 2, bn * 2
-        pipelined = M >= 3 and not symmetric and b_rows
-        kind, meta = "gemv", dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, STAGES=3 if pipelined else 1,
-                                  num_warps=8 if b_rows and not pipelined else 4)
-        tiles, per_sm = M * triton.cdiv(N, bn), 1   # split K only where there are fewer programs than SMs
-    elif M <= 256 and not bit_serial and M > 32 and triton.cdiv(M, 16) * triton.cdiv(N, 128) >= sms:
-        # few row tiles but enough of them for every SM: the thin carry-save tiles below (128x4096x4096 58.2 /
-        # 48.3 us against 67.8 / 54.8 for [16 x 128] tiles with carry-save adders, the rule before)
-        kind, meta = "tile", _thin_tile(M, N, sms, symmetric)
-        tiles, per_sm = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1
-    elif M <= 256 and not bit_serial and not b_rows:
-        # K-word-major weights, 33 to 256 rows in too few row tiles to fill the SMs (the batch-128 fc1): the 2D
-        # loop, 2 rows a program, carry-save adders. H200, TTQ scales / one scale, against the 3D kernel (the
-        # rule before): 128x512x2048 7.5 / 5.7 us against 10.4 / 9.0, 128x1024x1024 10.6 / 7.4 against 11.4 /
-        # 9.9, 48x4096x4096 28.0 / 21.5 against 45.1 / 38.5, 256x512x2048 13.0 / 9.7 against 18.2 / 15.3
-        kind, meta = "gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=64, BLOCK_K=min(16, triton.next_power_of_2(KW)),
-                                  CSA=True, num_warps=4)
-        tiles = triton.cdiv(N, 64) * triton.cdiv(M, 2)
-    elif M <= 256 and not bit_serial:
-        # row-major weights, 33 to 256 rows in too few row tiles: 3D products, 2 rows a program
-        kind, meta = "gemv", dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=32, num_warps=4)
-        tiles = triton.cdiv(N, 64) * triton.cdiv(M, 2)
-    elif not bit_serial:
-        kind, meta = "tile", _thin_tile(M, N, sms, symmetric)
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+def _gemv_one_row(M, N, KW, sms, symmetric, row_major_weights):
+    """One row a program, [BLOCK_N x BLOCK_K] = 2048 weight words a step, the longest K block that keeps the
+    programs to one wave; from 3 rows with TTQ scales the K loop is pipelined (3 stages) on 4 warps."""
+    bk = min(128, triton.next_power_of_2(KW))
+    bn = min(128, 2048 // bk)
+    while M * triton.cdiv(N, bn) > 4 * sms and bk > 16:
+        bk, bn = bk // 2, bn * 2
+    pipelined = M >= 3 and not symmetric and row_major_weights
+    return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, STAGES=3 if pipelined else 1,
+                num_warps=8 if row_major_weights and not pipelined else 4)
+
+
+def _gemv_csa(M, N, KW, sms, symmetric):
+    """K-word-major weights, 3 to 32 rows: 2 rows a program, three K blocks a step through carry-save adders;
+    64 weight rows a program where that makes 3 to 6 programs an SM, else 32; blocks of 8 words at short K,
+    so that the carry-save loop runs at all."""
+    programs = triton.cdiv(M, 2) * triton.cdiv(N, 64)
+    bk = 8 if KW < (96 if not symmetric else 48) else 16
+    return dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=64 if 3 * sms <= programs < 6 * sms else 32,
+                BLOCK_K=min(bk, triton.next_power_of_2(KW)), CSA=True, num_warps=4)
+
+
+def _gemv_rows(rows4, KW, sms, symmetric):
+    """Row-major weights, 8 to 32 rows: 2 or 4 rows a program share each [64 x BLOCK_K] weight block from
+    registers, the K loop pipelined (3 stages): 4 rows where that makes 2 programs an SM."""
+    if rows4 >= 2 * sms:
+        rows, bk = 4, (32 if symmetric else 16)
     else:
-        bn = min(128, max(32, triton.next_power_of_2(N)))   # narrow layers (conv1: N=32) waste no columns
-        kind, meta = "tile", dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=8, CSA=False, num_warps=4)
-        tiles = triton.cdiv(M, 16) * triton.cdiv(N, bn)
-    # keep at least 2 blocks of K per split (with carry-save adders in the GEMV, 2 steps of 3 blocks)
-    min_k = 2 * meta.get("BLOCK_K", 16) * (3 if kind == "gemv" and meta.get("CSA") else 1)
-    meta["SPLIT_K"] = _split_k(tiles, KW, sms, per_sm, min_k)
-    return kind, meta
-
-
-def _mma_count(M, N, KW, bits=0):
-    """Single-bit MMAs of the MMA kernel for [M, N] outputs over KW words: 4 per [16 x 8] outputs and 256
-    trits, every tile whole (the bench tables' floors); bits: bit-serial A of one word, 2 a plane."""
-    if bits:
-        return triton.cdiv(M, 16) * triton.cdiv(N, 8) * 2 * bits
-    return triton.cdiv(M, 16) * triton.cdiv(N, 8) * triton.cdiv(KW, 8) * 4
-
-
-def _split_k(tiles, KW, sms, per_sm=4, min_k=32):
-    """Split K until there are about per_sm programs per SM, with at least min_k words per split."""
-    return max(1, min(triton.cdiv(per_sm * sms, tiles), KW // min_k))
+        rows, bk = (2, 32) if symmetric else (4, 32)
+    return dict(BLOCK_M=rows, ROW_LOOP=True, BLOCK_N=64, BLOCK_K=min(bk, triton.next_power_of_2(KW)), STAGES=3,
+                num_warps=4)
 
 
 def _thin_columns(N):
@@ -1561,56 +1286,239 @@ def _thin_columns(N):
 
 
 def _thin_tile(M, N, sms, symmetric):
-    """The tile kernel's config on trits (above 256 rows, and from 33 where the tiles fill the SMs): thin
-    tiles of 4 (or 8) rows x 64 columns on 2 warps (32 columns on one warp for N <= 32), one column a
-    thread, three K words a step through carry-save adders. With 4 to 8 outputs a thread the
-    carry-save loop fits in about 56 to 91 registers (the [16 x 128] tile needed 224 to 255 and spilled), so
-    enough warps share an SM to keep both the popcount and the logic pipes busy, and the activation words of
-    a thread's rows load as one 16-byte vector. H200, TTQ scales / one scale, against [16 x 128] tiles
-    without carry-save adders (the rule before): 4096^3 1475 / 1037 us against 1748 / 1188, 1024x8192x8192
-    1466 / 1044 against 1798 / 1227, 10000x512x2048 238 / 171 against 286 / 200. One scale takes 8 rows where
-    that still makes 24 or more tiles per SM (1024x4096x4096 276 against 285 us for 4 rows; 256x4096x4096,
-    2048 tiles of 8 rows, 91.4 against 93.2 for 8)."""
+    """The tile kernel on trits: thin tiles of 4 (or 8) rows x 64 columns, one column a thread, three K words a
+    step through carry-save adders. 4 to 8 outputs a thread fit in 56 to 91 registers, so enough warps share
+    an SM to keep both the popcount and the logic pipes busy. One scale takes 8 rows where that still makes
+    24 tiles an SM."""
     bn = _thin_columns(N)
     bm = 8 if symmetric and triton.cdiv(M, 8) * triton.cdiv(N, bn) >= 24 * sms else 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, CSA=True, num_warps=bn // 32)
 
 
-def _conv_config(M, N, KW, bit_serial, device, symmetric=False):
-    """(kind, meta-parameters) for ternary_conv_packed. "im2col": trits, the conv's patches gathered into
-    K-word-major planes first, then the thin carry-save tiles of a plain GEMM; "tile": the implicit GEMM,
-    patches read in place. On trits the implicit GEMM cannot use thin tiles (a tile's rows are scattered over
-    the map: no 16-byte loads, and their address work per K step): conv2 of the default model,
-    640000x128x1600 with pooling and packing, took 4274 us on [16 x 128] tiles, 4592 on [8 x 64] and 5389 on
-    [4 x 128] (H200). Bit-serial pixels (conv1) stay implicit on one warp: 8 rows (2 pooling windows) x 64
-    channels where the patch is one word, 16 outputs a thread, so that each thread's setup (window math,
-    epilogue) serves more outputs; 4 rows with a K loop. 5760000x64x25, 8 planes, TTQ scales / one scale:
-    2005 / 1844 us against 2256 / 2150 for [4 x 64] before the window math went per window (16 rows: 1950,
-    but 168 registers and a spill on Triton 3.8; [16 x 64] on 4 warps, the sixth session's: 2634)."""
-    if not bit_serial and _mma_ok(device):
-        return "mma", _mma_config(M, N, KW, _sm_count(device), symmetric)
-    if bit_serial and KW == 1 and _mma_ok(device):   # one-word pixel patches (conv1): the bit-serial MMA kernel
-        return "mma", dict(WARPS=2 if N > 32 else 1, N_TILES=4)
-    if not bit_serial:
-        return "im2col", _thin_tile(M, N, _sm_count(device), symmetric)
-    if not _INTERPRET:
-        bn, bm = _thin_columns(N), 8 if KW == 1 else 4   # with a K loop 8 rows spill (255 registers)
-        split = _split_k(triton.cdiv(M, bm) * triton.cdiv(N, bn), KW, _sm_count(device))
-        return "tile", dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, CSA=False, SPLIT_K=split, num_warps=1)
-    return "tile", _gemm_config(max(M, 257), N, KW, True, device)[1]
+def _split_k(programs, KW, sms, per_sm=4, min_k=32):
+    """Split K until there are about per_sm programs an SM, with at least min_k words a split."""
+    return max(1, min(triton.cdiv(per_sm * sms, programs), KW // min_k))
 
 
-_PATCH_WORDS = 1 << 25   # words per patch plane and chunk (128 MB)
+# -----------------------------------------------------------------------------
+# launch: the one place that turns (kind, meta) and operands into a kernel launch
 
 
-def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias, out, out_neg, kind, meta, OH, OW, kx,
-                     stride, pool, threshold):
-    """ternary_conv_packed on trits through explicit patch planes, no checks: the patches of a chunk of images
-    are gathered into packed planes (rows in the implicit GEMM's pooling-window order, so that the GEMM's
-    epilogue pools and packs as it does there), then a plain GEMM runs on them: kind "im2col", the tile
-    kernel's thin tiles on K-word-major planes; "mma", the MMA kernel on row-major planes, rows padded to
-    whole 16-byte runs so that they load in vectors. Chunks keep the planes under 2 x 128 MB (the default conv2
-    on 10k images: 2 x 128 MB, one chunk, K-word-major)."""
+_WORKSPACE = {}
+
+
+def _workspace(device, words, tiles):
+    """Zeroed int32 buffers for split-K, kept per device; every call leaves them zero again (so split-K calls
+    must not run at once on two streams)."""
+    ws, locks = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < words:
+        ws = torch.zeros(max(words, 1 << 16), dtype=torch.int32, device=device)
+    if locks is None or locks.numel() < tiles:
+        locks = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
+    _WORKSPACE[device] = (ws, locks)
+    return ws, locks
+
+
+def _rows_aligned(pos, neg):
+    """Both planes [R, KW] have K words contiguous and rows on 16-byte boundaries (the MMA kernel's vectors)."""
+    return (pos.stride() == neg.stride() and pos.stride(1) == 1 and pos.stride(0) % 4 == 0
+            and pos.data_ptr() % 16 == 0 and neg.data_ptr() % 16 == 0)
+
+
+_META_DEFAULTS = dict(tile=dict(SPLIT_K=1, CSA=False), gemv=dict(SPLIT_K=1, STAGES=1, CSA=False),
+                      mma=dict(SPLIT_K=1, STAGES=1, N_TILES=1, K_WARPS=1, PDL=False, PREFETCH=0),
+                      bitserial_mma=dict(WARPS=2, N_TILES=4))
+
+
+def _launch(kind, meta, a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c_neg=None, *, M, conv=None,
+            pool=1, threshold=None):
+    """Launch one GEMM kernel, no checks; returns the compiled kernel (of the last chunk).
+
+    a_pos: planes [BITS, M, KW] (a_neg [1, M, KW], or None: A is unsigned, bit-serial); with
+    conv=(OH, OW, KX, CW, stride), maps [BITS, B, H, W, CW] read as the conv's patches (kinds "tile" and
+    "bitserial_mma"). b_pos, b_neg: weights [N, KW]. c: float32 [M, N]; with a threshold, the output is
+    ternarized, packed 32 columns a word into c (pos) and c_neg (neg); pool 2 max-pools windows of 4
+    consecutive rows first. Scales float32 [N]: alpha_n None means one scale, bias None none.
+    """
+    N, KW = b_pos.shape
+    meta = {**_META_DEFAULTS[kind], **meta}
+    symmetric = alpha_n is None
+    scales = (alpha_p, alpha_p if symmetric else alpha_n, alpha_p if bias is None else bias)
+    flags = dict(SYMMETRIC=symmetric, HAS_BIAS=bias is not None)
+    thr = 0.0 if threshold is None else float(threshold)
+    c_neg = c if c_neg is None else c_neg
+    split = meta["SPLIT_K"] if kind != "bitserial_mma" else 1
+    workspace = lambda programs: _workspace(a_pos.device, 2 * M * N, programs) if split > 1 else (c, c)
+    if kind == "tile":
+        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+        if conv is None:       # plain rows: a 1x1 map a row, K words read along the row
+            geometry, a_strides = (1, 1, 1, KW, 1), (a_pos.stride(0), a_pos.stride(1), 0, 0, a_pos.stride(2))
+            c_strides = c.stride()
+        else:
+            geometry, a_strides, c_strides = conv, a_pos.stride(), c.stride()[2:]
+        return _ternary_gemm_kernel[grid](
+            a_pos, a_pos if a_neg is None else a_neg, b_pos, b_neg, *scales, c, c_neg, *workspace(grid[0]),
+            M, N, KW, *geometry, thr, *a_strides, *b_pos.stride(), *c_strides,
+            A_BITS=a_pos.shape[0], BIT_SERIAL=a_neg is None, IMPLICIT=conv is not None, POOL=pool,
+            PACK_OUT=threshold is not None, **flags, **meta)
+    if kind == "gemv":
+        meta.setdefault("ROW_LOOP", meta["BLOCK_M"] == 1)
+        grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
+        pdl = _pdl(a_pos.device)
+        return _ternary_gemv_kernel[grid](
+            a_pos, a_neg, b_pos, b_neg, *scales, c, *workspace(grid[0] * grid[1]), M, N, KW,
+            # one row: a row stride of 0 (never used) lets Triton see 16-byte aligned activation rows
+            a_pos.stride(1) if M > 1 else 0, a_pos.stride(2), *b_pos.stride(), *c.stride(),
+            PDL=pdl, ONE_ROW=M == 1, launch_pdl=pdl, **flags, **meta)
+    if kind == "bitserial_mma":   # pixel maps [BITS, B, H, W, 1] of one-word patches
+        OH, OW, _, _, stride = conv
+        warps, n_tiles = meta["WARPS"], meta["N_TILES"]
+        grid = (triton.cdiv(M, 16), triton.cdiv(N, 8 * warps * n_tiles))
+        return _bitserial_mma_kernel[grid](
+            a_pos, b_pos, b_neg, *scales, c, c_neg, M, N, thr, a_pos.stride(0), a_pos.stride(1),
+            a_pos.stride(2) * stride, a_pos.stride(3) * stride, b_pos.stride(0), c.stride(0), c.stride(1),
+            OH=OH, OW=OW, BITS=a_pos.shape[0], POOL=pool, PACK_OUT=threshold is not None, WARPS=warps,
+            N_TILES=n_tiles, EMULATE=_INTERPRET, num_warps=warps, **flags)
+    # "mma": trits [M, KW]; at most MMA_CHUNK_TILES row tiles a launch, chunks ending on whole pooling windows
+    a_pos, a_neg = a_pos[0], a_neg[0]
+    meta.setdefault("WARPS", meta.get("num_warps", 4))
+    meta["num_warps"] = meta["WARPS"]
+    meta.setdefault("ALIGNED", _rows_aligned(a_pos, a_neg) and _rows_aligned(b_pos, b_neg))
+    meta["PDL"] = meta["PDL"] and _pdl(a_pos.device)
+    meta["PREFETCH"] = meta["PREFETCH"] if meta["PDL"] and b_pos.stride(1) == 1 else 0   # rows of K words
+    rows = MMA_CHUNK_TILES * 16
+    for r0 in range(0, M, rows):
+        m = min(rows, M - r0)
+        o0, o1 = r0 // (pool * pool), (r0 + m) // (pool * pool)
+        grid = (triton.cdiv(N, 8 * meta["WARPS"] // meta["K_WARPS"] * meta["N_TILES"]), triton.cdiv(m, 16), split)
+        ws, locks = _workspace(a_pos.device, 2 * m * N, grid[0] * grid[1]) if split > 1 else (c, c)
+        compiled = _ternary_mma_kernel[grid](
+            a_pos[r0:], a_neg[r0:], b_pos, b_neg, *scales, c[o0:o1], c_neg[o0:o1], ws, locks, m, N, KW, thr,
+            *a_pos.stride(), *b_pos.stride(), *c.stride(), POOL=pool, PACK_OUT=threshold is not None,
+            EMULATE=_INTERPRET, launch_pdl=meta["PDL"], **flags, **meta)
+    return compiled
+
+
+def launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bias=None, *, config=None, out=None):
+    """ternary_gemm_triton without its checks and copies, for callers that checked once (the layers, the
+    benchmark): a_pos [BITS, M, KW], a_neg [1, M, KW] or None (bit-serial), scales float32 contiguous.
+    config: (kind, meta) as choose_kernel gives, None to choose. Returns (C, the compiled kernel or None)."""
+    bits, M, KW = a_pos.shape
+    N = b_pos.shape[0]
+    c = torch.empty((M, N), dtype=torch.float32, device=a_pos.device) if out is None else out
+    if M == 0 or N == 0:
+        return c, None
+    kind, meta = config or choose_kernel(M, N, KW, gpu_spec(a_pos.device), bit_serial=a_neg is None,
+                                         row_major_weights=b_pos.stride(1) == 1, symmetric=alpha_n is None)
+    return c, _launch(kind, meta, a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, M=M)
+
+
+def _row_words(kw):
+    """The row stride of row-major planes: whole runs of 4 words, so that every row starts on a 16-byte
+    boundary and the MMA kernel loads 16-byte vectors (rows of 50 words, K = 1600, otherwise load word by word:
+    conv2 at 640000x128x1600 took twice as long)."""
+    return triton.cdiv(kw, 4) * 4
+
+
+def _new_planes(bits, rows, kw, device, k_major=True, padded=False):
+    """K-word-major storage [BITS, KW, R], viewed as [BITS, R, KW]; or row-major [BITS, R, KW], rows padded to
+    whole 16-byte runs (padded=True: the padded storage itself, for kernels that write the zeros there too)."""
+    if not k_major:
+        planes = torch.empty((bits, rows, _row_words(kw)), dtype=torch.uint32, device=device)
+        return planes if padded else planes[:, :, :kw]
+    return torch.empty((bits, kw, rows), dtype=torch.uint32, device=device).transpose(1, 2)
+
+
+def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1, k_major=True):
+    """Pack x4 (viewed [B, C, H, W]) into planes [bits, R, KW] with _pack_kernel; no checks."""
+    KW = triton.cdiv(K, 32)
+    pos = _new_planes(bits, R, KW, x4.device, k_major, padded=True)
+    neg = pos if mode == 3 else _new_planes(1, R, KW, x4.device, k_major, padded=True)
+    KWS = pos.shape[2]   # words written a row: row-major planes' padding gets its zeros in the same pass
+    OH, OW, KH, KWD, H, W, stride, pad, im2col = geometry
+    # about 4096 values a program; row-major planes take long runs of a row, few words a row go to more rows
+    BLOCK_W = min(4 if k_major else 64, triton.next_power_of_2(KWS))
+    BLOCK_R = (64 if _INTERPRET else 128) // BLOCK_W
+    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KWS, BLOCK_W))
+    pdl = _pdl(x4.device)
+    _pack_kernel[grid](
+        x4, thr if thr is not None else x4, pos, neg,
+        R, K, KWS, OH, OW, KH, KWD, H, W, stride, pad, float(threshold),
+        *x4.stride(), *pos.stride(),
+        MODE=mode, BITS=bits, IM2COL=im2col, BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4,
+        PDL=pdl, launch_pdl=pdl)
+    return pos[:, :, :KW], neg[:, :, :KW]
+
+
+def _pack_trits4(x, k_major=False):
+    """Pack int8 trits [R, K] with K % 4 == 0, unit column stride and 4-byte aligned rows: 4 trits a load."""
+    R, K = x.shape
+    KW = triton.cdiv(K, 32)
+    pos = _new_planes(1, R, KW, x.device, k_major, padded=True)[0]
+    neg = _new_planes(1, R, KW, x.device, k_major, padded=True)[0]
+    KWS = pos.shape[1]   # words written a row, the padding's zeros too
+    if R == 0:
+        return pos[:, :KW], neg[:, :KW]
+    x4 = x.view(torch.int32)
+    BLOCK_W = min(8 if k_major else 32, triton.next_power_of_2(KWS))   # row-major planes: long runs of a row
+    BLOCK_R, BLOCK_W = (16, 2) if _INTERPRET else (256 // BLOCK_W, BLOCK_W)
+    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KWS, BLOCK_W))
+    pdl = _pdl(x.device)
+    _pack_trits4_kernel[grid](x4, pos, neg, R, K // 4, KWS, x4.stride(0), pos.stride(0), pos.stride(1),
+                              BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W, num_warps=4, PDL=pdl, launch_pdl=pdl)
+    return pos[:, :KW], neg[:, :KW]
+
+
+def _ternarize_rows(x, threshold):
+    """int8 trits of x [R, K] at a scalar or per-row threshold, compared in x's precision (NaN gives 0)."""
+    t = threshold[:, None].to(x.dtype) if isinstance(threshold, torch.Tensor) else threshold
+    return (x > t).to(torch.int8) - (x < -t).to(torch.int8)
+
+
+def launch_pack(x, threshold=None, k_major=False):
+    """pack_bitplanes without its checks, for callers that checked once (the layers, the benchmark):
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Returns (pos, neg) [R, KW]."""
+    R, K = x.shape
+    if x.dtype == torch.int8:
+        if K % 4 == 0 and x.stride(1) == 1 and x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0:
+            return _pack_trits4(x, k_major=k_major)
+        mode, thr, t = 0, None, 0.0
+    elif x.dtype == torch.float64:   # the kernel compares in float32: ternarize at float64 precision first
+        return launch_pack(_ternarize_rows(x, threshold), k_major=k_major)
+    elif isinstance(threshold, torch.Tensor):
+        mode, thr, t = 2, threshold.detach().float().contiguous(), 0.0
+    else:
+        mode, thr, t = 1, None, float(threshold)
+    pos, neg = _launch_pack(x[:, :, None, None], R, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode, t, thr,
+                            k_major=k_major)
+    return pos[0], neg[0]
+
+
+def _pack_pixel_patches(x, OH, OW, kh, kw, stride, padding):
+    """pack_im2col's 8 bitplanes of uint8 x [B, C, H, W] when a patch fits one word (C*kh*kw <= 32) and a
+    padded row one word (W + 2*padding <= 32): rows are bit-sliced once, then cut into patches."""
+    B, C, H, W = x.shape
+    R = B * OH * OW
+    rows = torch.empty((B * C * H, 8), dtype=torch.uint32, device=x.device)
+    block = 16 if _INTERPRET else 64
+    _slice_rows_kernel[(triton.cdiv(B * C * H, block),)](x, rows, B * C * H, C, H, W, padding, *x.stride(),
+                                                         BLOCK_R=block, num_warps=4)
+    planes = _new_planes(8, R, 1, x.device)
+    block = 32 if _INTERPRET else 128
+    _im2col_rows_kernel[(triton.cdiv(R, block),)](rows, planes, R, C, H, OH, OW, kh, kw, stride, padding,
+                                                  planes.stride(0), planes.stride(1), BLOCK_R=block, num_warps=4)
+    return planes
+
+
+_PATCH_WORDS = 1 << 25   # words a patch plane and chunk (128 MB)
+
+
+def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, scales, out, out_neg, kind, meta, OH, OW, kx, stride, pool,
+                     threshold):
+    """A trit conv through explicit patch planes: the patches of a chunk of images are gathered into packed
+    planes (rows in the implicit GEMM's pooling-window order, so that the epilogue pools and packs as there),
+    then a plain GEMM runs on them: kind "im2col", thin tiles on K-word-major planes; "mma", the MMA kernel
+    on row-major planes. Chunks keep the planes under 2 x 128 MB."""
     B, H, W, CW = a_pos.shape
     N, KW = w_pos.shape
     rows = (OH // pool) * (OW // pool) * pool * pool   # per image
@@ -1619,12 +1527,10 @@ def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias, out, ou
     images = max(1, min(B, _PATCH_WORDS // max(1, rows * row_words)))
     if mma:
         planes = torch.empty((2, images * rows, row_words), dtype=torch.uint32, device=a_pos.device)
-        # pack_conv_weight's K-word-major planes would cost the MMA kernel a load per word
-        w_pos, w_neg = _row_major(w_pos, w_neg)
+        w_pos, w_neg = row_major_planes(w_pos, w_neg)   # K-word-major weights would cost a load a word
         if threshold is not None:   # the epilogue packs whole 32-column words of its 2D tile
             meta = dict(meta, K_WARPS=1, N_TILES=4)
-        # the gather: about 2048 words a program
-        block_k = min(16 if _INTERPRET else 64, triton.next_power_of_2(row_words))
+        block_k = min(16 if _INTERPRET else 64, triton.next_power_of_2(row_words))   # about 2048 words a program
         block_r = (256 if _INTERPRET else 2048) // block_k
     else:
         ld = triton.cdiv(images * rows, 16) * 16        # a 16-divisible K stride lets the GEMM load rows in vectors
@@ -1638,150 +1544,180 @@ def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n, bias, out, ou
             a_pos[b0:b1], a_neg[b0:b1], planes[0], planes[1], M, KW, row_words,
             *a_pos.stride(), planes.stride(1), planes.stride(2), OH=OH, OW=OW, KX=kx, CW=CW, CONV_STRIDE=stride,
             POOL=pool, BLOCK_R=block_r, BLOCK_K=block_k, ROWS_FIRST=mma, num_warps=4)
-        a = planes[:, :M]                               # [2, M, KW]
-        c, c_neg = out[b0:b1].view(-1, words), out_neg[b0:b1].view(-1, words)
-        if mma:
-            _launch_mma(a[0], a[1], w_pos, w_neg, alpha_p, alpha_n, bias, c, meta, M, N, KW, c_neg=c_neg, pool=pool,
-                        threshold=threshold)
-        else:
-            m = dict(meta)
-            if "SPLIT_K" not in m:
-                tiles = triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])
-                m["SPLIT_K"] = _split_k(tiles, KW, _sm_count(a_pos.device))
-            _launch_tile(a[0:1], a[1:2], w_pos, w_neg, alpha_p, alpha_n, bias, c, c_neg, m, M, N, KW, pool=pool,
-                         threshold=threshold)
+        m = meta
+        if not mma and "SPLIT_K" not in m:   # split-K for this chunk's rows
+            tiles = triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])
+            m = dict(m, SPLIT_K=_split_k(tiles, KW, gpu_spec(a_pos.device).sms))
+        _launch("mma" if mma else "tile", m, planes[0:1, :M], planes[1:2, :M], w_pos, w_neg, *scales,
+                out[b0:b1].view(-1, words), out_neg[b0:b1].view(-1, words), M=M, pool=pool, threshold=threshold)
 
 
-_WORKSPACE = {}
+# -----------------------------------------------------------------------------
+# public API: checks, then the launchers above
 
 
-def _workspace(device, words, tiles):
-    """Zeroed int32 buffers for split-K, kept per device; every call leaves them zero again."""
-    ws, locks = _WORKSPACE.get(device, (None, None))
-    if ws is None or ws.numel() < words:
-        ws = torch.zeros(max(words, 1 << 16), dtype=torch.int32, device=device)
-    if locks is None or locks.numel() < tiles:
-        locks = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
-    _WORKSPACE[device] = (ws, locks)
-    return ws, locks
+def _check_device(*tensors, allow_cpu=False):
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"tensors are on different devices: {dev} and {t.device}")
+    if dev.type == "cpu" and not _INTERPRET and not allow_cpu:
+        raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing triton "
+                         "(or move the tensors to a CUDA device)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {dev}: use cuda (or cpu with TRITON_INTERPRET=1)")
 
 
-def _launch_tile(a, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c_neg, meta, M, N, KW, conv=None,
-                 pool=1, threshold=None):
-    """The tile kernel, no checks. Plain rows: a [BITS, M, KW], c [M, N]. conv=(OH, OW, KX, CW, stride):
-    an implicit-GEMM conv over maps a [BITS, B, H, W, CW] into c [B, PH, PW, N or words] (c_neg too when
-    threshold packs the output). a_neg=None: A is bit-serial."""
-    meta = dict(meta)
-    split = meta.setdefault("SPLIT_K", 1)
-    meta.setdefault("CSA", False)
-    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-    ws, locks = _workspace(a.device, 2 * M * N, grid[0]) if split > 1 else (c, c)
-    implicit = conv is not None
-    if not implicit:   # plain rows: a 1x1 map per row, K words read straight along the row
-        conv, a_strides, c_strides = (1, 1, 1, KW, 1), (a.stride(0), a.stride(1), 0, 0, a.stride(2)), c.stride()
+def _check_tensor(t, name, dtype=None, dim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must be {str(dtype).replace('torch.', '')} bitplanes (from pack_bitplanes), "
+                        f"got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_pair(pos, neg, names, dim):
+    """Two planes of one operand: uint32, same shape; returned in one layout (the kernels read both with the
+    pos plane's strides, so a pair stored two ways is copied to one)."""
+    _check_tensor(pos, names[0], torch.uint32, dim)
+    _check_tensor(neg, names[1], torch.uint32, dim)
+    if pos.shape != neg.shape:
+        raise ValueError(f"{names[0]} and {names[1]} differ in shape: {tuple(pos.shape)} vs {tuple(neg.shape)}")
+    return (pos, neg) if pos.stride() == neg.stride() else (pos.contiguous(), neg.contiguous())
+
+
+def _check_scales(N, alpha_p, alpha_n, bias):
+    """The epilogue's float32 [N] vectors (None stays None), outside autograd."""
+    for name, t in (("alpha_p", alpha_p), ("alpha_n", alpha_n), ("bias", bias)):
+        if t is None and name != "alpha_p":
+            continue
+        _check_tensor(t, name)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+        if t.shape != (N,):
+            raise ValueError(f"{name} must have shape ({N},) (one per output channel), got {tuple(t.shape)}")
+    return tuple(None if t is None else t.detach().float().contiguous() for t in (alpha_p, alpha_n, bias))
+
+
+def _check_threshold(threshold, rows=None):
+    """A scalar (or, with rows, a per-row tensor) threshold >= 0, not NaN."""
+    if isinstance(threshold, torch.Tensor) and rows is not None:
+        if threshold.shape != (rows,):
+            raise ValueError(f"per-row threshold must have shape ({rows},), got {tuple(threshold.shape)}")
+        if threshold.numel() and not bool((threshold >= 0).all()):   # NaN fails >= too
+            bad = threshold[~(threshold >= 0)][0].item()
+            raise ValueError(f"per-row thresholds must be >= 0, got {bad}")
+        return
+    if not float(threshold) >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+
+
+def pack_bitplanes(x, threshold=None, k_major=False):
+    """Pack a ternary matrix into (pos, neg) uint32 bitplanes [R, ceil(K/32)] (layout: module docstring).
+
+    x: int8 [R, K] with values in {-1, 0, +1}; or a float tensor [R, K] with `threshold` >= 0, ternarized
+    in the same pass (+1 where x > threshold, -1 where x < -threshold, compared in x's precision; NaN gives
+    0). `threshold` may also be a float tensor [R]: one threshold per row (output channel of a weight).
+    CUDA tensors go through the Triton kernels; CPU tensors too under TRITON_INTERPRET=1, else through
+    torch ops with the same result.
+
+    The planes come back row-major (K words contiguous), the layout of the MMA kernel and of the GEMVs.
+    k_major=True gives the tile kernel's layout instead (GPUs without the single-bit MMA). Any strides
+    work everywhere; the layout is only speed (PERFORMANCE.md).
+    """
+    _check_tensor(x, "x", dim=2)
+    R, K = x.shape
+    if K < 1:
+        raise ValueError("x must have at least one column (K >= 1)")
+    if x.dtype == torch.int8:
+        if threshold is not None:
+            raise ValueError("threshold is for float input; int8 input must already hold trits")
+        if x.numel() and bool(((x < -1) | (x > 1)).any()):
+            bad = x[(x < -1) | (x > 1)][0].item()
+            raise ValueError(f"x holds {bad}: int8 trits must be -1, 0 or +1")
+    elif x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        if threshold is None:
+            raise ValueError("float input needs a threshold (x > t -> +1, x < -t -> -1)")
+        _check_threshold(threshold, R)
+        if isinstance(threshold, torch.Tensor):
+            _check_device(x, threshold, allow_cpu=True)
     else:
-        a_strides, c_strides = a.stride(), c.stride()[2:]
-    symmetric = alpha_n is None
-    _launch_gemm.compiled = _ternary_gemm_kernel[grid](
-        a, a if a_neg is None else a_neg, b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n,
-        alpha_p if bias is None else bias, c, c_neg, ws, locks,
-        M, N, KW, *conv, 0.0 if threshold is None else float(threshold),
-        *a_strides, b_pos.stride(0), b_pos.stride(1), *c_strides,
-        A_BITS=a.shape[0], BIT_SERIAL=a_neg is None, SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
-        IMPLICIT=implicit, POOL=pool, PACK_OUT=threshold is not None, **meta)
-    return c
+        raise TypeError(f"x must be int8 trits or a float tensor, got {x.dtype}")
+    _check_device(x, allow_cpu=True)
+    if x.device.type == "cpu" and not _INTERPRET:   # no Triton on the CPU: the same words through torch ops
+        pos, neg = _pack_torch(x if x.dtype == torch.int8 else _ternarize_rows(x, threshold))
+        return (pos.t().contiguous().t(), neg.t().contiguous().t()) if k_major else (pos, neg)
+    return launch_pack(x, threshold, k_major)
 
 
-def _rows_aligned(pos, neg):
-    """Both planes [R, KW] have K words contiguous and rows on 16-byte boundaries (the MMA kernel's vectors)."""
-    return (pos.stride() == neg.stride() and pos.stride(1) == 1 and pos.stride(0) % 4 == 0
-            and pos.data_ptr() % 16 == 0 and neg.data_ptr() % 16 == 0)
+def _pack_torch(trits):
+    """pack_bitplanes for int8 trits [R, K] in plain torch (CPU without Triton)."""
+    R, K = trits.shape
+    KW = triton.cdiv(K, 32)
+    t = torch.nn.functional.pad(trits, (0, 32 * KW - K)).view(R, KW, 32).long()
+    weights = 1 << torch.arange(32, dtype=torch.int64, device=trits.device)
+    def plane(mask):
+        words = (mask.long() * weights).sum(-1)
+        return (words - (words >= 1 << 31).long() * (1 << 32)).to(torch.int32).view(torch.uint32)
+    return plane(t == 1), plane(t == -1)
 
 
-def _launch_mma(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, N, KW, c_neg=None, pool=1,
-                threshold=None):
-    """The MMA kernel, no checks: trits a_pos, a_neg [M, KW] into c [M, N]; or, pooled (pool 2: windows of 4
-    consecutive rows) and/or packed at threshold, into c [M / pool^2, N or words] (and c_neg)."""
-    meta = dict(meta)
-    split = meta.setdefault("SPLIT_K", 1)
-    meta.setdefault("STAGES", 1)
-    meta.setdefault("N_TILES", 1)
-    k_warps = meta.setdefault("K_WARPS", 1)
-    warps = meta.setdefault("WARPS", meta.get("num_warps", 4))
-    meta["num_warps"] = warps
-    c_neg = c if c_neg is None else c_neg
-    symmetric = alpha_n is None
-    meta.setdefault("ALIGNED", _rows_aligned(a_pos, a_neg) and _rows_aligned(b_pos, b_neg))
-    # PDL where the device has it; the prefetch walks rows of K words (row-major weights) and only under PDL
-    meta["PDL"] = meta.get("PDL", False) and _pdl(a_pos.device)
-    meta["PREFETCH"] = meta.get("PREFETCH", 0) if meta["PDL"] and b_pos.stride(1) == 1 else 0
-    # at most 65535 row tiles a launch (the grid's second dimension); chunks end on whole pooling windows
-    rows = MMA_CHUNK_TILES * 16
-    for r0 in range(0, M, rows):
-        m = min(rows, M - r0)
-        o0, o1 = r0 // (pool * pool), (r0 + m) // (pool * pool)
-        grid = (triton.cdiv(N, 8 * warps // k_warps * meta["N_TILES"]), triton.cdiv(m, 16), split)
-        ws, locks = _workspace(a_pos.device, 2 * m * N, grid[0] * grid[1]) if split > 1 else (c, c)
-        _launch_gemm.compiled = _ternary_mma_kernel[grid](
-            a_pos[r0:], a_neg[r0:], b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n,
-            alpha_p if bias is None else bias, c[o0:o1], c_neg[o0:o1], ws, locks, m, N, KW,
-            0.0 if threshold is None else float(threshold),
-            a_pos.stride(0), a_pos.stride(1), b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
-            SYMMETRIC=symmetric, HAS_BIAS=bias is not None, POOL=pool, PACK_OUT=threshold is not None,
-            EMULATE=_INTERPRET, launch_pdl=meta["PDL"], **meta)
-    return c
+def pack_im2col(x, kernel_size, stride=1, padding=0, threshold=None):
+    """Conv patches of x [B, C, H, W], ternarized or bit-sliced and packed, without materialising im2col.
+
+    Rows are output positions (b, oy, ox), columns (c, ky, kx): the order of F.unfold and of
+    weight.flatten(1). With a float threshold >= 0 (float x): returns (pos, neg), each [B*OH*OW, KW].
+    With threshold=None and uint8 x: returns the 8 bitplanes [8, B*OH*OW, KW] of the unsigned values
+    (pass them as a_pos with a_neg=None to ternary_gemm_triton). Also returns (OH, OW).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor [B, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
+    B, C, H, W = x.shape
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    OH, OW = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    if OH < 1 or OW < 1 or stride < 1 or padding < 0:
+        raise ValueError(f"bad conv geometry: input {H}x{W}, kernel {kh}x{kw}, stride {stride}, padding {padding}")
+    _check_device(x)
+    R, K = B * OH * OW, C * kh * kw
+    geometry = (OH, OW, kh, kw, H, W, stride, padding, True)
+    if threshold is None:
+        if x.dtype != torch.uint8:
+            raise TypeError(f"bit-serial packing takes uint8 input, got {x.dtype}")
+        if K <= 32 and W + 2 * padding <= 32 and R:   # the first conv of small images: a faster way, same planes
+            return _pack_pixel_patches(x, OH, OW, kh, kw, stride, padding), (OH, OW)
+        planes, _ = _launch_pack(x, R, K, geometry, mode=3, bits=8)
+        return planes, (OH, OW)
+    if not x.is_floating_point():
+        raise TypeError(f"a threshold needs float input, got {x.dtype}")
+    _check_threshold(threshold)
+    if x.dtype == torch.float64:   # compared at float64 precision: ternarize first, then pack the trits
+        x = ((x > threshold).to(torch.int8) - (x < -threshold).to(torch.int8))
+        pos, neg = _launch_pack(x, R, K, geometry, mode=0)
+    else:
+        pos, neg = _launch_pack(x, R, K, geometry, mode=1, threshold=float(threshold))
+    return (pos[0], neg[0]), (OH, OW)
 
 
-def _launch_bitserial_mma(a, w_pos, w_neg, alpha_p, alpha_n, bias, out, out_neg, meta, M, N, OH, OW, stride,
-                          pool, threshold):
-    """The bit-serial MMA kernel, no checks: planes a [BITS, B, H, W, 1] of one-word patches, weights [N, 1],
-    into out [B, OH / pool, OW / pool, N or words] (and out_neg)."""
-    warps, n_tiles = meta.get("WARPS", 2), meta.get("N_TILES", 4)
-    words = out.shape[-1]
-    c, c_neg = out.view(-1, words), out_neg.view(-1, words)
-    grid = (triton.cdiv(M, 16), triton.cdiv(N, 8 * warps * n_tiles))
-    symmetric = alpha_n is None
-    _launch_gemm.compiled = _bitserial_mma_kernel[grid](
-        a, w_pos, w_neg, alpha_p, alpha_p if symmetric else alpha_n, alpha_p if bias is None else bias,
-        c, c_neg, M, N, 0.0 if threshold is None else float(threshold),
-        a.stride(0), a.stride(1), a.stride(2) * stride, a.stride(3) * stride, w_pos.stride(0),
-        c.stride(0), c.stride(1), OH=OH, OW=OW, BITS=a.shape[0], SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
-        POOL=pool, PACK_OUT=threshold is not None, WARPS=warps, N_TILES=n_tiles, EMULATE=_INTERPRET,
-        num_warps=warps)
+def unpack_bitplanes(pos, neg, K):
+    """Inverse of pack_bitplanes (torch reference): int8 [R, K] trits."""
+    shifts = torch.arange(32, device=pos.device, dtype=torch.int32)
+    def bits(p):
+        return ((p.view(torch.int32)[..., None] >> shifts) & 1).flatten(-2)[..., :K]
+    return (bits(pos) - bits(neg)).to(torch.int8)
 
 
-def _launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, config=None, out=None):
-    """a_pos [BITS, M, KW] (a_neg [1, M, KW] or None for unsigned bit-serial A); no checks.
-
-    Returns C, and sets _launch_gemm.compiled to the compiled kernel (for the SASS check).
-    Split-K calls share one workspace per device: do not run two at once on different streams."""
-    bits, M, KW = a_pos.shape
-    N = b_pos.shape[0]
-    c = torch.empty((M, N), dtype=torch.float32, device=a_pos.device) if out is None else out
-    if M == 0 or N == 0:
-        return c
-    symmetric = alpha_n is None
-    kind, meta = config or _gemm_config(M, N, KW, a_neg is None, a_pos.device, b_rows=b_pos.stride(1) == 1,
-                                        symmetric=symmetric)
-    if kind == "tile":
-        return _launch_tile(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c, meta, M, N, KW)
-    if kind == "mma":
-        return _launch_mma(a_pos[0], a_neg[0], b_pos, b_neg, alpha_p, alpha_n, bias, c, meta, M, N, KW)
-    meta = dict(meta)
-    split = meta.setdefault("SPLIT_K", 1)
-    meta.setdefault("ROW_LOOP", meta["BLOCK_M"] == 1)
-    meta.setdefault("STAGES", 1)
-    meta.setdefault("CSA", False)
-    grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
-    ws, locks = _workspace(a_pos.device, 2 * M * N, grid[0] * grid[1]) if split > 1 else (c, c)
-    pdl = _pdl(a_pos.device)
-    _launch_gemm.compiled = _ternary_gemv_kernel[grid](
-        a_pos, a_pos if a_neg is None else a_neg, b_pos, b_neg, alpha_p, alpha_p if symmetric else alpha_n,
-        alpha_p if bias is None else bias, c, ws, locks, M, N, KW,
-        # one row: a row stride of 0 (never used) lets Triton see 16-byte aligned activation rows and vectorize
-        a_pos.stride(1) if M > 1 else 0, a_pos.stride(2), b_pos.stride(0), b_pos.stride(1), c.stride(0), c.stride(1),
-        SYMMETRIC=symmetric, HAS_BIAS=bias is not None, PDL=pdl, ONE_ROW=M == 1, launch_pdl=pdl, **meta)
-    return c
+def row_major_planes(pos, neg):
+    """Planes [R, KW] (any strides) as row-major planes with 16-byte aligned rows (zero padding), the MMA
+    kernel's fast layout; planes already so are returned as they are."""
+    R, KW = pos.shape
+    if _rows_aligned(pos, neg):
+        return pos, neg
+    planes = torch.zeros((2, R, _row_words(KW)), dtype=torch.uint32, device=pos.device)
+    planes[0, :, :KW] = pos
+    planes[1, :, :KW] = neg
+    return planes[0, :, :KW], planes[1, :, :KW]
 
 
 def ternary_gemm_triton(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bias=None):
@@ -1793,47 +1729,25 @@ def ternary_gemm_triton(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bias=
     alpha_p, alpha_n: float [N]: Weff = alpha_p [W = +1] - alpha_n [W = -1]. alpha_n=None means
         alpha_n = alpha_p (2 popcounts per word pair instead of 3).
     bias: float [N] or None.
+    Which kernel runs: choose_kernel(M, N, KW, gpu_spec(device)).
     """
-    for name, t in (("a_pos", a_pos), ("b_pos", b_pos), ("b_neg", b_neg), ("alpha_p", alpha_p)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     bit_serial = a_neg is None
     if bit_serial:
+        _check_tensor(a_pos, "a_pos", torch.uint32)
         if a_pos.dim() != 3:
             raise ValueError(f"bit-serial a_pos (a_neg=None) must be [BITS, M, KW], got {tuple(a_pos.shape)}")
         if not 1 <= a_pos.shape[0] <= 16:
             raise ValueError(f"bit-serial A takes 1 to 16 bitplanes, got {a_pos.shape[0]}")
-        planes_a = (("a_pos", a_pos),)
     else:
-        _check_matrix(a_pos, "a_pos")
-        _check_matrix(a_neg, "a_neg")
-        if a_pos.shape != a_neg.shape:
-            raise ValueError(f"a_pos and a_neg differ in shape: {tuple(a_pos.shape)} vs {tuple(a_neg.shape)}")
-        planes_a = (("a_pos", a_pos), ("a_neg", a_neg))
-    _check_matrix(b_pos, "b_pos")
-    _check_matrix(b_neg, "b_neg")
-    if b_pos.shape != b_neg.shape:
-        raise ValueError(f"b_pos and b_neg differ in shape: {tuple(b_pos.shape)} vs {tuple(b_neg.shape)}")
-    for name, t in planes_a + (("b_pos", b_pos), ("b_neg", b_neg)):
-        if t.dtype != torch.uint32:
-            raise TypeError(f"{name} must be uint32 bitplanes (from pack_bitplanes), got {t.dtype}")
+        a_pos, a_neg = _check_pair(a_pos, a_neg, ("a_pos", "a_neg"), 2)
+    b_pos, b_neg = _check_pair(b_pos, b_neg, ("b_pos", "b_neg"), 2)
     KW, N = a_pos.shape[-1], b_pos.shape[0]
     if b_pos.shape[1] != KW:
         raise ValueError(f"K words differ: A has {KW} words per row, B has {b_pos.shape[1]}")
-    scales = [("alpha_p", alpha_p)] + [(n, t) for n, t in (("alpha_n", alpha_n), ("bias", bias)) if t is not None]
-    for name, t in scales:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
-        if t.shape != (N,):
-            raise ValueError(f"{name} must have shape ({N},) (one per output channel), got {tuple(t.shape)}")
-    _check_device(*[t for _, t in planes_a], b_pos, b_neg, *[t for _, t in scales])
-    b_pos, b_neg = _same_layout(b_pos, b_neg)
-    if not bit_serial:
-        a_pos, a_neg = _same_layout(a_pos, a_neg)
+    scales = _check_scales(N, alpha_p, alpha_n, bias)
+    _check_device(a_pos, b_pos, b_neg, *[t for t in (a_neg, alpha_p, alpha_n, bias) if t is not None])
     a = a_pos if bit_serial else a_pos[None]
-    return _launch_gemm(a, None if bit_serial else a_neg[None], b_pos, b_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias))
+    return launch_gemm(a, None if bit_serial else a_neg[None], b_pos, b_neg, *scales)[0]
 
 
 def pack_conv_weight(w):
@@ -1853,10 +1767,7 @@ def pack_conv_weight(w):
 def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=None, *, kernel_size=1, stride=1,
                         pool=1, threshold=None, config=None):
     """One conv (or linear) layer of an inference chain on channel-packed maps: a popcount GEMM that can
-    max-pool, ternarize and pack its output for the next layer, so that no float activation ever reaches
-    memory. On trits the conv's patches are gathered first into packed planes (2 bits a trit, in chunks of
-    at most 2 x 128 MB), where the GEMM runs its fastest tiles: the single-bit MMA's on sm_80 and later,
-    else the CUDA cores'; bit-serial pixels are read in place (implicit GEMM).
+    max-pool, ternarize and pack its output for the next layer, so that no float activation reaches memory.
 
     a_pos, a_neg: uint32 [B, H, W, CW] maps of trits, bit j of word w at (b, y, x) = channel 32 w + j
         (any strides: pack_bitplanes(x_nhwc.reshape(-1, C)) viewed as [B, H, W, CW], or this function's
@@ -1866,23 +1777,20 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
     kernel_size, stride: the conv's (no padding). pool: 1, or 2 for 2x2 max-pooling with stride 2 (floor).
     threshold: None gives float32 [B, PH, PW, N], exactly as ternary_gemm_triton on the im2col planes;
         a number t >= 0 gives (pos, neg) uint32 [B, PH, PW, ceil(N / 32)], the output ternarized at t.
-    config: None (chosen by shape), or ("mma", meta) / ("im2col", meta) / ("tile", meta): gathered patches on
-        the MMA kernel or the tile kernel, or the implicit GEMM, with that kernel's meta-parameters
-        (bit-serial A is always implicit, on the tile kernel).
+    config: None (choose_kernel(..., conv=True) decides), or ("mma", meta) / ("im2col", meta) /
+        ("tile", meta). On trits, "mma" and "im2col" gather the patches into planes first and run the MMA
+        kernel or the tile kernel on them; "tile" is the implicit GEMM, reading patches in place (chosen
+        only when asked for: slower on trits). Bit-serial pixels: "tile" (implicit), or "mma" for one-word
+        patches of up to 8 bits.
     """
     bit_serial = a_neg is None
-    for name, t in (("a_pos", a_pos), ("w_pos", w_pos), ("w_neg", w_neg)) + (() if bit_serial else (("a_neg", a_neg),)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.uint32:
-            raise TypeError(f"{name} must be uint32 bitplanes, got {t.dtype}")
+    if bit_serial:
+        _check_tensor(a_pos, "a_pos", torch.uint32)
+    else:
+        a_pos, a_neg = _check_pair(a_pos, a_neg, ("a_pos", "a_neg"), None)
     if a_pos.dim() != (5 if bit_serial else 4):
         raise ValueError(f"a_pos must be [B, H, W, CW]{' (bit-serial: [BITS, B, H, W, CW])' if bit_serial else ''}, "
                          f"got {tuple(a_pos.shape)}")
-    if not bit_serial and a_neg.shape != a_pos.shape:
-        raise ValueError(f"a_pos and a_neg differ in shape: {tuple(a_pos.shape)} vs {tuple(a_neg.shape)}")
-    if not bit_serial:
-        a_pos, a_neg = _same_layout(a_pos, a_neg)
     a = a_pos if bit_serial else a_pos[None]
     bits, B, H, W, CW = a.shape
     kh, kx = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -1892,21 +1800,14 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
     PH, PW = OH // pool, OW // pool
     if PH < 1 or PW < 1:
         raise ValueError(f"a {OH}x{OW} output cannot be pooled by {pool}")
-    _check_matrix(w_pos, "w_pos")
-    if w_neg.shape != w_pos.shape:
-        raise ValueError(f"w_pos and w_neg differ in shape: {tuple(w_pos.shape)} vs {tuple(w_neg.shape)}")
+    w_pos, w_neg = _check_pair(w_pos, w_neg, ("w_pos", "w_neg"), 2)
     N, KW = w_pos.shape
     if KW != kh * kx * CW:
         raise ValueError(f"weights have {KW} words per row, a {kh}x{kx} patch of {CW}-word positions has {kh * kx * CW}")
-    for name, t in (("alpha_p", alpha_p), ("alpha_n", alpha_n), ("bias", bias)):
-        if (t is not None or name == "alpha_p") and (
-                not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != (N,)):
-            raise ValueError(f"{name} must be a float tensor of shape ({N},)")
-    if threshold is not None and not float(threshold) >= 0:
-        raise ValueError(f"threshold must be >= 0 or None, got {threshold}")
+    scales = _check_scales(N, alpha_p, alpha_n, bias)
+    if threshold is not None:
+        _check_threshold(threshold)
     _check_device(a_pos, w_pos, w_neg, alpha_p, *[t for t in (a_neg, alpha_n, bias) if t is not None])
-    w_pos, w_neg = _same_layout(w_pos, w_neg)
-
     M = B * PH * PW * pool * pool
     if threshold is None:
         out = out_neg = torch.empty((B, PH, PW, N), dtype=torch.float32, device=a_pos.device)
@@ -1914,26 +1815,27 @@ def ternary_conv_packed(a_pos, a_neg, w_pos, w_neg, alpha_p, alpha_n=None, bias=
         out = torch.empty((B, PH, PW, triton.cdiv(N, 32)), dtype=torch.uint32, device=a_pos.device)
         out_neg = torch.empty_like(out)
     if M:
-        kind, meta = config or _conv_config(M, N, KW, bit_serial, a_pos.device, symmetric=alpha_n is None)
-        scales = _f32(alpha_p), _f32(alpha_n), _f32(bias)
+        kind, meta = config or choose_kernel(M, N, KW, gpu_spec(a_pos.device), bit_serial=bit_serial,
+                                             symmetric=alpha_n is None, conv=True)
         if kind not in ("im2col", "tile", "mma"):
             raise ValueError(f"config must be ('im2col', 'tile' or 'mma', meta-parameters), got kind {kind!r}")
-        if kind == "mma" and bit_serial and (KW != 1 or a.shape[0] > 8):
+        if kind == "mma" and bit_serial and (KW != 1 or bits > 8):
             raise ValueError(f"config 'mma' on bit-serial pixels needs one-word patches of up to 8 bits "
-                             f"(pack_im2col's, read as a map of 1x1 patches), got {KW} words a row and "
-                             f"{a.shape[0]} bits")
-        if kind == "mma" and not _INTERPRET and not _mma_ok(a_pos.device):
+                             f"(pack_im2col's, read as a map of 1x1 patches), got {KW} words a row and {bits} bits")
+        if kind == "mma" and not _INTERPRET and not mma_available(a_pos.device):
             raise ValueError(f"config 'mma' needs the single-bit MMA of an NVIDIA GPU of sm_80 or later, not "
                              f"{a_pos.device}")
+        geometry = (OH, OW, kx, CW, stride)
         if kind == "mma" and bit_serial:
-            _launch_bitserial_mma(a_pos, w_pos, w_neg, *scales, out, out_neg, meta, M, N, OH, OW, stride, pool,
-                                  threshold)
+            words = out.shape[-1]
+            _launch("bitserial_mma", meta, a_pos, None, w_pos, w_neg, *scales, out.view(-1, words),
+                    out_neg.view(-1, words), M=M, conv=geometry, pool=pool, threshold=threshold)
         elif kind in ("im2col", "mma"):
-            _conv_by_patches(a_pos, a_neg, w_pos, w_neg, *scales, out, out_neg, kind, meta, OH, OW, kx, stride, pool,
+            _conv_by_patches(a_pos, a_neg, w_pos, w_neg, scales, out, out_neg, kind, meta, OH, OW, kx, stride, pool,
                              threshold)
         else:
-            _launch_tile(a, None if bit_serial else a_neg[None], w_pos, w_neg, *scales, out, out_neg, meta, M, N, KW,
-                         conv=(OH, OW, kx, CW, stride), pool=pool, threshold=threshold)
+            _launch("tile", meta, a, None if bit_serial else a_neg[None], w_pos, w_neg, *scales, out, out_neg, M=M,
+                    conv=geometry, pool=pool, threshold=threshold)
     return out if threshold is None else (out, out_neg)
 
 
@@ -1950,8 +1852,6 @@ def ternary_gemm_reference(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bi
     weff = ap[:, None] * (Wt == 1) - an[:, None] * (Wt == -1)
     C = A @ weff.T
     return C + bias.double() if bias is not None else C
-
-
 # -----------------------------------------------------------------------------
 # weight quantizer rules (here, not in bt_quant.py, so that TernaryLinearTriton stands alone)
 
@@ -1980,7 +1880,7 @@ def initial_alphas(weight, thresholds):
     return mean_where(w > d), mean_where(w < -d)
 
 
-def _weight_ste_grads(g_weff, weight, alpha_p, alpha_n, thresholds, clip):
+def weight_ste_grads(g_weff, weight, alpha_p, alpha_n, thresholds, clip):
     """TTQ backward of Weff = alpha_p [W > d] - alpha_n [W < -d]: grads of latent W, alpha_p, alpha_n."""
     w = weight.flatten(1)
     pos = w > thresholds[:, None]
@@ -2010,9 +1910,10 @@ class TernaryGemmFunction(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         if not x2.is_floating_point():
             raise TypeError(f"input must be float, got {x.dtype}")
-        a_pos, a_neg = _pack_matrix(x2, mode=1, threshold=act_delta)
-        w_pos, w_neg = _pack_matrix(weight.detach().float(), mode=2, thr=_f32(thresholds))
-        y = _launch_gemm(a_pos[None], a_neg[None], w_pos, w_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias))
+        a_pos, a_neg = launch_pack(x2, act_delta)
+        w_pos, w_neg = launch_pack(weight.detach(), thresholds.detach())   # compared in the weight's precision
+        f32 = lambda t: None if t is None else t.detach().float().contiguous()
+        y, _ = launch_gemm(a_pos[None], a_neg[None], w_pos, w_neg, f32(alpha_p), f32(alpha_n), f32(bias))
         ctx.save_for_backward(x, weight, alpha_p, alpha_n, thresholds)
         ctx.has_bias, ctx.act_delta, ctx.act_clip, ctx.weight_clip = bias is not None, act_delta, act_clip, weight_clip
         return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
@@ -2028,7 +1929,7 @@ class TernaryGemmFunction(torch.autograd.Function):
         neg = weight < -thresholds[:, None]
         weff = alpha_p[:, None] * pos - alpha_n[:, None] * neg
         gx = (g2 @ weff.to(g2.dtype)) * (x2.abs() <= ctx.act_clip)
-        g_w, g_ap, g_an = _weight_ste_grads(g2.T @ xq, weight, alpha_p, alpha_n, thresholds, ctx.weight_clip)
+        g_w, g_ap, g_an = weight_ste_grads(g2.T @ xq, weight, alpha_p, alpha_n, thresholds, ctx.weight_clip)
         gb = g2.sum(0) if ctx.has_bias else None
         return gx.view_as(x), g_w, g_ap, g_an, gb, None, None, None, None
 
@@ -2104,409 +2005,6 @@ class TernaryLinearTriton(TernaryWeights):
                 f"delta_rule={self.delta_rule}, act_delta={self.act_delta}")
 
 
-# -----------------------------------------------------------------------------
-# benchmark (python bt_kernel.py): ceilings, pack GB/s, GEMM tables against torch bf16/fp32, SASS check
-
-
-@triton.jit
-def _popc_rate_kernel(out_ptr, seed, ITERS, BLOCK: tl.constexpr):
-    # 4 independent dependency chains per element, 8 popcounts per chain per trip: popc throughput, not latency
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x0 = offs.to(tl.uint32) ^ seed
-    x1 = x0 * 3
-    x2 = x0 * 5
-    x3 = x0 * 7
-    for _ in range(ITERS):
-        for _j in tl.static_range(8):
-            x0 = x0 + _popc(x0).to(tl.uint32)
-            x1 = x1 + _popc(x1).to(tl.uint32)
-            x2 = x2 + _popc(x2).to(tl.uint32)
-            x3 = x3 + _popc(x3).to(tl.uint32)
-    tl.store(out_ptr + offs, x0 ^ x1 ^ x2 ^ x3)
-
-
-@triton.jit
-def _mma_rate_kernel(out_ptr, seed, ITERS, WARPS: tl.constexpr):
-    # 4 independent accumulator chains per warp: single-bit MMA throughput, not latency
-    lane = tl.program_id(0) * 32 * WARPS + tl.arange(0, 32 * WARPS)
-    a0 = lane.to(tl.uint32) * 747796405 + seed
-    a1 = a0 * 3
-    a2 = a0 * 5
-    a3 = a0 * 7
-    z = tl.zeros(lane.shape, dtype=tl.int32)
-    c0, c1, c2, c3 = (z, z, z, z), (z, z, z, z), (z, z, z, z), (z, z, z, z)
-    for _ in range(ITERS):
-        c0 = _and_popc_mma(a0, a1, a2, a3, a0, a1, c0[0], c0[1], c0[2], c0[3], False)
-        c1 = _and_popc_mma(a0, a1, a2, a3, a1, a0, c1[0], c1[1], c1[2], c1[3], False)
-        c2 = _and_popc_mma(a1, a0, a2, a3, a2, a3, c2[0], c2[1], c2[2], c2[3], False)
-        c3 = _and_popc_mma(a0, a1, a3, a2, a3, a2, c3[0], c3[1], c3[2], c3[3], False)
-    s = c0[0] ^ c0[1] ^ c0[2] ^ c0[3] ^ c1[0] ^ c1[1] ^ c1[2] ^ c1[3]
-    s = s ^ c2[0] ^ c2[1] ^ c2[2] ^ c2[3] ^ c3[0] ^ c3[1] ^ c3[2] ^ c3[3]
-    tl.store(out_ptr + lane, s)
-
-
-def _graph_ms(fn, calls=10, rep=100):
-    """Kernel time per call from CUDA-graph replays of `calls` calls (fn(i) may rotate inputs): no launch overhead."""
-    from triton.testing import do_bench
-    for i in range(calls):   # warm up / compile outside the capture
-        fn(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    return do_bench(g.replay, warmup=max(5, rep // 4), rep=rep, return_mode="median") / calls
-
-
-def _eager_ms(fn):
-    from triton.testing import do_bench
-    return do_bench(lambda: fn(0), return_mode="median")
-
-
-def _ceilings():
-    from triton.testing import do_bench
-    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
-    y = torch.empty_like(x)
-    bw = 2 * x.numel() * 4 / (do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    BLOCK, iters = 256, 256
-    grid = sms * 32
-    out = torch.empty(grid * BLOCK, dtype=torch.uint32, device="cuda")
-    ms = do_bench(lambda: _popc_rate_kernel[(grid,)](out, 12345, iters, BLOCK=BLOCK, num_warps=8), return_mode="median")
-    popc = grid * BLOCK * iters * 8 * 4 / (ms * 1e-3)
-    mma = 0.0
-    if _mma_ok(torch.device("cuda")):
-        warps, grid = 16, sms * 4
-        out = torch.empty(grid * 32 * warps, dtype=torch.int32, device="cuda")
-        ms = do_bench(lambda: _mma_rate_kernel[(grid,)](out, 12345, iters, WARPS=warps, num_warps=warps),
-                      return_mode="median")
-        mma = grid * warps * iters * 4 / (ms * 1e-3)
-    return bw, popc, mma
-
-
-def _gemm_inputs(M, N, K, sets, device="cuda"):
-    a = torch.randint(-1, 2, (M, K), dtype=torch.int8, device=device)
-    ap, an = pack_bitplanes(a)
-    ws = [pack_bitplanes(torch.randint(-1, 2, (N, K), dtype=torch.int8, device=device)) for _ in range(sets)]
-    alpha_p, alpha_n = torch.rand(N, device=device) + 0.5, torch.rand(N, device=device) + 0.5
-    return a, ap, an, ws, alpha_p, alpha_n
-
-
-def _rotation(bytes_per_call, l2=60 << 20):
-    # weight sets rotated through a timing so that they do not sit in L2 (as a real model's layers would not)
-    return max(1, min(10, math.ceil(3 * l2 / max(bytes_per_call, 1))))
-
-
-def _gemlite():
-    """The nearest peer's module if installed, else None (its import also fails where it finds no GPU)."""
-    try:
-        import gemlite.helper
-        return gemlite
-    except Exception:
-        return None
-
-
-def _gemlite_ternary(w_trits):
-    """gemlite's A16W158 layer (ternary weights, fp16 activations) of int8 trits [N, K], or None."""
-    gemlite = _gemlite()
-    if gemlite is None:
-        return None
-    layer = gemlite.helper.A16W158_INT(device=w_trits.device, dtype=torch.float16).from_weights(
-        w_trits.half(), torch.tensor(1.0, device=w_trits.device))
-    if isinstance(getattr(layer, "scales", None), torch.Tensor):   # gemlite 0.6 leaves them on the CPU
-        layer.scales.data = layer.scales.data.to(w_trits.device)
-    return layer
-
-
-def _bench_gemm_row(M, N, K, bw, popc_rate, mma_rate):
-    KW = triton.cdiv(K, 32)
-    _, ap, an, ws, alpha_p, alpha_n = _gemm_inputs(M, N, K, _rotation(2 * N * KW * 4))
-    c = torch.empty(M, N, device="cuda")
-    t3 = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
-    t2 = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, None, None, out=c)
-    x = torch.randn(M, K, device="cuda")
-    xh = x.half()   # the activations gemlite's A16 layer takes, and pack+t3 with it
-    def packed(i):
-        p, n = _pack_matrix(xh, mode=1, threshold=0.5)
-        return _launch_gemm(p[None], n[None], *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
-    wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(_rotation(2 * N * K))]
-    xb = x.bfloat16()
-    bf16 = lambda i: torch.nn.functional.linear(xb, wb[i % len(wb)])
-    wf = [w.float() for w in wb[:_rotation(4 * N * K)]]
-    f32 = lambda i: torch.nn.functional.linear(x, wf[i % len(wf)])
-    contenders = [("t3", t3), ("t2", t2), ("pack+t3", packed), ("bf16", bf16), ("fp32", f32)]
-    try:
-        w0 = unpack_bitplanes(*ws[0], K)
-        layers = [_gemlite_ternary(w0)] + [_gemlite_ternary(unpack_bitplanes(*w, K)) for w in ws[1:]]   # same rotation
-        if layers[0] is not None:
-            ref = xh.float() @ w0.float().T
-            err = ((layers[0](xh).float() - ref).norm() / ref.norm()).item()
-            if not err < 1e-2:   # time no peer that computes something else
-                raise RuntimeError(f"relative error {err:.1e} against a float reference")
-            contenders.append(("gemlite", lambda i: layers[i % len(layers)](xh)))
-    except Exception as e:   # a broken peer costs its column, not the table
-        print(f"gemlite skipped at {M}x{N}x{K}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    ms = {name: _graph_ms(fn) for name, fn in contenders}
-    ms["t3 eager"], ms["bf16 eager"] = _eager_ms(t3), _eager_ms(bf16)
-    t = ms["t3"] * 1e-3
-    tops = 2 * M * N * K / t / 1e12
-    kind, _ = _gemm_config(M, N, KW, False, c.device, b_rows=ws[0][0].stride(1) == 1)
-    if kind == "mma":   # 4 MMAs per [16 x 8] outputs and 256 trits, every row tile whole
-        pct_unit = 100 * _mma_count(M, N, KW) / t / mma_rate
-    else:
-        pct_unit = 100 * M * N * KW * 3 / t / popc_rate
-    pct_bw = 100 * (2 * (M + N) * KW * 4 + M * N * 4) / t / bw
-    return ms, tops, pct_unit, pct_bw, kind
-
-
-TUNE_CONFIGS = {
-    # 2D row loop (1, 2 or 4 rows a program, K loop pipelined or not; plain, then with carry-save adders), then
-    # the 3D kernel
-    "gemv": [dict(BLOCK_M=bm, ROW_LOOP=True, BLOCK_N=bn, BLOCK_K=bk, STAGES=st, SPLIT_K=sk, num_warps=w)
-             for bm in (1, 2, 4) for bn, bk in ((16, 128), (32, 64), (64, 32), (128, 16), (64, 16), (32, 32))
-             for st in (1, 3) for sk in (1, 4) for w in (4, 8)]
-            + [dict(BLOCK_M=bm, ROW_LOOP=True, BLOCK_N=bn, BLOCK_K=bk, STAGES=st, SPLIT_K=sk, CSA=True, num_warps=4)
-               for bm in (1, 2, 4) for bn, bk in ((32, 8), (32, 16), (64, 16), (32, 32)) for st in (1, 3)
-               for sk in (1, 4)]
-            + [dict(BLOCK_M=bm, ROW_LOOP=False, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4) for bm in (2, 4)
-               for bn, bk in ((16, 64), (32, 64), (64, 32)) for sk in (1, 4)],
-    "tile": [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, CSA=csa, num_warps=w) for bm, bn, w in
-             ((16, 64, 4), (16, 128, 4), (16, 64, 8), (16, 128, 8), (32, 128, 8)) for sk in (1, 4)
-             for csa in (False, True)]
-            # thin tiles, one column a thread
-            + [dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, SPLIT_K=sk, CSA=csa, num_warps=bn // 32) for bm in (4, 8)
-               for bn in (32, 64, 128) for sk in (1, 4) for csa in (False, True)],
-    # the single-bit MMA kernel (sm_80 and later)
-    "mma": [dict(WARPS=w, K_WARPS=kw, N_TILES=nt, STAGES=st, SPLIT_K=sk)
-            for w, kw in ((2, 1), (4, 1), (4, 2), (4, 4), (8, 4), (8, 8)) for nt in (1, 2, 4) for st in (1, 2, 4)
-            for sk in (1, 2)],
-}
-
-
-def _tune(shapes):
-    print(f"{'M':>6} {'N':>6} {'K':>6}  {'kernel':6} config -> us (3 popc, graph replay)")
-    for M, N, K in shapes:
-        KW = triton.cdiv(K, 32)
-        _, ap, an, ws, alpha_p, alpha_n = _gemm_inputs(M, N, K, _rotation(2 * N * KW * 4))
-        c = torch.empty(M, N, device="cuda")
-        results = []
-        for kind, configs in TUNE_CONFIGS.items():
-            for meta in configs:
-                if kind == "gemv" and (M > 256 or meta["BLOCK_M"] > max(M, 1) * 2):
-                    continue
-                if kind == "tile" and (meta["BLOCK_M"] > 2 * max(M, 16) or (M >= 1024 and meta["SPLIT_K"] > 1)):
-                    continue
-                if kind == "mma" and not _mma_ok(c.device):
-                    continue
-                fn = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, alpha_n, None,
-                                            config=(kind, meta), out=c)
-                try:
-                    us = _graph_ms(fn, rep=25) * 1e3
-                    regs, spills = _launch_gemm.compiled.n_regs, _launch_gemm.compiled.n_spills
-                except Exception:   # out of resources etc.
-                    us, regs, spills = float("inf"), 0, 0
-                results.append((us, kind, meta, regs, spills))
-        results.sort(key=lambda r: r[0])
-        for us, kind, meta, regs, spills in results[:5]:
-            print(f"{M:>6} {N:>6} {K:>6}  {kind:6} {meta} -> {us:9.2f} us  regs {regs} spills {spills}")
-        default = _gemm_config(M, N, KW, False, c.device, b_rows=ws[0][0].stride(1) == 1)
-        fn = lambda i: _launch_gemm(ap[None], an[None], *ws[i % len(ws)], alpha_p, alpha_n, None, out=c)
-        print(f"{M:>6} {N:>6} {K:>6}  default {default} -> {_graph_ms(fn) * 1e3:9.2f} us", flush=True)
-
-
-def _mma_lanes_ok(ttgir, warps):
-    """"ok" if every operand of the inline MMA has the layout the fragments assume: one element a thread,
-    element i in lane i % 32 of warp i // 32 (else what Triton chose)."""
-    import re
-    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.\w+<.*>)$", ttgir, re.M))
-    want = (f"#ttg.blocked<{{sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [{warps}], "
-            f"order = [0]}}>")
-    seen = set()
-    for line in ttgir.splitlines():
-        if "tt.elementwise_inline_asm" in line and "mma.sync" in line:
-            seen.update(re.findall(r"tensor<\d+xi32, (#\w+)>", line))
-    bad = sorted(layouts.get(name, name) for name in seen if layouts.get(name) != want)
-    return "ok" if seen and not bad else (bad[0] if bad else "none")
-
-
-def _sass_report(folder):
-    """Compile the GEMM kernels for sm_90 (no GPU needed: Triton's own ptxas), dump SASS, count instructions.
-
-    What matters: one POPC per popcount, no SWAR emulation (dozens of SHF/LOP3/IMAD per word), no spills;
-    BAR and LDS count shared-memory layout conversions. Each kernel is specialized as the library launches
-    it on large operands: K-word-major planes (pack_bitplanes(k_major=True)) (unit row and weight-column strides, the K
-    strides 16-divisible), channel-packed maps (unit word stride) for the conv, 16-divisible pointers and
-    sizes, the default GEMV configs for M = 1 (row-major and K-word-major weights), M = 16 (row-major
-    weights: four rows per program, the K loop pipelined; K-word-major weights: two rows per program and
-    carry-save adders; TTQ scales and one scale) and the 3D kernel (row-major weights, 33 to 256 rows), the
-    thin carry-save tiles of large M, and the conv layers of the inference engine (trits, bit-serial pixels)."""
-    import collections
-    import re
-    import subprocess
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    os.makedirs(folder, exist_ok=True)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    def signature(fn, constexprs):
-        floats = ("alpha", "bias") if constexprs.get("PACK_OUT") else ("alpha", "bias", "c_ptr")
-        ptr = lambda n: "*fp32" if n.startswith(floats) else "*i32" if n in ("ws_ptr", "lock_ptr") else "*u32"
-        scalar = lambda n: "fp32" if n == "threshold" else "i32"
-        return {n: "constexpr" if n in constexprs else ptr(n) if n.endswith("_ptr") else scalar(n) for n in fn.arg_names}
-    plain = dict(A_BITS=1, BIT_SERIAL=False, HAS_BIAS=True, IMPLICIT=False, POOL=1, PACK_OUT=False, CSA=False,
-                 BLOCK_M=16, GROUP_M=8, SPLIT_K=1)
-    # launch specializations: strides equal to 1, and which other strides are 16-divisible
-    gemv = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("stride_am", "stride_bn", "stride_cm"))   # row-major W
-    gemv_kmajor = (dict(stride_ak=1, stride_bn=1, stride_cn=1), ("stride_am", "stride_bk", "stride_cm"))
-    gemv16 = (dict(stride_am=1, stride_bk=1, stride_cn=1), ("stride_ak", "stride_bn", "stride_cm"))   # 16 rows
-    gemv_rows = (dict(stride_am=1, stride_bn=1, stride_cn=1), ("stride_ak", "stride_bk", "stride_cm"))
-    rows = (dict(stride_ab=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_ak", "stride_bk", "stride_cm"))
-    maps = (dict(stride_ak=1, stride_bn=1, stride_cn=1), ("stride_abit", "stride_bk"))   # map strides: CW multiples
-    pixels = (dict(maps[0], KW=1, KX=1, CW=1, conv_stride=1, stride_bk=1), ("stride_abit",))   # conv1: 25 taps, 1 word
-    m1 = dict(HAS_BIAS=True, BLOCK_M=1, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, PDL=True, ONE_ROW=True,
-              STAGES=1, CSA=False)
-    m16 = dict(m1, BLOCK_M=4, BLOCK_N=64, BLOCK_K=16, ONE_ROW=False, STAGES=3)   # 4 rows a program, pipelined
-    m16_kmajor = dict(m16, BLOCK_M=2, BLOCK_N=32, BLOCK_K=16, STAGES=1, CSA=True)   # 2 rows, carry-save adders
-    m64_3d = dict(m16, BLOCK_M=2, ROW_LOOP=False, BLOCK_N=64, BLOCK_K=32, STAGES=1)
-    kernels = [("gemv_3popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv, 8),
-               ("gemv_2popc", _ternary_gemv_kernel, dict(m1, SYMMETRIC=True), gemv, 8),
-               ("gemv_3popc_kmajor", _ternary_gemv_kernel, dict(m1, SYMMETRIC=False), gemv_kmajor, 4),
-               ("gemv16_3popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=False), gemv16, 4),
-               ("gemv16_2popc", _ternary_gemv_kernel, dict(m16, SYMMETRIC=True, BLOCK_K=32), gemv16, 4),
-               ("gemv16_3popc_kmajor", _ternary_gemv_kernel, dict(m16_kmajor, SYMMETRIC=False), gemv_rows, 4),
-               ("gemv16_2popc_kmajor", _ternary_gemv_kernel, dict(m16_kmajor, SYMMETRIC=True), gemv_rows, 4),
-               ("gemv2rows_3popc", _ternary_gemv_kernel, dict(m64_3d, SYMMETRIC=False), gemv16, 4),
-               ("tile_3popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128), rows, 4),
-               ("tile_2popc", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_N=128), rows, 4),
-               ("tile_3popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_M=4, BLOCK_N=64, CSA=True),
-                rows, 2),
-               ("tile_2popc_csa", _ternary_gemm_kernel, dict(plain, SYMMETRIC=True, BLOCK_M=8, BLOCK_N=64, CSA=True),
-                rows, 2),
-               ("tile_bitserial8", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False,
-                                                              BLOCK_N=32), rows, 4),
-               ("conv_pool_pack", _ternary_gemm_kernel, dict(plain, SYMMETRIC=False, BLOCK_N=128, IMPLICIT=True, POOL=2,
-                                                             PACK_OUT=True), maps, 4),
-               ("conv_bitserial8_pool_pack", _ternary_gemm_kernel, dict(plain, A_BITS=8, BIT_SERIAL=True, SYMMETRIC=False,
-                                                                        BLOCK_M=8, BLOCK_N=64, IMPLICIT=True, POOL=2,
-                                                                        PACK_OUT=True), pixels, 1)]
-    # the MMA kernel as launched (row-major operands: unit K strides) at 16x8192x8192 (TTQ scales; one scale:
-    # 4 warps splitting K, PDL and the L2 prefetch), at 4096^3 (4 n-tiles a warp) and as the engine's conv2
-    # (pooled, packed output)
-    mma = dict(HAS_BIAS=True, WARPS=2, K_WARPS=1, N_TILES=2, SPLIT_K=1, STAGES=4, POOL=1, PACK_OUT=False,
-               ALIGNED=True, EMULATE=False, PDL=False, PREFETCH=0)
-    rows_major = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("stride_am", "stride_bn", "stride_cm"))
-    kernels += [("mma_3popc", _ternary_mma_kernel, dict(mma, SYMMETRIC=False), rows_major, 2),
-                ("mma_2popc_kwarps", _ternary_mma_kernel, dict(mma, SYMMETRIC=True, WARPS=4, K_WARPS=4, N_TILES=1,
-                                                               STAGES=1, PDL=True, PREFETCH=64), rows_major, 4),
-                ("mma_3popc_4tiles", _ternary_mma_kernel, dict(mma, SYMMETRIC=False, N_TILES=4, STAGES=2),
-                 rows_major, 2),
-                ("mma_3popc_pool_pack", _ternary_mma_kernel, dict(mma, SYMMETRIC=False, N_TILES=4, STAGES=1, POOL=2,
-                                                                  PACK_OUT=True), rows_major, 2),
-                # conv1 of the engine: 8 pixel planes of one-word patches, 64 channels, pooled and packed
-                ("mma_bitserial8_pool_pack", _bitserial_mma_kernel,
-                 dict(OH=24, OW=24, BITS=8, SYMMETRIC=False, HAS_BIAS=True, POOL=2, PACK_OUT=True, WARPS=2, N_TILES=4,
-                      EMULATE=False), (dict(stride_ax=1, stride_cn=1), ("stride_abit", "stride_ab", "stride_ay")), 2)]
-    print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
-    for tag, fn, constexprs, (ones, div16), warps in kernels:
-        constexprs = dict(constexprs, **ones)
-        aligned = [(fn.arg_names.index(n),) for n in fn.arg_names if n not in constexprs and
-                   (n.endswith("_ptr") or n in ("N", "KW") + div16)]
-        k = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs,
-                                     attrs={i: [["tt.divisibility", 16]] for i in aligned}),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-        cubin = os.path.join(folder, tag + ".cubin")
-        with open(cubin, "wb") as f:
-            f.write(k.asm["cubin"])
-        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
-        usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True).stdout
-        with open(os.path.join(folder, tag + ".sass"), "w") as f:
-            f.write(sass)
-        ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass, re.M))
-        regs = re.search(r"REG:(\d+)", usage)
-        stack = re.search(r"STACK:(\d+)", usage)
-        keys = ("POPC", "BMMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA",
-                "CCTL")
-        lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn in (_ternary_mma_kernel, _bitserial_mma_kernel) else "-"
-        print(f"  {tag:25} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
-              + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys) + f"  lanes {lanes}")
-
-
-def _bench_main():
-    import argparse
-    import datetime
-    parser = argparse.ArgumentParser(description="Benchmark the popcount kernels against torch (needs a CUDA GPU).")
-    parser.add_argument("--tune", action="store_true", help="sweep kernel configs on a few shapes (default: off)")
-    parser.add_argument("--sass", metavar="DIR", help="compile the GEMM kernels for sm_90 (no GPU needed), dump SASS to DIR, count instructions")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes (default: off)")
-    parser.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+", metavar="MxNxK",
-                        help="--tune only these shapes, e.g. 16x8192x8192 (default: six shapes)")
-    args = parser.parse_args()
-    if args.sass:   # compiles for sm_90 without a GPU
-        _sass_report(args.sass)
-        return
-    if not torch.cuda.is_available() or _INTERPRET:
-        parser.error("needs a CUDA GPU (and TRITON_INTERPRET unset); --sass DIR works without one")
-    props = torch.cuda.get_device_properties(0)
-    print(f"# {props.name}, {props.multi_processor_count} SMs | torch {torch.__version__} | triton {triton.__version__} "
-          f"| {datetime.date.today()}")
-    if args.tune:
-        _tune(args.shapes or [(1, 8192, 8192), (16, 8192, 8192), (128, 4096, 4096), (4096, 4096, 4096),
-                              (128, 256, 1024), (8192, 64, 800)])
-        return
-    bw, popc_rate, mma_rate = _ceilings()
-    sms = props.multi_processor_count
-    print(f"ceilings: copy bandwidth {bw / 1e12:.2f} TB/s (read + write); popcount {popc_rate / 1e12:.2f} T/s "
-          f"= {popc_rate / sms / 1.98e9:.1f} per clock per SM at 1.98 GHz; "
-          f"ternary ceiling {2 * 32 * popc_rate / 3 / 1e12:.0f} TOP/s at 3 popc per word pair, "
-          f"{2 * 32 * popc_rate / 2 / 1e12:.0f} at 2")
-    if mma_rate:
-        print(f"ceilings: single-bit MMA (m16n8k256 AND + popc) {mma_rate / 1e9:.1f} G/s = {mma_rate / sms / 1.98e9:.2f} "
-              f"per clock per SM at 1.98 GHz; ternary ceiling {2 * 16 * 8 * 256 / 4 * mma_rate / 1e12:.0f} TOP/s at "
-              f"4 MMAs per 16 x 8 outputs x 256 trits")
-    # pack: float -> trits -> bitplanes, one pass. Timed from CUDA-graph replays like the GEMMs: the int8 pack
-    # takes about 50 us, near what its eager Python call costs, and eager timings of it swung from 49.6 to 78.1 us
-    # between H200 machines (80% to 51% of copy bandwidth)
-    from triton.testing import do_bench
-    for R, K, dtype in ((16384, 8192, torch.float32), (16384, 8192, torch.bfloat16), (16384, 8192, torch.int8)):
-        x = torch.randn(R, K, device="cuda").to(dtype) if dtype != torch.int8 else \
-            torch.randint(-1, 2, (R, K), dtype=torch.int8, device="cuda")
-        thr = 0.5 if dtype != torch.int8 else 0.0
-        mode = 0 if dtype == torch.int8 else 1
-        ms = _graph_ms(lambda i: _pack_matrix(x, mode, thr), rep=200)
-        eager = do_bench(lambda: _pack_matrix(x, mode, thr), return_mode="median")
-        nbytes = x.numel() * x.element_size() + 2 * R * triton.cdiv(K, 32) * 4
-        print(f"pack {R}x{K} {str(dtype).replace('torch.', ''):8}: {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s "
-              f"= {100 * nbytes / ms / 1e-3 / bw:3.0f}% of copy bandwidth (graph replays; eager {eager * 1e3:.1f} us)")
-    # GEMM table
-    gemlite = _gemlite()
-    if gemlite is not None:
-        print(f"gemlite {getattr(gemlite, '__version__', '?')} installed: timed beside us")
-    Ms = (1, 16, 128, 1024, 4096) if not args.quick else (1, 16, 4096)
-    shapes = [(M, NK, NK) for NK in (1024, 4096, 8192) for M in Ms]
-    # the default LeNet (64,128,512) as GEMMs: fc1 and conv2 (im2col rows = images x 8x8 outputs), batch 128 and 10k
-    shapes += [(128, 512, 2048), (128 * 64, 128, 1600), (10000, 512, 2048), (10000 * 64, 128, 1600)]
-    print("times in us per call from CUDA-graph replays (weights rotated beyond L2; operands as pack_bitplanes "
-          "gives them, row-major); t3: TTQ scales; t2: one scale; kern: the kernel t3 runs on (mma: single-bit "
-          "tensor-core MMA; gemv, tile: POPC on the CUDA cores); %unit: t3 against that unit's ceiling above (the "
-          "MMA's 4 per [16 x 8] outputs x 256 trits, or 3 popcounts per word pair, passed where carry-save adders "
-          "count 3 words with 2); pack+t3: fp16 activations (as gemlite takes them) packed first; eager: one Python call; gemlite "
-          "(if installed): its A16W158 layer, ternary weights and fp16 activations; gl/t3, gl/p+t3 > 1: we are faster")
-    hdr = (f"{'M':>6} {'N':>5} {'K':>5} | {'t3':>8} {'t2':>8} {'pack+t3':>8} {'bf16':>8} {'fp32':>8} | {'kern':>4} {'TOP/s':>6} "
-           f"{'%unit':>5} {'%BW':>4} | {'bf16/t3':>7} {'bf16/t2':>7} | {'t3 eager':>8} {'bf16 eager':>10} | "
-           f"{'gemlite':>8} {'gl/t3':>6} {'gl/p+t3':>7}")
-    print(hdr)
-    print("-" * len(hdr))
-    for M, N, K in shapes:
-        ms, tops, pct_unit, pct_bw, kind = _bench_gemm_row(M, N, K, bw, popc_rate, mma_rate)
-        us = {k: v * 1e3 for k, v in ms.items()}
-        print(f"{M:>6} {N:>5} {K:>5} | {us['t3']:8.2f} {us['t2']:8.2f} {us['pack+t3']:8.2f} {us['bf16']:8.2f} "
-              f"{us['fp32']:8.2f} | {kind:>4} {tops:6.1f} {pct_unit:5.0f} {pct_bw:4.0f} | {us['bf16'] / us['t3']:7.2f} "
-              f"{us['bf16'] / us['t2']:7.2f} | {us['t3 eager']:8.2f} {us['bf16 eager']:10.2f} | "
-              + (f"{us['gemlite']:8.2f} {us['gemlite'] / us['t3']:6.2f} {us['gemlite'] / us['pack+t3']:7.2f}"
-                 if "gemlite" in us else f"{'-':>8} {'-':>6} {'-':>7}"),
-              flush=True)
-        torch.cuda.empty_cache()
-
-
-if __name__ == "__main__":
-    _bench_main()
+# the Triton kernels by kind, for tools that compile or inspect them (bt_bench.py's SASS report)
+KERNELS = dict(tile=_ternary_gemm_kernel, gemv=_ternary_gemv_kernel, mma=_ternary_mma_kernel,
+               bitserial_mma=_bitserial_mma_kernel)

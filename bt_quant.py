@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bt_kernel import (TernaryLinearTriton, TernaryWeights, _weight_ste_grads, initial_alphas,
+from bt_kernel import (TernaryLinearTriton, TernaryWeights, weight_ste_grads, initial_alphas,
                        pack_bitplanes, ternary_thresholds)
 
 __all__ = ["ternarize", "ternary_activation", "ternary_weight", "TernaryActivation", "TernaryLinear",
@@ -69,7 +69,7 @@ class _TernaryWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         weight, alpha_p, alpha_n, thresholds = ctx.saved_tensors
-        return (*_weight_ste_grads(g, weight, alpha_p, alpha_n, thresholds, ctx.clip), None, None)
+        return (*weight_ste_grads(g, weight, alpha_p, alpha_n, thresholds, ctx.clip), None, None)
 
 
 def ternary_weight(weight, alpha_p, alpha_n, thresholds, clip=1.0):

@@ -152,7 +152,8 @@ def test_gemm_integer_sums_exact(M, N, K, config):
     wp, wn = pack_bitplanes(w)
     sp, sn = int_sums(a, w)
     one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
-    run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None, config)
+    run = lambda alpha_p, alpha_n: bt_kernel.launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None,
+                                                         config=config)[0]
     # alpha_n = 0 reads out Sp alone, alpha_p = 0 and alpha_n = -1 Sn alone; both are exact in float32.
     # Three calls in a row also check that split-K leaves its workspace zeroed for the next call.
     assert torch.equal(run(one, zero).cpu().long(), sp)
@@ -210,8 +211,8 @@ def test_mma_kernel_exact(M, N, K):
     operands = [(ap, an, wp, wn), (ap, an) + k_major, (ap, an, wp, wn), (ap_g, an_g, wp_g, wn_g),
                 (ap, an) + k_major, (ap_g, an_g, wp_g, wn_g), (ap_g, an_g, wp_g, wn_g)]
     for config, (ap_, an_, wp_, wn_) in zip(configs, operands):
-        run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap_[None], an_[None], wp_, wn_, alpha_p, alpha_n,
-                                                              None, ("mma", config))
+        run = lambda alpha_p, alpha_n: bt_kernel.launch_gemm(ap_[None], an_[None], wp_, wn_, alpha_p, alpha_n, None,
+                                                             config=("mma", config))[0]
         assert torch.equal(run(one, zero).cpu().long(), sp), config
         assert torch.equal(run(zero, -one).cpu().long(), sn), config
         assert torch.equal(run(one, None).cpu().long(), sp - sn), config
@@ -227,8 +228,8 @@ def test_mma_kernel_past_65535_row_tiles():
     sp = a.double() @ w.double().clamp(min=0).T
     sn = a.double() @ w.double().clamp(max=0).abs().T
     one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
-    run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None,
-                                                          ("mma", dict(WARPS=1, N_TILES=1)))
+    run = lambda alpha_p, alpha_n: bt_kernel.launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None,
+                                                         config=("mma", dict(WARPS=1, N_TILES=1)))[0]
     assert torch.equal(run(one, zero).double(), sp)
     assert torch.equal(run(zero, -one).double(), sn)
 
@@ -249,14 +250,14 @@ def test_mma_kernel_in_row_chunks(monkeypatch):
     def pooled_packed():
         pos = torch.zeros((M // 4, 2), dtype=torch.uint32, device=DEVICE)
         neg = torch.zeros_like(pos)
-        bt_kernel._launch_mma(ap, an, wp, wn, alpha_p, alpha_n, None, pos, meta, M, N, wp.shape[1], c_neg=neg,
-                              pool=2, threshold=3.0)
+        bt_kernel._launch("mma", meta, ap[None], an[None], wp, wn, alpha_p, alpha_n, None, pos, neg, M=M, pool=2,
+                          threshold=3.0)
         return pos, neg
 
     whole = pooled_packed()
     monkeypatch.setattr(bt_kernel, "MMA_CHUNK_TILES", 2)
-    run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None,
-                                                          ("mma", meta))
+    run = lambda alpha_p, alpha_n: bt_kernel.launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None,
+                                                         config=("mma", meta))[0]
     assert torch.equal(run(one, zero).cpu().long(), sp)
     assert torch.equal(run(zero, -one).cpu().long(), sn)
     chunked = pooled_packed()
@@ -306,8 +307,8 @@ def test_gemv_row_major_weights_exact(M):
                ("gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=2, SPLIT_K=5, CSA=True, num_warps=4)))
     for wp_, wn_ in ((wp.contiguous(), wn.contiguous()), (wp, wn)):
         for config in configs:
-            run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n,
-                                                                  None, config)
+            run = lambda alpha_p, alpha_n: bt_kernel.launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n, None,
+                                                                 config=config)[0]
             assert torch.equal(run(one, zero).cpu().long(), sp), config
             assert torch.equal(run(zero, -one).cpu().long(), sn), config
             assert torch.equal(run(one, None).cpu().long(), sp - sn), config
@@ -963,7 +964,7 @@ def test_fused_engine_is_used_and_identical(small):
 
 
 def test_bench_layers_table(small, monkeypatch, capsys):
-    # `bt_infer.py --bench`'s per-layer table times every kernel of the fused engine on the real activations:
+    # `bt_bench.py --infer`'s per-layer table times every kernel of the fused engine on the real activations:
     # each layer's GEMM shape, worked out by hand from the small LeNet on 12 images of 16x16 (rows = images x
     # conv outputs before pooling: 14x14 for conv1, 5x5 for conv2). CUDA events, graph replays and the card's
     # popcount rate are stood in for on the CPU; the timings themselves are `make bench`'s business.
@@ -979,9 +980,9 @@ def test_bench_layers_table(small, monkeypatch, capsys):
             return (other.t - self.t) * 1e3
     if DEVICE == "cpu":
         monkeypatch.setattr(torch.cuda, "Event", Event)
-        monkeypatch.setattr(bt_kernel, "_graph_ms", lambda fn, calls, rep: (fn(0), 1.0)[1])
-    monkeypatch.setattr(bt_kernel, "_ceilings", lambda: (1e12, 4e12, 1e11))
-    bt_infer.bench_layers(bt_infer.prepare_triton(state, DEVICE), images.to(DEVICE), reps=1)
+        monkeypatch.setattr(bt_bench, "_graph_ms", lambda fn, calls, rep: (fn(0), 1.0)[1])
+    monkeypatch.setattr(bt_bench, "_ceilings", lambda: (1e12, 4e12, 1e11))
+    bt_bench.bench_layers(bt_infer.prepare_triton(state, DEVICE), images.to(DEVICE), reps=1)
     lines = capsys.readouterr().out.splitlines()
     table = {line.split()[0]: line.split() for line in lines[2:]}
     assert list(table) == ["pixels", "conv1", "conv2", "fc1", "fc2", "sum"]
@@ -1508,7 +1509,7 @@ def test_mma_chain_of_packed_layers(symmetric):
     # one scale the K split; the interpreter runs the same chain at a smaller size, without PDL
     M, N = 16, (256 if DEVICE == "cpu" else 4096 if symmetric else 1024)
     KW, layers, threshold = N // 32, 4, 0.5 * N ** 0.5   # about half the trits nonzero
-    meta = bt_kernel._mma_config(M, N, KW, bt_kernel._sm_count(torch.device(DEVICE)), symmetric)
+    meta = bt_kernel._mma_meta(M, N, KW, bt_kernel.gpu_spec(torch.device(DEVICE)).sms, symmetric)
     if DEVICE == "cuda" and bt_kernel._pdl(torch.device(DEVICE)):
         assert meta["PDL"] and meta["PREFETCH"] > 0 and (meta["K_WARPS"] > 1) == symmetric, meta
     # a packed output takes 32 columns a program at least: more n-tiles where the config has fewer
@@ -1523,8 +1524,8 @@ def test_mma_chain_of_packed_layers(symmetric):
     a = pack_bitplanes(x)
     for i in range(layers):
         alpha_n = None if symmetric else alphas[2 * i + 1]
-        bt_kernel._launch_mma(*a, *planes[i], alphas[2 * i], alpha_n, None, outs[i][0], meta, M, N, KW,
-                              c_neg=outs[i][1], threshold=threshold)
+        bt_kernel._launch("mma", meta, a[0][None], a[1][None], *planes[i], alphas[2 * i], alpha_n, None, outs[i][0],
+                          outs[i][1], M=M, threshold=threshold)
         a = outs[i]
     # the reference: float64 sums and scales, rounded to float32 once (as the epilogue), ternarized
     ref = x
@@ -1574,7 +1575,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 
 def test_sass_has_popc_and_no_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, os.path.join(HERE, "bt_kernel.py"), "--sass", str(tmp_path)],
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bt_bench.py"), "--sass", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     value = lambda v: int(v) if v.isdigit() else v
