@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 import time
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -502,30 +503,28 @@ def get_args(argv=None):
     return args
 
 
-def main(argv=None):
-    t_start = time.time()
-    args = get_args(argv)
-    # torchrun sets WORLD_SIZE: one process per GPU (NCCL) or per CPU worker (gloo), each on its own shard
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
+def init_distributed(args):
+    """(device, rank, world). torchrun sets WORLD_SIZE: one process per GPU (NCCL) or per CPU worker (gloo)."""
     device = torch.device(args.device)
-    if distributed:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.type == "cuda":
-            local_rank = int(os.environ["LOCAL_RANK"])
-            if local_rank >= torch.cuda.device_count():
-                sys.exit(f"bt_train.py: error: {world} processes per node but {torch.cuda.device_count()} GPU(s): "
-                         "start no more processes than GPUs, or use --device cpu (gloo)")
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)   # before init: NCCL binds to the current device
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    # TF32 convolutions round at 1e-3: enough to move activations across a ternary threshold, and the
-    # export (exact integer sums) is compared with this model prediction for prediction
-    torch.backends.cudnn.allow_tf32 = False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, 0, 1
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            sys.exit(f"bt_train.py: error: {world} processes per node but {torch.cuda.device_count()} GPU(s): "
+                     "start no more processes than GPUs, or use --device cpu (gloo)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)   # before init: NCCL binds to the current device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
 
-    # data: the whole set lives on the device; batches are index gathers there
+
+def load_data(args, device, rank, world):
+    """(train_x, train_y, test_x, test_y) on the device, the training images limited and sharded.
+
+    The whole set lives on the device; batches are index gathers there.
+    """
     try:
         train_x, train_y, test_x, test_y = load_dataset(args.dataset, args.data)
     except DataError as e:
@@ -533,16 +532,14 @@ def main(argv=None):
         sys.exit(1)
     if args.limit:
         train_x, train_y = train_x[:args.limit], train_y[:args.limit]
-    if distributed:   # equal disjoint shards: unequal step counts would leave DDP waiting
+    if world > 1:   # equal disjoint shards: unequal step counts would leave DDP waiting
         n = len(train_x) // world * world
         train_x, train_y = train_x[rank:n:world], train_y[rank:n:world]
-    train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
-    steps = len(train_x) // args.batch
-    if steps == 0:
-        sys.exit(f"bt_train.py: error: --batch {args.batch} is larger than the {len(train_x)} training images")
+    return tuple(t.to(device) for t in (train_x, train_y, test_x, test_y))
 
-    quant = dict(delta_rule=args.delta_rule, delta_t=args.delta_t, delta=args.delta)
-    model = build_model(args.channels, 10, args.act_delta, args.use_triton_linear, **quant).to(device)
+
+def make_optimizer(model, args, device, distributed):
+    """(AdamW, its lr, graphed): weight decay on the weight matrices only; a tensor lr when graphed."""
     decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
     other = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() > 1)]
     # the whole step as one CUDA graph; not with DDP or TernGrad, whose Python-side work cannot be captured
@@ -550,100 +547,156 @@ def main(argv=None):
     lr = torch.tensor(args.lr, device=device) if graphed else args.lr   # a tensor lr can change under a graph
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.wd), dict(params=other, weight_decay=0.0)],
                             lr=lr, capturable=graphed)
+    return opt, lr, graphed
+
+
+def resume(args, model, opt, device):
+    """Load model, optimizer and RNG states from --resume; the number of epochs it holds."""
+    try:   # weights only: a checkpoint never runs code; a broken or foreign one is one line, exit 2
+        ck = torch.load(args.resume, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ck:
+            torch.cuda.set_rng_state(ck["rng_cuda"])
+        return int(ck["epoch"])
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"bt_train.py: error: --resume {args.resume}: not a checkpoint of this model and flags "
+              f"({type(e).__name__}: {why[:200]})", file=sys.stderr)
+        sys.exit(2)
+
+
+def set_up(argv):
+    """Arguments, device, seed, data, model, optimizer and resumed state: everything the epochs use."""
+    args = get_args(argv)
+    device, rank, world = init_distributed(args)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    # TF32 convolutions round at 1e-3: enough to move activations across a ternary threshold, and the
+    # export (exact integer sums) is compared with this model prediction for prediction
+    torch.backends.cudnn.allow_tf32 = False
+    train_x, train_y, test_x, test_y = load_data(args, device, rank, world)
+    steps = len(train_x) // args.batch
+    if steps == 0:
+        sys.exit(f"bt_train.py: error: --batch {args.batch} is larger than the {len(train_x)} training images")
+    quant = dict(delta_rule=args.delta_rule, delta_t=args.delta_t, delta=args.delta)
+    model = build_model(args.channels, 10, args.act_delta, args.use_triton_linear, **quant).to(device)
+    opt, lr, graphed = make_optimizer(model, args, device, world > 1)
     start_epoch = 0
     if args.resume:
-        try:   # weights only: a checkpoint never runs code; a broken or foreign one is one line, exit 2
-            ck = torch.load(args.resume, map_location=device, weights_only=True)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            torch.set_rng_state(ck["rng_cpu"])
-            if device.type == "cuda" and "rng_cuda" in ck:
-                torch.cuda.set_rng_state(ck["rng_cuda"])
-            start_epoch = int(ck["epoch"])
-        except Exception as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"bt_train.py: error: --resume {args.resume}: not a checkpoint of this model and flags "
-                  f"({type(e).__name__}: {why[:200]})", file=sys.stderr)
-            sys.exit(2)
+        start_epoch = resume(args, model, opt, device)
         log(f"resumed from {args.resume} after epoch {start_epoch}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{args.dataset}: {len(train_x)} train images per process x {world} / {len(test_x)} test on {device}; "
         f"model {args.channels}, {n_params} parameters, {'Triton' if args.use_triton_linear else 'PyTorch'} linear layers")
     tg_state = TernGradState(clip=args.terngrad_clip, seed=args.seed) if args.terngrad else None
     net = model
-    if distributed:
+    if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if tg_state:
             net.register_comm_hook(tg_state, terngrad_hook)
-
     trainer = Trainer(net, opt, train_x, train_y, args, graphed)
-    trainer.terngrad_state = tg_state if not distributed else None   # one process: TernGrad applied locally
-    total = args.epochs * steps
-    tty = sys.stdout.isatty() and rank == 0
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch)).to(device)
-        last_print = t0
-        sent0 = tg_state.bytes_sent if tg_state else 0
-        try:
-            for i in range(steps):
-                lr_now = lr_at(epoch * steps + i, total, args.lr)
-                if graphed:
-                    lr.fill_(lr_now)   # in place: the captured graph reads this tensor
-                else:
-                    for group in opt.param_groups:
-                        group["lr"] = lr_now
-                trainer.step(perm[i * args.batch:(i + 1) * args.batch])
-                if tty and time.time() - last_print > 1.0:   # a live line when epochs are slow (CPU)
-                    last_print = time.time()
-                    print(f"\repoch {epoch + 1:3d}/{args.epochs}  step {i + 1}/{steps}  "
-                          f"loss {trainer.loss_sum.item() / (i + 1):.4f}", end="", flush=True)
-        except KeyboardInterrupt:
-            log(f"\ninterrupted during epoch {epoch + 1}: " + (f"{args.checkpoint} holds epoch {epoch}; continue with "
-                f"--resume {args.checkpoint}" if epoch > start_epoch or args.resume else "no epoch finished"))
-            sys.exit(130)
-        loss = trainer.loss_sum.item() / steps
-        trainer.loss_sum.zero_()
-        if not math.isfinite(loss):
-            print(f"\nbt_train.py: error: loss is {loss} in epoch {epoch + 1}; stopped. " +
-                  (f"{args.checkpoint} keeps epoch {epoch}" if epoch > start_epoch or args.resume else
-                   "no checkpoint was written") + " (try a lower --lr)", file=sys.stderr)
-            sys.exit(1)
-        if rank == 0:
-            acc, _ = test(model, test_x, test_y)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            comm = ""
-            if tg_state:
-                per_step = (tg_state.bytes_sent - sent0) / steps
-                comm = f"  terngrad {per_step / 1e3:.1f} kB/step/worker ({4 * n_params / per_step:.1f}x < float32)"
-            print(("\r" if tty else "") + f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  test {acc:6.2f}%  "
-                  f"{dt:6.2f} s{comm}")
-            ck = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, args=vars(args),
-                      rng_cpu=torch.get_rng_state())
-            if device.type == "cuda":
-                ck["rng_cuda"] = torch.cuda.get_rng_state()
-            save_checkpoint(args.checkpoint, **ck)
+    trainer.terngrad_state = tg_state if world == 1 else None   # one process: TernGrad applied locally
+    return SimpleNamespace(args=args, device=device, rank=rank, world=world, log=log, train_x=train_x,
+                           test_x=test_x, test_y=test_y, steps=steps, model=model, opt=opt, lr=lr, graphed=graphed,
+                           start_epoch=start_epoch, n_params=n_params, tg_state=tg_state, net=net, trainer=trainer,
+                           tty=sys.stdout.isatty() and rank == 0)
 
-    # export (rank 0): refresh BatchNorm statistics, fold them, pack the weights
-    if rank == 0:
-        recalibrate_batchnorm(model, train_x)
-        acc, preds = test(model, test_x, test_y)
-        state = export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, dataset=args.dataset,
-                                     classes=10, arch=dict(channels=list(args.channels), act_delta=args.act_delta),
-                                     test_accuracy=acc, reference_predictions=preds.to(torch.uint8).cpu())
-        save_export(state, args.export)
-        print(f"final test accuracy {acc:.2f}% (PyTorch model); wrote {args.export}")
-        print(export_size_report(state, args.export))
-        print(f"total time {time.time() - t_start:.1f} s (data, training, evaluation and export)")
-    if distributed:
+
+def train_epoch(run, epoch):
+    """One epoch of optimizer steps on this epoch's shuffle; its mean loss. A live line on a terminal."""
+    args, steps, trainer = run.args, run.steps, run.trainer
+    perm = torch.randperm(len(run.train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+    perm = perm.to(run.device)
+    last_print = time.time()
+    try:
+        for i in range(steps):
+            lr_now = lr_at(epoch * steps + i, args.epochs * steps, args.lr)
+            if run.graphed:
+                run.lr.fill_(lr_now)   # in place: the captured graph reads this tensor
+            else:
+                for group in run.opt.param_groups:
+                    group["lr"] = lr_now
+            trainer.step(perm[i * args.batch:(i + 1) * args.batch])
+            if run.tty and time.time() - last_print > 1.0:   # a live line when epochs are slow (CPU)
+                last_print = time.time()
+                print(f"\repoch {epoch + 1:3d}/{args.epochs}  step {i + 1}/{steps}  "
+                      f"loss {trainer.loss_sum.item() / (i + 1):.4f}", end="", flush=True)
+    except KeyboardInterrupt:
+        run.log(f"\ninterrupted during epoch {epoch + 1}: " + (f"{args.checkpoint} holds epoch {epoch}; continue with "
+                f"--resume {args.checkpoint}" if epoch > run.start_epoch or args.resume else "no epoch finished"))
+        sys.exit(130)
+    loss = trainer.loss_sum.item() / steps
+    trainer.loss_sum.zero_()
+    if not math.isfinite(loss):
+        print(f"\nbt_train.py: error: loss is {loss} in epoch {epoch + 1}; stopped. " +
+              (f"{args.checkpoint} keeps epoch {epoch}" if epoch > run.start_epoch or args.resume else
+               "no checkpoint was written") + " (try a lower --lr)", file=sys.stderr)
+        sys.exit(1)
+    return loss
+
+
+def evaluate(run, epoch, loss, t0, sent0):
+    """Test accuracy after an epoch, printed with its loss, time and TernGrad traffic (rank 0)."""
+    acc, _ = test(run.model, run.test_x, run.test_y)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    comm = ""
+    if run.tg_state:
+        per_step = (run.tg_state.bytes_sent - sent0) / run.steps
+        comm = f"  terngrad {per_step / 1e3:.1f} kB/step/worker ({4 * run.n_params / per_step:.1f}x < float32)"
+    print(("\r" if run.tty else "") + f"epoch {epoch + 1:3d}/{run.args.epochs}  loss {loss:.4f}  test {acc:6.2f}%  "
+          f"{dt:6.2f} s{comm}")
+
+
+def save_epoch(run, epoch):
+    """Checkpoint after an epoch: model, optimizer, epoch count, arguments and RNG states (rank 0)."""
+    ck = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), epoch=epoch + 1, args=vars(run.args),
+              rng_cpu=torch.get_rng_state())
+    if run.device.type == "cuda":
+        ck["rng_cuda"] = torch.cuda.get_rng_state()
+    save_checkpoint(run.args.checkpoint, **ck)
+
+
+def export_model(run, t_start):
+    """Fold BatchNorm (statistics re-estimated before), pack the weights, write --export and report (rank 0)."""
+    args = run.args
+    acc, preds = test(run.model, run.test_x, run.test_y)
+    state = export_ternary_state(run.model, input_shape=(1, 28, 28), input_scale=1 / 255, dataset=args.dataset,
+                                 classes=10, arch=dict(channels=list(args.channels), act_delta=args.act_delta),
+                                 test_accuracy=acc, reference_predictions=preds.to(torch.uint8).cpu())
+    save_export(state, args.export)
+    print(f"final test accuracy {acc:.2f}% (PyTorch model); wrote {args.export}")
+    print(export_size_report(state, args.export))
+    print(f"total time {time.time() - t_start:.1f} s (data, training, evaluation and export)")
+
+
+def shut_down(run):
+    """Leave the process group (torchrun) once every rank is done."""
+    if run.world > 1:
         dist.barrier()
         # DDP sits in a reference cycle: free it and its hold on the process group now, not at exit,
         # where the process group's threads can abort the process
-        del net, trainer
+        del run.net, run.trainer
         gc.collect()
         dist.destroy_process_group()
+
+
+def main(argv=None):
+    t_start = time.time()
+    run = set_up(argv)
+    for epoch in range(run.start_epoch, run.args.epochs):
+        t0, sent0 = time.time(), run.tg_state.bytes_sent if run.tg_state else 0
+        loss = train_epoch(run, epoch)
+        if run.rank == 0:
+            evaluate(run, epoch, loss, t0, sent0)
+            save_epoch(run, epoch)
+    if run.rank == 0:   # export: refresh BatchNorm statistics, fold them, pack the weights
+        recalibrate_batchnorm(run.model, run.train_x)
+        export_model(run, t_start)
+    shut_down(run)
 
 
 if __name__ == "__main__":
