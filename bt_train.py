@@ -503,6 +503,42 @@ def get_args(argv=None):
     return args
 
 
+class Progress:
+    """The phase a run is in and which checkpoint holds its latest finished epoch: what a Ctrl-C reports."""
+
+    def __init__(self):
+        self.phase = "start-up"
+        self.started = False   # arguments read, so the run and its checkpoint are known
+        self.checkpoint, self.epoch, self.epochs = None, 0, None
+        self.exported = None   # the export's path once it is written whole
+        self.quiet = False     # ranks other than 0 of a torchrun stay silent
+
+    def start(self, args, checkpoint_epoch=None):
+        self.started, self.epochs = True, args.epochs
+        if checkpoint_epoch is not None:
+            self.saved(args.resume, checkpoint_epoch)
+
+    def saved(self, path, epoch):
+        self.checkpoint, self.epoch = path, epoch
+
+    def message(self):
+        if self.exported:
+            held = f"{self.exported} is written in full"
+        elif self.checkpoint:
+            todo = "continue" if self.epoch < self.epochs else "export it"
+            held = f"{self.checkpoint} holds epoch {self.epoch}; {todo} with --resume {self.checkpoint}"
+        else:
+            held = "no epoch finished, nothing to resume" if self.started else "nothing was written"
+        return f"\ninterrupted during {self.phase}: {held}"
+
+    def stop(self):
+        """Ctrl-C: one message on what the checkpoint holds, no traceback, exit status 130 (128 + SIGINT).
+        Files are written atomically, so an interrupted write leaves the previous file whole."""
+        if not self.quiet:
+            print(self.message(), flush=True)
+        sys.exit(130)
+
+
 def init_distributed(args):
     """(device, rank, world). torchrun sets WORLD_SIZE: one process per GPU (NCCL) or per CPU worker (gloo)."""
     device = torch.device(args.device)
@@ -567,16 +603,20 @@ def resume(args, model, opt, device):
         sys.exit(2)
 
 
-def set_up(argv):
+def set_up(argv, progress):
     """Arguments, device, seed, data, model, optimizer and resumed state: everything the epochs use."""
     args = get_args(argv)
+    progress.start(args)
     device, rank, world = init_distributed(args)
+    progress.quiet = rank != 0
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     # TF32 convolutions round at 1e-3: enough to move activations across a ternary threshold, and the
     # export (exact integer sums) is compared with this model prediction for prediction
     torch.backends.cudnn.allow_tf32 = False
+    progress.phase = "data loading"
     train_x, train_y, test_x, test_y = load_data(args, device, rank, world)
+    progress.phase = "set-up"
     steps = len(train_x) // args.batch
     if steps == 0:
         sys.exit(f"bt_train.py: error: --batch {args.batch} is larger than the {len(train_x)} training images")
@@ -586,6 +626,7 @@ def set_up(argv):
     start_epoch = 0
     if args.resume:
         start_epoch = resume(args, model, opt, device)
+        progress.saved(args.resume, start_epoch)
         log(f"resumed from {args.resume} after epoch {start_epoch}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{args.dataset}: {len(train_x)} train images per process x {world} / {len(test_x)} test on {device}; "
@@ -610,23 +651,18 @@ def train_epoch(run, epoch):
     perm = torch.randperm(len(run.train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
     perm = perm.to(run.device)
     last_print = time.time()
-    try:
-        for i in range(steps):
-            lr_now = lr_at(epoch * steps + i, args.epochs * steps, args.lr)
-            if run.graphed:
-                run.lr.fill_(lr_now)   # in place: the captured graph reads this tensor
-            else:
-                for group in run.opt.param_groups:
-                    group["lr"] = lr_now
-            trainer.step(perm[i * args.batch:(i + 1) * args.batch])
-            if run.tty and time.time() - last_print > 1.0:   # a live line when epochs are slow (CPU)
-                last_print = time.time()
-                print(f"\repoch {epoch + 1:3d}/{args.epochs}  step {i + 1}/{steps}  "
-                      f"loss {trainer.loss_sum.item() / (i + 1):.4f}", end="", flush=True)
-    except KeyboardInterrupt:
-        run.log(f"\ninterrupted during epoch {epoch + 1}: " + (f"{args.checkpoint} holds epoch {epoch}; continue with "
-                f"--resume {args.checkpoint}" if epoch > run.start_epoch or args.resume else "no epoch finished"))
-        sys.exit(130)
+    for i in range(steps):
+        lr_now = lr_at(epoch * steps + i, args.epochs * steps, args.lr)
+        if run.graphed:
+            run.lr.fill_(lr_now)   # in place: the captured graph reads this tensor
+        else:
+            for group in run.opt.param_groups:
+                group["lr"] = lr_now
+        trainer.step(perm[i * args.batch:(i + 1) * args.batch])
+        if run.tty and time.time() - last_print > 1.0:   # a live line when epochs are slow (CPU)
+            last_print = time.time()
+            print(f"\repoch {epoch + 1:3d}/{args.epochs}  step {i + 1}/{steps}  "
+                  f"loss {trainer.loss_sum.item() / (i + 1):.4f}", end="", flush=True)
     loss = trainer.loss_sum.item() / steps
     trainer.loss_sum.zero_()
     if not math.isfinite(loss):
@@ -660,7 +696,7 @@ def save_epoch(run, epoch):
     save_checkpoint(run.args.checkpoint, **ck)
 
 
-def export_model(run, t_start):
+def export_model(run, t_start, progress):
     """Fold BatchNorm (statistics re-estimated before), pack the weights, write --export and report (rank 0)."""
     args = run.args
     acc, preds = test(run.model, run.test_x, run.test_y)
@@ -668,6 +704,7 @@ def export_model(run, t_start):
                                  classes=10, arch=dict(channels=list(args.channels), act_delta=args.act_delta),
                                  test_accuracy=acc, reference_predictions=preds.to(torch.uint8).cpu())
     save_export(state, args.export)
+    progress.exported = args.export
     print(f"final test accuracy {acc:.2f}% (PyTorch model); wrote {args.export}")
     print(export_size_report(state, args.export))
     print(f"total time {time.time() - t_start:.1f} s (data, training, evaluation and export)")
@@ -684,19 +721,35 @@ def shut_down(run):
         dist.destroy_process_group()
 
 
-def main(argv=None):
-    t_start = time.time()
-    run = set_up(argv)
+def train(run, progress, t_start):
+    """The epochs, then (rank 0) BatchNorm re-estimation and the export; progress names each phase."""
     for epoch in range(run.start_epoch, run.args.epochs):
         t0, sent0 = time.time(), run.tg_state.bytes_sent if run.tg_state else 0
+        progress.phase = f"epoch {epoch + 1}"
         loss = train_epoch(run, epoch)
         if run.rank == 0:
+            progress.phase = f"the evaluation after epoch {epoch + 1}"
             evaluate(run, epoch, loss, t0, sent0)
+            progress.phase = f"the checkpoint write after epoch {epoch + 1}"
             save_epoch(run, epoch)
+            progress.saved(run.args.checkpoint, epoch + 1)
     if run.rank == 0:   # export: refresh BatchNorm statistics, fold them, pack the weights
+        progress.phase = "the BatchNorm re-estimation"
         recalibrate_batchnorm(run.model, run.train_x)
-        export_model(run, t_start)
-    shut_down(run)
+        progress.phase = "the export"
+        export_model(run, t_start, progress)
+
+
+def main(argv=None):
+    t_start = time.time()
+    progress = Progress()
+    try:   # Ctrl-C anywhere: one line on what the checkpoint holds, exit 130
+        run = set_up(argv, progress)
+        train(run, progress, t_start)
+        progress.phase = "the shut-down"
+        shut_down(run)
+    except KeyboardInterrupt:
+        progress.stop()
 
 
 if __name__ == "__main__":
