@@ -449,7 +449,7 @@ def recalibrate_batchnorm(model, x, batches=20, batch=1000):
 # -----------------------------------------------------------------------------
 # main
 
-def get_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description="Train a LeNet with ternary weights and activations on MNIST; export it packed.")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion"], help="data set (default: mnist)")
     p.add_argument("--data", default="data", help="data folder (default: data)")
@@ -462,7 +462,10 @@ def get_args(argv=None):
     p.add_argument("--use-triton-linear", action="store_true", help="run the fc layers on the popcount kernels (default: off)")
     p.add_argument("--export", default="bt_mnist_export.pt", help="packed export written at the end (default: bt_mnist_export.pt)")
     p.add_argument("--checkpoint", default="bt_mnist_ckpt.pt", help="checkpoint written after every epoch (default: bt_mnist_ckpt.pt)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (default: none)")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="continue the run of a checkpoint, with the arguments stored in it; a flag given must agree with "
+                        "them, except a larger --epochs, the paths, --device, --use-triton-linear and --no-cuda-graph "
+                        "(default: none)")
     p.add_argument("--channels", default="64,128,512", help="conv1,conv2,fc1 widths (default: 64,128,512)")
     p.add_argument("--act-delta", type=float, default=0.5, help="dead zone of the ternary activations, after BatchNorm (default: 0.5)")
     p.add_argument("--delta-rule", default="channel", choices=["channel", "global"],
@@ -477,7 +480,67 @@ def get_args(argv=None):
     p.add_argument("--terngrad-clip", type=float, default=2.5, help="TernGrad clipping at c*sigma (default: 2.5)")
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only, for quick checks (default: all)")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager steps on CUDA, no graph capture (default: off)")
-    args = p.parse_args(argv)
+    return p
+
+
+def given_flags(argv=None):
+    """Names (dest) of the arguments given on the command line, those given with their default value too."""
+    p, unset = make_parser(), object()
+    # argparse fills in a default only where the namespace has no value yet: what keeps `unset` was not given
+    start = argparse.Namespace(**{name: unset for name in vars(p.parse_args([]))})
+    return {name for name, value in vars(p.parse_args(argv, namespace=start)).items() if value is not unset}
+
+
+# On --resume, these may differ from the checkpoint's: where to read and write (taken from the checkpoint
+# unless given) and how to run (from the command line: the training math is the same on every choice).
+PATH_ARGS = ("data", "export", "checkpoint")
+RUNTIME_ARGS = ("resume", "device", "use_triton_linear", "no_cuda_graph")
+
+
+class CheckpointError(ValueError):
+    """A --resume file that is no checkpoint, or flags that contradict its run; the message is one line."""
+
+
+def read_checkpoint(path):
+    """The checkpoint dict save_checkpoint wrote, loaded onto the CPU, weights only (it never runs code)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"not a checkpoint ({type(e).__name__}: {why[:200]})") from None
+    if not (isinstance(ck, dict) and isinstance(ck.get("args"), dict) and isinstance(ck.get("epoch"), int)):
+        raise CheckpointError("not a checkpoint of bt_train.py (no stored arguments and epoch)")
+    return ck
+
+
+def _flag(name, value):
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):   # a switch: given means on
+        return flag if value else f"run without {flag}"
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+
+def resume_args(args, given, stored):
+    """args with the run's own settings from the checkpoint's stored arguments; CheckpointError where a flag
+    given on the command line contradicts one (a larger --epochs is allowed: it extends the run)."""
+    clashes = []
+    for name, value in stored.items():
+        if name in RUNTIME_ARGS or not hasattr(args, name):
+            continue
+        value = tuple(value) if isinstance(value, list) else value
+        mine = getattr(args, name)
+        if name not in given:
+            setattr(args, name, value)
+        elif mine != value and name not in PATH_ARGS and not (name == "epochs" and mine > value):
+            hint = " (a larger --epochs extends the run)" if name == "epochs" else ""
+            clashes.append(f"{_flag(name, mine)} contradicts the checkpoint's {_flag(name, value)}{hint}")
+    if clashes:
+        raise CheckpointError("; ".join(clashes) + "; leave a flag out to keep the checkpoint's value")
+    return args
+
+
+def check_values(p, args):
+    """Range checks of the command line's values; --channels becomes a tuple of three ints."""
     for name in ("epochs", "batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -490,8 +553,24 @@ def get_args(argv=None):
         assert len(args.channels) == 3 and min(args.channels) >= 1
     except (ValueError, AssertionError):
         p.error(f"--channels takes three positive integers like 32,64,256, got {args.channels!r}")
-    if args.resume and not os.path.isfile(args.resume):
-        p.error(f"--resume: no such file: {args.resume}")
+
+
+def parse_args(argv=None):
+    """(args, checkpoint): the command line and, with --resume, the checkpoint, whose run's arguments fill
+    in every flag not given (checkpoint None without --resume). Bad input exits 2 with one error line."""
+    p = make_parser()
+    args = p.parse_args(argv)
+    check_values(p, args)
+    ck = None
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            p.error(f"--resume: no such file: {args.resume}")
+        try:
+            ck = read_checkpoint(args.resume)
+            resume_args(args, given_flags(argv), ck["args"])
+        except CheckpointError as e:
+            print(f"bt_train.py: error: --resume {args.resume}: {e}", file=sys.stderr)
+            sys.exit(2)
     for flag, path in (("--export", args.export), ("--checkpoint", args.checkpoint)):
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{flag}: folder does not exist: {os.path.dirname(os.path.abspath(path))}")
@@ -500,7 +579,12 @@ def get_args(argv=None):
         args.device = "cpu"
     if args.use_triton_linear and args.device != "cuda":
         p.error("--use-triton-linear needs a CUDA GPU (the popcount kernels are Triton GPU kernels)")
-    return args
+    return args, ck
+
+
+def get_args(argv=None):
+    """The arguments of parse_args, without the checkpoint."""
+    return parse_args(argv)[0]
 
 
 class Progress:
@@ -586,10 +670,9 @@ def make_optimizer(model, args, device, distributed):
     return opt, lr, graphed
 
 
-def resume(args, model, opt, device):
-    """Load model, optimizer and RNG states from --resume; the number of epochs it holds."""
-    try:   # weights only: a checkpoint never runs code; a broken or foreign one is one line, exit 2
-        ck = torch.load(args.resume, map_location=device, weights_only=True)
+def resume(args, ck, model, opt, device):
+    """Load model, optimizer and RNG states from the checkpoint ck (read by parse_args); the epochs it holds."""
+    try:   # a foreign or damaged one is one line, exit 2
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng_cpu"])
@@ -598,15 +681,15 @@ def resume(args, model, opt, device):
         return int(ck["epoch"])
     except Exception as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"bt_train.py: error: --resume {args.resume}: not a checkpoint of this model and flags "
+        print(f"bt_train.py: error: --resume {args.resume}: does not fit the model its arguments describe "
               f"({type(e).__name__}: {why[:200]})", file=sys.stderr)
         sys.exit(2)
 
 
 def set_up(argv, progress):
     """Arguments, device, seed, data, model, optimizer and resumed state: everything the epochs use."""
-    args = get_args(argv)
-    progress.start(args)
+    args, ck = parse_args(argv)
+    progress.start(args, ck["epoch"] if ck else None)
     device, rank, world = init_distributed(args)
     progress.quiet = rank != 0
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -624,10 +707,12 @@ def set_up(argv, progress):
     model = build_model(args.channels, 10, args.act_delta, args.use_triton_linear, **quant).to(device)
     opt, lr, graphed = make_optimizer(model, args, device, world > 1)
     start_epoch = 0
-    if args.resume:
-        start_epoch = resume(args, model, opt, device)
-        progress.saved(args.resume, start_epoch)
-        log(f"resumed from {args.resume} after epoch {start_epoch}")
+    if ck:
+        start_epoch = resume(args, ck, model, opt, device)
+        stored = ck["args"].get("epochs", args.epochs)
+        longer = (f"; --epochs {args.epochs} extends the checkpoint's run from {stored} to {args.epochs} epochs "
+                  f"(the learning-rate schedule stretches to the new length)") if args.epochs > stored else ""
+        log(f"resumed from {args.resume} after epoch {start_epoch}{longer}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{args.dataset}: {len(train_x)} train images per process x {world} / {len(test_x)} test on {device}; "
         f"model {args.channels}, {n_params} parameters, {'Triton' if args.use_triton_linear else 'PyTorch'} linear layers")
