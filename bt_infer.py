@@ -19,6 +19,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -110,12 +111,34 @@ def load_export(path):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # RuntimeError, EOFError, UnpicklingError, KeyError, ...: it depends on the damage
         raise ExportError(_describe_load_failure(path, head, e)) from None
+    if _is_training_checkpoint(state):
+        raise ExportError(f"{path}: {_checkpoint_hint(state, path)}")
     try:
         validate_export(state)
     except ExportError as e:
         raise ExportError(f"{path}: {e}") from None
     return state
 
+
+# the keys of a checkpoint that bt_train.py writes after every epoch (bt_train.save_checkpoint)
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "args")
+
+
+def _is_training_checkpoint(state):
+    return isinstance(state, dict) and "format" not in state and all(k in state for k in CHECKPOINT_KEYS)
+
+
+def _checkpoint_hint(state, path="CKPT"):
+    """What a training checkpoint is, and the command that exports it: --resume runs the epochs it still
+    lacks, if any, then re-estimates BatchNorm and writes the packed export."""
+    epoch = state.get("epoch")
+    run = state.get("args")
+    epochs = run.get("epochs") if isinstance(run, dict) else None
+    known = _is_int(epoch) and _is_int(epochs)
+    held = f" after epoch {epoch} of {epochs}" if known else ""
+    left = f" (it first trains the {epochs - epoch} epoch(s) left)" if known and epoch < epochs else ""
+    return (f"a training checkpoint of bt_train.py{held}, not an export; export it with: "
+            f"python bt_train.py --resume {shlex.quote(os.fspath(path))} --export bt_mnist_export.pt{left}")
 
 
 def _is_int(v, lo=1):
@@ -183,6 +206,8 @@ def validate_export(state, data=True):
     that read tensor values (overlapping bits, bits past K, finite scales), e.g. for tensors on a GPU."""
     if not isinstance(state, dict):
         raise ExportError(f"not an export: the file holds a {type(state).__name__}, expected a dict")
+    if _is_training_checkpoint(state):
+        raise ExportError(_checkpoint_hint(state))
     if "format" not in state:
         hint = " (looks like a plain state_dict: export it with bt_quant.export_ternary_state)" if any(
             isinstance(v, torch.Tensor) for v in state.values()) else ""
