@@ -19,6 +19,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -28,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -111,11 +111,34 @@ def load_export(path):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # RuntimeError, EOFError, UnpicklingError, KeyError, ...: it depends on the damage
         raise ExportError(_describe_load_failure(path, head, e)) from None
+    if _is_training_checkpoint(state):
+        raise ExportError(f"{path}: {_checkpoint_hint(state, path)}")
     try:
         validate_export(state)
     except ExportError as e:
         raise ExportError(f"{path}: {e}") from None
     return state
+
+
+# the keys of a checkpoint that bt_train.py writes after every epoch (bt_train.save_checkpoint)
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "args")
+
+
+def _is_training_checkpoint(state):
+    return isinstance(state, dict) and "format" not in state and all(k in state for k in CHECKPOINT_KEYS)
+
+
+def _checkpoint_hint(state, path="CKPT"):
+    """What a training checkpoint is, and the command that exports it: --resume runs the epochs it still
+    lacks, if any, then re-estimates BatchNorm and writes the packed export."""
+    epoch = state.get("epoch")
+    run = state.get("args")
+    epochs = run.get("epochs") if isinstance(run, dict) else None
+    known = _is_int(epoch) and _is_int(epochs)
+    held = f" after epoch {epoch} of {epochs}" if known else ""
+    left = f" (it first trains the {epochs - epoch} epoch(s) left)" if known and epoch < epochs else ""
+    return (f"a training checkpoint of bt_train.py{held}, not an export; export it with: "
+            f"python bt_train.py --resume {shlex.quote(os.fspath(path))} --export bt_mnist_export.pt{left}")
 
 
 def _is_int(v, lo=1):
@@ -183,6 +206,8 @@ def validate_export(state, data=True):
     that read tensor values (overlapping bits, bits past K, finite scales), e.g. for tensors on a GPU."""
     if not isinstance(state, dict):
         raise ExportError(f"not an export: the file holds a {type(state).__name__}, expected a dict")
+    if _is_training_checkpoint(state):
+        raise ExportError(_checkpoint_hint(state))
     if "format" not in state:
         hint = " (looks like a plain state_dict: export it with bt_quant.export_ternary_state)" if any(
             isinstance(v, torch.Tensor) for v in state.values()) else ""
@@ -697,7 +722,7 @@ def _fail(message, status):
     sys.exit(status)
 
 
-def main(argv=None):
+def get_args(argv=None):
     parser = argparse.ArgumentParser(prog=PROG, description="Balanced ternary MNIST inference from a packed export: "
                                      "Triton popcount kernels on cuda, multiply-free numpy on cpu.")
     parser.add_argument("--export", default="bt_mnist_export.pt", metavar="PATH",
@@ -711,9 +736,6 @@ def main(argv=None):
                         help="write a PNG grid of misclassified test images here (default: none)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="use only the first N test images (default: all)")
-    parser.add_argument("--bench", action="store_true",
-                        help="also time a float model of the same shape on cuDNN, fp32 and bf16, and each "
-                             "layer of the engine (default: off)")
     args = parser.parse_args(argv)
     if args.device not in ("cuda", "cpu"):
         parser.error(f"argument --device: unknown device {args.device!r} (choose cuda or cpu)")
@@ -723,18 +745,19 @@ def main(argv=None):
         parser.error(f"argument --limit: must be >= 1, got {args.limit}")
     if not os.path.exists(args.export):
         parser.error(f"argument --export: {args.export}: no such file (train and export with bt_train.py)")
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(f"{PROG}: warning: CUDA is not available, falling back to --device cpu (numpy path)", file=sys.stderr)
-        device = "cpu"
+        args.device = "cpu"
+    return args
 
+
+def load(args):
+    """(export, images, labels): the validated export and its data set's test images, uint8 [N, *input_shape]."""
     try:
         state = load_export(args.export)
     except ExportError as e:
         _fail(e, 2)
     print(f"export {args.export}: {_summary(state)}, {os.path.getsize(args.export) / 1000:.0f} KB")
-
-    # ---- data
     import bt_train   # lazily: its data code is only needed here
     dataset = state.get("dataset", "mnist")
     try:
@@ -743,31 +766,40 @@ def main(argv=None):
         _fail(_one_line(e), 1)
     if args.limit is not None:
         images, labels = images[:args.limit], labels[:args.limit]
-    n = len(images)
-    if n == 0:
+    if len(images) == 0:
         _fail(f"the {dataset} test set is empty", 1)
     try:
         images = _images_4d(images, state["input_shape"], f"{dataset} test images")
     except ValueError as e:
         _fail(f"{e} (export input_shape {state['input_shape']})", 2)
-    print(f"data {dataset} test set: {n} images")
+    print(f"data {dataset} test set: {len(images)} images")
+    return state, images, labels
 
-    # ---- inference
-    if device == "cuda":
-        dev_state = prepare_triton(state, "cuda")   # weights on the GPU and re-packed once, outside the timing
-        x = images.cuda()
-        seconds = _event_seconds(lambda: run_triton(dev_state, x, args.batch), reps=5)
-        logits = run_triton(dev_state, x, args.batch)
-        preds = logits.argmax(1).cpu()
-        engine = "triton"
-    else:
+
+def infer(state, images, device, batch, reps=5):
+    """(predictions on the CPU, seconds for all images, engine name). On cuda the seconds are the median of
+    `reps` runs timed with CUDA events, after one run that compiles and autotunes; weights are moved and
+    re-packed once, outside the timing."""
+    if device == "cpu":
         t0 = time.perf_counter()
         logits = run_numpy(state, images.numpy())
-        seconds = time.perf_counter() - t0
-        preds = torch.from_numpy(logits.argmax(1))
-        engine = "numpy"
+        return torch.from_numpy(logits.argmax(1)), time.perf_counter() - t0, "numpy"
+    dev_state, x = prepare_triton(state, "cuda"), images.cuda()
+    logits = run_triton(dev_state, x, batch)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run_triton(dev_state, x, batch)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return logits.argmax(1).cpu(), statistics.median(times), "triton"
 
-    # ---- report
+
+def report(args, state, images, labels, preds, seconds, engine):
+    """Accuracy, images/s and agreement with the PyTorch model's predictions; the error grid with --errors."""
+    n = len(images)
     correct = int((preds == labels).sum())
     ref = state.get("reference_predictions")
     if ref is not None and len(ref) >= n:
@@ -775,118 +807,18 @@ def main(argv=None):
         agreement = f"{100 * same / n:.2f}% ({same}/{n})"
     else:
         agreement = "n/a" if ref is None else f"n/a (reference has {len(ref)} predictions)"
-    print(f"{engine:<7} {device:<6} accuracy {100 * correct / n:.2f}%  images/s {n / seconds:.2e}  "
+    print(f"{engine:<7} {args.device:<6} accuracy {100 * correct / n:.2f}%  images/s {n / seconds:.2e}  "
           f"agreement with PyTorch model {agreement}")
     if args.errors:
         shown = save_error_grid(images, preds, labels, args.errors)
         print(f"errors: {n - correct} misclassified, {shown} drawn in {args.errors}")
-    if args.bench and device == "cuda":
-        bench_against_float(state, x, seconds)
-        bench_layers(dev_state, x)
 
 
-# -----------------------------------------------------------------------------
-# benchmark against the float model a user would run instead
-
-
-def float_twin(state):
-    """An nn.Sequential of float Conv2d/Linear + BatchNorm + ReLU with the export's shapes (random weights)."""
-    layers, ternary = [], [r for r in state["layers"] if r["type"] in ("conv", "linear")]
-    for rec in state["layers"]:
-        last = rec is ternary[-1]
-        if rec["type"] == "conv":
-            layers += [nn.Conv2d(rec["in_channels"], rec["out_features"], tuple(rec["kernel_size"]), rec["stride"],
-                                 rec["padding"]), nn.BatchNorm2d(rec["out_features"]), nn.ReLU()]
-        elif rec["type"] == "linear":
-            layers += [nn.Linear(rec["in_features"], rec["out_features"])]
-            layers += [] if last else [nn.BatchNorm1d(rec["out_features"]), nn.ReLU()]
-        elif rec["type"] == "maxpool":
-            layers.append(nn.MaxPool2d(rec["kernel_size"], rec["stride"]))
-        else:
-            layers.append(nn.Flatten())
-    return nn.Sequential(*layers).eval()
-
-
-def _event_seconds(fn, reps=20):
-    """Median seconds of fn() alone, timed with CUDA events, after one warm-up call (JIT compilation and
-    autotuning of the first launches)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def bench_against_float(state, images, triton_seconds):
-    n = len(images)
-    model = float_twin(state).cuda()
-    x = images.float().div(255)
-    rows = [("triton ternary (popcount)", triton_seconds)]
-    rows.append(("torch fp32 (cuDNN, TF32 on)", _event_seconds(lambda: model(x))))   # torch's default for convs
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    rows.append(("torch fp32 (cuDNN, TF32 off)", _event_seconds(lambda: model(x))))
-    torch.backends.cudnn.allow_tf32 = tf32
-    model_bf16, x_bf16 = float_twin(state).cuda().bfloat16(), x.bfloat16()
-    rows.append(("torch bf16 (cuDNN)", _event_seconds(lambda: model_bf16(x_bf16))))
-    print(f"inference of {n} images, {torch.cuda.get_device_name()}, torch {torch.__version__}, median of 20 runs:")
-    print(f"  {'engine':<30}{'ms':>9}{'images/s':>12}{'vs triton':>11}")
-    for name, sec in rows:
-        print(f"  {name:<30}{sec * 1e3:9.3f}{n / sec:12.3e}{triton_seconds / sec:10.2f}x")
-
-
-@torch.no_grad()
-def bench_layers(state, images, reps=20):
-    """Where the fused engine's time goes: each of its kernels alone on the activations of these images, as
-    GPU time (CUDA-graph replays, no launch overhead) and as one eager call (CUDA events, host work
-    included), with its GEMM shape, the kernel it runs on, and its floor at the card's measured rate of that
-    kernel's unit (single-bit MMAs on the tensor cores, or popcounts on the CUDA cores)."""
-    steps = state["fused_steps"]
-    if steps is None:
-        print("per layer: the fused engine does not cover this network (the layer-by-layer engine ran)")
-        return
-    timed = lambda fn: (bt_kernel._graph_ms(lambda i: fn(), calls=3, rep=reps) * 1e3, _event_seconds(fn, reps) * 1e6)
-    _, popc_rate, mma_rate = bt_kernel._ceilings()
-    x = _images_4d(images, state["input_shape"], "images")
-    rows = [("pixels -> bit planes (pack_im2col)", "", "", "", *timed(lambda: _fused_input(steps, x)), None)]
-    a = _fused_input(steps, x)
-    counts = {}
-    for st in steps:
-        rec = st["rec"]
-        name = "conv" if rec["type"] == "conv" else "fc"
-        counts[name] = counts.get(name, 0) + 1
-        ks, stride = st["conv"]
-        kh, kw = ks if isinstance(ks, tuple) else (ks, ks)
-        bits, B, H, W = (a[0].shape[0], *a[0].shape[1:4]) if a[1] is None else (None, *a[0].shape[:3])
-        M = B * ((H - kh) // stride + 1) * ((W - kw) // stride + 1)
-        N, KW = st["pos"].shape
-        kind = bt_kernel._conv_config(M, N, KW, bits is not None, a[0].device, rec["alpha_n"] is None)[0]
-        if kind == "mma":
-            floor = bt_kernel._mma_count(M, N, KW, bits or 0) / mma_rate
-        else:
-            floor = M * N * KW * (2 * bits if bits else 2 if rec["alpha_n"] is None else 3) / popc_rate
-        call = lambda a=a, st=st: _fused_step(st, a)
-        what = (f"{name}{counts[name]} {rec['out_features']} out" + (f", {bits}-bit pixels" if bits else "")
-                + (", + pool" if st["pool"] > 1 else "") + (", + pack" if st["threshold"] is not None else ", float"))
-        rows.append((what, f"{M}x{N}x{rec['in_features']}", f"{bits or 1} x {KW}", "mma" if kind == "mma" else "tile",
-                     *timed(call), floor * 1e6))
-        a = call()
-        a = a if isinstance(a, tuple) else (a, None)
-    total, total_eager = sum(r[4] for r in rows), sum(r[5] for r in rows)
-    print(f"per layer (each kernel alone: GPU time from CUDA-graph replays, and one eager call; floors at the rates "
-          f"measured here: {mma_rate:.3g} single-bit MMAs/s (mma), {popc_rate:.3g} popcounts/s (tile)):")
-    print(f"  {'step':<40}{'GEMM M x N x K':>18}{'planes x words':>16}{'kern':>6}{'us':>8}{'share':>7}{'eager us':>10}"
-          f"{'floor us':>10}{'of floor':>9}")
-    for what, shape, words, kern, us, us_eager, floor in rows:
-        tail = f"{floor:10.0f}{100 * floor / us:8.0f}%" if floor else ""
-        print(f"  {what:<40}{shape:>18}{words:>16}{kern:>6}{us:8.0f}{100 * us / total:6.0f}%{us_eager:10.0f}{tail}")
-    print(f"  {'sum':<40}{'':>18}{'':>16}{'':>6}{total:8.0f}{'':>7}{total_eager:10.0f}")
+def main(argv=None):
+    args = get_args(argv)
+    state, images, labels = load(args)
+    preds, seconds, engine = infer(state, images, args.device, args.batch)
+    report(args, state, images, labels, preds, seconds, engine)
 
 
 if __name__ == "__main__":

