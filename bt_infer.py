@@ -300,7 +300,7 @@ def _summary(state):
 # Triton inference: every conv and linear layer on the popcount kernels
 
 
-def _images_4d(images, input_shape, what):
+def images_4d(images, input_shape, what):
     """uint8 [B, *input_shape]; [B, H, W] is accepted when input_shape is [1, H, W]."""
     shape = tuple(input_shape)
     is_u8 = images.dtype == torch.uint8 if isinstance(images, torch.Tensor) else images.dtype == np.uint8
@@ -397,8 +397,8 @@ def _fused_plan(layers, input_shape):
                 step["conv"] = ((H, W), 1)
             trits = bt_kernel.unpack_bitplanes(rec["pos"], rec["neg"], K).view(N, K // (kh * kw), kh, kw)
             step["pos"], step["neg"] = bt_kernel.pack_conv_weight(trits)
-            if bt_kernel._mma_ok(trits.device):   # the MMA kernel loads 16-byte aligned weight rows in vectors
-                step["pos"], step["neg"] = bt_kernel._row_major(step["pos"], step["neg"])
+            if bt_kernel.mma_available(trits.device):   # the MMA kernel loads 16-byte aligned weight rows in vectors
+                step["pos"], step["neg"] = bt_kernel.row_major_planes(step["pos"], step["neg"])
             steps[-1]["threshold"] = rec["act_delta"]
         steps.append(step)
         if kind == "conv":
@@ -409,7 +409,7 @@ def _fused_plan(layers, input_shape):
     return steps
 
 
-def _fused_input(steps, x):
+def fused_input(steps, x):
     """The fused engine's first input: raw pixels x, uint8 [B, C, H, W] or [B, K], as pack_im2col's bit-serial
     patches of the first layer, read as a map of 1x1 patches: (planes [BITS, B, OH, OW, 1], None)."""
     x = x[:, :, None, None] if x.dim() == 2 else x
@@ -418,7 +418,7 @@ def _fused_input(steps, x):
     return planes.unflatten(1, (x.shape[0], OH, OW)), None
 
 
-def _fused_step(st, x):
+def fused_step(st, x):
     """One layer of the fused engine on x = (pos, neg) packed maps (neg None: bit-serial pixels): packed maps
     for the next layer, or float32 NHWC after the last."""
     rec = st["rec"]
@@ -429,9 +429,9 @@ def _fused_step(st, x):
 
 def _forward_fused(steps, x):
     # x: uint8 [B, C, H, W] or [B, K] raw pixels; one GEMM per layer, activations stay packed between them
-    x = _fused_input(steps, x)
+    x = fused_input(steps, x)
     for st in steps:
-        x = _fused_step(st, x)
+        x = fused_step(st, x)
     return x.permute(0, 3, 1, 2).flatten(1)   # float32 NHWC -> flatten's (c, y, x) order
 
 
@@ -461,7 +461,7 @@ def run_triton(state, images, batch_size=10000, fused=True):
     prepared = isinstance(state, dict) and "fused_steps" in state
     if not (prepared and next(l["pos"] for l in state["layers"] if "pos" in l).device == images.device):
         state = prepare_triton(state, images.device, fused)
-    x = _images_4d(images, state["input_shape"], "images")
+    x = images_4d(images, state["input_shape"], "images")
     layers, steps = state["layers"], state["fused_steps"] if fused else None
     classes = [l for l in layers if l["type"] in ("conv", "linear")][-1]["out_features"]
     out = torch.empty((x.shape[0], classes), dtype=torch.float32, device=x.device)
@@ -634,7 +634,7 @@ def run_numpy(state, images_np, chunk=128, threads=None):
     threads (default: the usable cores): numpy's ufuncs release the GIL.
     """
     validate_export(state, data=False)
-    x = _images_4d(np.asarray(images_np), state["input_shape"], "images_np")
+    x = images_4d(np.asarray(images_np), state["input_shape"], "images_np")
     if x.ndim == 4:
         x = x.transpose(0, 2, 3, 1)   # NHWC
     layers = state["layers"]
@@ -769,7 +769,7 @@ def load(args):
     if len(images) == 0:
         _fail(f"the {dataset} test set is empty", 1)
     try:
-        images = _images_4d(images, state["input_shape"], f"{dataset} test images")
+        images = images_4d(images, state["input_shape"], f"{dataset} test images")
     except ValueError as e:
         _fail(f"{e} (export input_shape {state['input_shape']})", 2)
     print(f"data {dataset} test set: {len(images)} images")

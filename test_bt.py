@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+import bt_bench
 import bt_infer
 import bt_kernel
 import bt_quant
