@@ -57,6 +57,29 @@ def int_sums(a, w):
     return a @ (w == 1).long().T, a @ (w == -1).long().T
 
 
+def check_sums(run, sp, sn, what=None):
+    """Asserts that run(alpha_p, alpha_n) (a GEMM of trits, no bias) gives the exact sums Sp and Sn (int64, from
+    int_sums). Both come out of one launch: alpha_p = 1, alpha_n = -2^-11 make C = Sp + Sn / 2048, exact in
+    float32 while |Sp|, |Sn| < 1024 (at most 21 significant bits), so Sp = round(C) and Sn = 2048 (C - Sp).
+    Then Sp - Sn from the one-scale kernels (alpha_n = None, 2 popcounts). Two launches in a row also check
+    that split-K leaves its workspace zeroed for the next call."""
+    assert int(sp.abs().max()) < 1024 and int(sn.abs().max()) < 1024, "sums too large to share one float32"
+    one = torch.ones(sp.shape[1], device=DEVICE)
+    c = run(one, -2.0 ** -11 * one).cpu().double()
+    got_p = c.round()
+    got_n = (c - got_p) * 2048
+    assert torch.equal(got_p.long(), sp), what
+    assert torch.equal(got_n, got_n.round()) and torch.equal(got_n.long(), sn), what
+    assert torch.equal(run(one, None).cpu().long(), sp - sn), what
+
+
+# the larger shapes that the interpreter-sized ones stand in for: every code path is already taken by the
+# smaller shapes; these run by default on a GPU (milliseconds there), in the interpreter only on request
+EXHAUSTIVE = pytest.mark.skipif(DEVICE != "cuda" and os.environ.get("BT_EXHAUSTIVE") != "1",
+                                reason="gpu_exhaustive: larger shapes, run on the GPU (BT_EXHAUSTIVE=1 runs them "
+                                       "in the interpreter too, slowly)")
+
+
 # -----------------------------------------------------------------------------
 # pack
 
@@ -150,14 +173,8 @@ def test_gemm_integer_sums_exact(M, N, K, config):
     a, w = rand_trits(M, K), rand_trits(N, K)
     ap, an = pack_bitplanes(a)
     wp, wn = pack_bitplanes(w)
-    sp, sn = int_sums(a, w)
-    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None, config)
-    # alpha_n = 0 reads out Sp alone, alpha_p = 0 and alpha_n = -1 Sn alone; both are exact in float32.
-    # Three calls in a row also check that split-K leaves its workspace zeroed for the next call.
-    assert torch.equal(run(one, zero).cpu().long(), sp)
-    assert torch.equal(run(zero, -one).cpu().long(), sn)
-    assert torch.equal(run(one, None).cpu().long(), sp - sn)      # symmetric: 2 popcounts
+    check_sums(run, *int_sums(a, w))
 
 
 @pytest.mark.parametrize("M", [3, 40])
@@ -196,7 +213,6 @@ def test_mma_kernel_exact(M, N, K):
     ap, an = pack_bitplanes(a)
     wp, wn = pack_bitplanes(w)
     sp, sn = int_sums(a, w)
-    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     k_major = (wp.t().contiguous().t(), wn.t().contiguous().t())
     configs = (dict(WARPS=1, N_TILES=1), dict(WARPS=2, N_TILES=2, SPLIT_K=3, STAGES=2),
                dict(WARPS=4, N_TILES=1, SPLIT_K=2, STAGES=3), dict(WARPS=4, K_WARPS=4, N_TILES=1),
@@ -212,9 +228,7 @@ def test_mma_kernel_exact(M, N, K):
     for config, (ap_, an_, wp_, wn_) in zip(configs, operands):
         run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap_[None], an_[None], wp_, wn_, alpha_p, alpha_n,
                                                               None, ("mma", config))
-        assert torch.equal(run(one, zero).cpu().long(), sp), config
-        assert torch.equal(run(zero, -one).cpu().long(), sn), config
-        assert torch.equal(run(one, None).cpu().long(), sp - sn), config
+        check_sums(run, sp, sn, config)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a grid limit of the GPU (the interpreter has none, and would take hours)")
@@ -242,7 +256,6 @@ def test_mma_kernel_in_row_chunks(monkeypatch):
     ap, an = pack_bitplanes(a)
     wp, wn = pack_bitplanes(w)
     sp, sn = int_sums(a, w)
-    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     meta = dict(WARPS=2, N_TILES=2, SPLIT_K=2)
     alpha_p, alpha_n = torch.rand(N, device=DEVICE) + 0.5, torch.rand(N, device=DEVICE) + 0.5
 
@@ -257,8 +270,7 @@ def test_mma_kernel_in_row_chunks(monkeypatch):
     monkeypatch.setattr(bt_kernel, "MMA_CHUNK_TILES", 2)
     run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None,
                                                           ("mma", meta))
-    assert torch.equal(run(one, zero).cpu().long(), sp)
-    assert torch.equal(run(zero, -one).cpu().long(), sn)
+    check_sums(run, sp, sn)
     chunked = pooled_packed()
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
     # and the packed words are the pooled float outputs' trits (not zeros in both runs)
@@ -283,19 +295,23 @@ def test_pack_bitplanes_layouts():
     assert cpos.stride() == (1, 8)
 
 
-@pytest.mark.parametrize("M", [1, 2, 5, 9])
-def test_gemv_row_major_weights_exact(M):
+@pytest.mark.parametrize("M,N", [(1, 17), (2, 17), (5, 17)]
+                         + [pytest.param(M, 37, marks=EXHAUSTIVE, id=f"exhaustive-{M}-37") for M in (1, 2, 5, 9)])
+def test_gemv_row_major_weights_exact(M, N):
     # the 2D GEMV streams whole weight rows when they are row-major (the layout it is tuned for), one row
     # per program or 2 and 4 rows sharing each weight block; K-word-major planes (the tile kernel's) must
     # give the same sums, with and without split-K, masked and unmasked (KW = 32 words: BLOCK_K 16 divides
     # it, 16 x 3 splits do not), with and without the pipelined K loop, with carry-save adders (3 K blocks a
-    # step; with split-K one split runs a CSA step, the other the plain loop's leftover words)
-    N, K = 37, 1000
+    # step; with split-K one split runs a CSA step, the other the plain loop's leftover words).
+    # The interpreter's time grows with the programs (rows x weight blocks x splits) and their K steps: the K
+    # steps above need KW = 32, so rows and columns are the ones kept small. 5 rows leave a partial group of 1
+    # row for 2 and 4 rows a program (and take the tile kernel by default), 17 columns a partial weight block
+    # of 1 for 8 and 16 columns, after a whole one
+    K = 1000
     a, w = rand_trits(M, K), rand_trits(N, K)
     ap, an = pack_bitplanes(a)
     wp, wn = pack_bitplanes(w, k_major=True)
     sp, sn = int_sums(a, w)
-    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     configs = (None, ("gemv", dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=16, SPLIT_K=3, num_warps=4)),
                ("gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=8, SPLIT_K=2, STAGES=2, num_warps=4)),
                ("gemv", dict(BLOCK_M=4, ROW_LOOP=True, BLOCK_N=8, BLOCK_K=16, SPLIT_K=1, num_warps=4)),
@@ -308,9 +324,7 @@ def test_gemv_row_major_weights_exact(M):
         for config in configs:
             run = lambda alpha_p, alpha_n: bt_kernel._launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n,
                                                                   None, config)
-            assert torch.equal(run(one, zero).cpu().long(), sp), config
-            assert torch.equal(run(zero, -one).cpu().long(), sn), config
-            assert torch.equal(run(one, None).cpu().long(), sp - sn), config
+            check_sums(run, sp, sn, config)
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
