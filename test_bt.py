@@ -412,7 +412,9 @@ def _map_planes(t, C):
 @pytest.mark.parametrize("C, N, size, k, stride, pool, symmetric", [
     (37, 40, 7, 3, 1, 2, False),    # words padded on both sides, odd map: floor pooling
     (5, 64, 6, 2, 2, 1, False),     # stride 2, no pooling
-    (64, 33, 5, 5, 1, 1, True),     # a whole-map kernel (a linear layer on a map), one scale
+    (64, 33, 4, 4, 1, 1, True),     # a whole-map kernel (a linear layer on a map), one scale: 32 K words
+    # the whole-map kernel at 5x5 (50 K words, ragged at 16; the first geometry's 18 words are ragged too)
+    pytest.param(64, 33, 5, 5, 1, 1, True, marks=EXHAUSTIVE, id="exhaustive-64-33-5-5"),
 ])
 def test_conv_packed_matches_float64(C, N, size, k, stride, pool, symmetric, config, monkeypatch):
     g = torch.Generator().manual_seed(C + N)
@@ -447,12 +449,14 @@ def test_conv_packed_matches_float64(C, N, size, k, stride, pool, symmetric, con
                          + [("mma", dict(WARPS=2, N_TILES=4)), ("mma", dict(WARPS=2, N_TILES=2))],
                          ids=["auto", "rows4", "rows8", "rows16", "mma", "mma-2tiles"])
 # the GPU defaults for pixels: 8 rows a tile on one warp where the patch is one word, 4 where it is more; 16
-# rows leave the last tile half full (72 rows), so its windows are clamped onto the last one
+# rows leave the last tile half full (5x9 maps pooled: 24 rows; 9x8: 72), so its windows are clamped onto the
+# last one; a 3x7 or 7x6 output pools by floor in both directions
+@pytest.mark.parametrize("H, W", [(5, 9), pytest.param(9, 8, marks=EXHAUSTIVE, id="exhaustive-9-8")])
 @pytest.mark.parametrize("stride, padding, pool, symmetric", [(1, 0, 2, False), (2, 1, 1, True)])
-def test_conv_on_pixels_exact(stride, padding, pool, symmetric, config):
+def test_conv_on_pixels_exact(stride, padding, pool, symmetric, config, H, W):
     # the first layer: 8-bit pixels, bit-serial, from pack_im2col's planes read as a map of 1x1 patches
     g = torch.Generator().manual_seed(stride)
-    img = torch.randint(0, 256, (2, 2, 9, 8), dtype=torch.uint8, generator=g)
+    img = torch.randint(0, 256, (2, 2, H, W), dtype=torch.uint8, generator=g)
     w = torch.randint(-1, 2, (20, 2, 3, 3), dtype=torch.int8, generator=g)
     alpha_p, alpha_n, bias = torch.rand(20, generator=g), torch.rand(20, generator=g), torch.randn(20, generator=g)
     alpha_n = None if symmetric else alpha_n
@@ -1535,8 +1539,8 @@ def test_mma_chain_of_packed_layers(symmetric):
     # on one stream. On sm_90 these shapes launch with PDL: each kernel lets the next one start and prefetch its
     # weights into L2, and the next one must wait before it reads the activations this one writes (a missing
     # wait reads the garbage the outputs start as). TTQ scales take the path of at most 4096 x 128 weight words,
-    # one scale the K split; the interpreter runs the same chain at a smaller size, without PDL
-    M, N = 16, (256 if DEVICE == "cpu" else 4096 if symmetric else 1024)
+    # one scale the K split; the interpreter runs the same chain (the same config) at a smaller size, without PDL
+    M, N = 16, (128 if DEVICE == "cpu" else 4096 if symmetric else 1024)
     KW, layers, threshold = N // 32, 4, 0.5 * N ** 0.5   # about half the trits nonzero
     meta = bt_kernel._mma_config(M, N, KW, bt_kernel._sm_count(torch.device(DEVICE)), symmetric)
     if DEVICE == "cuda" and bt_kernel._pdl(torch.device(DEVICE)):
