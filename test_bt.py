@@ -152,6 +152,122 @@ def test_pack_fast_paths_match_general_kernel():
         assert torch.equal(planes, general)
 
 
+def np_planes(trits):
+    """An independent packer (numpy, not the project's): trits [R, K] in {-1, 0, +1} -> (pos, neg) uint32
+    [R, ceil(K / 32)] with bit j of word w of row r = column 32 w + j, least significant bit first, padding
+    columns 0 (the layout of bt_kernel's docstring), from np.packbits on the +1 and the -1 masks."""
+    t = np.asarray(trits)
+    R, K = t.shape
+    KW = -(-K // 32)
+    padded = np.zeros((R, 32 * KW), dtype=np.int8)
+    padded[:, :K] = t
+    plane = lambda mask: np.packbits(mask, axis=1, bitorder="little").view("<u4").astype(np.uint32)
+    return plane(padded == 1), plane(padded == -1)
+
+
+def words(plane):
+    """A uint32 plane (any strides, any device) as a numpy uint32 array, for bit-for-bit comparisons."""
+    return plane.cpu().contiguous().view(torch.int32).numpy().view(np.uint32)
+
+
+def np_trits(x, t):
+    """q(x) = +1 where x > t, -1 where x < -t, else 0 (NaN too), in float64; t a number or one per row."""
+    x = np.asarray(x, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    t = t[:, None] if t.ndim else t
+    return (x > t).astype(np.int8) - (x < -t).astype(np.int8)
+
+
+def assert_planes(pos, neg, ref, what):
+    assert np.array_equal(words(pos), ref[0]), f"{what}: pos words differ"
+    assert np.array_equal(words(neg), ref[1]), f"{what}: neg words differ"
+
+
+def test_numpy_packer_layout():
+    # the reference packer itself on a hand example: column 32 w + j is bit j of word w
+    t = np.zeros((2, 40), dtype=np.int8)
+    t[0, 0], t[0, 33], t[1, 31], t[1, 39] = 1, -1, -1, 1
+    pos, neg = np_planes(t)
+    assert pos.tolist() == [[1, 0], [0, 1 << 7]] and neg.tolist() == [[0, 1 << 1], [1 << 31, 0]]
+
+
+# K below 32, at 32, past it by 1, multiples of 4 and not, up to 5 words; rows 1 to 70
+PACK_SHAPES = [(1, 1), (3, 5), (70, 31), (2, 32), (9, 33), (17, 36), (4, 64), (33, 70), (5, 100), (65, 129)]
+
+
+@pytest.mark.parametrize("k_major", [False, True], ids=["row-major", "k-major"])
+def test_pack_words_match_numpy_packer(k_major):
+    # pack_bitplanes' words bit for bit against np.packbits: the GEMM tests pack both operands with the same
+    # function, so a consistent bit permutation (in the packer and in unpack_bitplanes) would pass them
+    rng = np.random.default_rng(11)
+    for R, K in PACK_SHAPES:
+        t = rng.integers(-1, 2, (R, K)).astype(np.int8)
+        # int8: the 4-trits-a-word kernel where K % 4 == 0 (contiguous rows), the general kernel elsewhere
+        pos, neg = pack_bitplanes(torch.from_numpy(t).to(DEVICE), k_major=k_major)
+        assert_planes(pos, neg, np_planes(t), f"int8 {R}x{K}")
+        # float: thresholds exact in every float dtype (multiples of 1/64), so that the comparison in float64
+        # here is the kernel's whatever its precision; x == t and x == -t (ties) pack 0
+        t_row = rng.integers(0, 64, R) / 64
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            x = torch.from_numpy(rng.standard_normal((R, K)) * 0.6).to(dtype)
+            for thr, thr_arg in ((0.375, 0.375), (t_row, torch.from_numpy(t_row).float().to(DEVICE))):
+                xt = x.clone()
+                xt[:, 0] = torch.as_tensor(thr, dtype=torch.float64).to(dtype)
+                xt[:, -1] = -xt[:, 0]
+                pos, neg = pack_bitplanes(xt.to(DEVICE), threshold=thr_arg, k_major=k_major)
+                kind = "scalar" if isinstance(thr, float) else "per-row"
+                assert_planes(pos, neg, np_planes(np_trits(xt.double().numpy(), thr)), f"{dtype} {kind} {R}x{K}")
+
+
+@pytest.mark.parametrize("k_major", [False, True], ids=["row-major", "k-major"])
+def test_pack_words_match_numpy_packer_strided(k_major):
+    # non-contiguous input: transposed views, column steps, and slices at an offset of a wider buffer (at a
+    # 4-byte boundary with K % 4 == 0: the 4-trits-a-word kernel, else the general one)
+    rng = np.random.default_rng(12)
+    wide = torch.from_numpy(rng.integers(-1, 2, (70, 200)).astype(np.int8))
+    views = {"transposed": wide[:45, :37].T, "transposed-step": wide[:23, :120:2].T, "step": wide[:9, ::3],
+             "offset-aligned": wide[2:40, 4:40], "offset": wide[1:20, 3:38], "one-row": wide[5:6, 7:8]}
+    for name, t in views.items():
+        pos, neg = pack_bitplanes(t.to(DEVICE), k_major=k_major)
+        assert_planes(pos, neg, np_planes(t.numpy()), f"int8 {name}")
+    # float, one threshold a row (exact in bfloat16: multiples of 1/64) and a scalar one
+    xw = torch.from_numpy(rng.standard_normal((70, 200)) * 0.6)
+    t_row = rng.integers(0, 64, 70) / 64
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = xw.to(dtype).to(DEVICE)
+        for name, x in {"transposed": xd[:45, :37].T, "step": xd[:9, ::3], "offset": xd[1:20, 3:38]}.items():
+            assert not x.is_contiguous()
+            thr = t_row[:x.shape[0]]
+            pos, neg = pack_bitplanes(x, threshold=torch.from_numpy(thr).float().to(DEVICE), k_major=k_major)
+            assert_planes(pos, neg, np_planes(np_trits(x.double().cpu().numpy(), thr)), f"{dtype} {name}")
+            pos, neg = pack_bitplanes(x, threshold=0.375, k_major=k_major)
+            assert_planes(pos, neg, np_planes(np_trits(x.double().cpu().numpy(), 0.375)), f"{dtype} {name}")
+
+
+def test_pack_im2col_words_match_numpy_packer():
+    # pack_im2col against np.packbits of F.unfold's patches (rows (b, oy, ox), columns (c, ky, kx)): a float
+    # map ternarized at a threshold, and uint8 pixels bit-serially, through the kernel that cuts one-word
+    # patches from bit-sliced rows (K <= 32, W + 2 padding <= 32) and the general one (K > 32, or wide rows)
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(13)
+    geometries = [(2, 3, 9, 8, 3, 2, 1), (2, 1, 10, 10, 5, 1, 0), (1, 2, 6, 7, 2, 1, 1),   # one-word patches
+                  (1, 4, 6, 6, 3, 1, 1), (1, 2, 5, 34, 3, 1, 0)]                          # 36 columns; wide rows
+    for B, C, H, W, k, s, p in geometries:
+        K = C * k * k
+        x = torch.randn(B, C, H, W, generator=g)
+        x.view(-1)[:2] = torch.tensor([0.375, -0.375])   # ties pack 0
+        (pos, neg), (OH, OW) = pack_im2col(x.to(DEVICE), k, stride=s, padding=p, threshold=0.375)
+        cols = F.unfold(x.double(), k, stride=s, padding=p).transpose(1, 2).reshape(-1, K)
+        assert cols.shape[0] == B * OH * OW
+        assert_planes(pos, neg, np_planes(np_trits(cols.numpy(), 0.375)), f"float {(B, C, H, W, k, s, p)}")
+        img = torch.randint(0, 256, (B, C, H, W), dtype=torch.uint8, generator=g)
+        planes, _ = pack_im2col(img.to(DEVICE), k, stride=s, padding=p)
+        assert planes.shape == (8, B * OH * OW, -(-K // 32))
+        cols = F.unfold(img.double(), k, stride=s, padding=p).transpose(1, 2).reshape(-1, K).long().numpy()
+        for b in range(8):
+            assert np.array_equal(words(planes[b]), np_planes((cols >> b) & 1)[0]), f"uint8 plane {b}"
+
+
 # -----------------------------------------------------------------------------
 # GEMM against integer and float64 references
 
@@ -593,6 +709,70 @@ def test_triton_linear_matches_pytorch(bias, rule):
     torch.testing.assert_close(xt.grad, xr.grad, rtol=1e-5, atol=1e-5)
     for name, p in ref.named_parameters():
         torch.testing.assert_close(dict(tri.named_parameters())[name].grad, p.grad, rtol=1e-5, atol=1e-5)
+
+
+def _ste_reference(layer, x, g):
+    """y and the gradients (x, weight, alpha_p, alpha_n, bias) of a ternary linear layer in float64, by plain
+    autograd through an expression whose gradients are the STE/TTQ rules by construction:
+        q(x) = xq + (x - x.detach()) [|x| <= act_clip],   xq = sign(x) [|x| > act_delta]   (values: xq)
+        Weff = alpha_p P - alpha_n Nm + (W - W.detach()) S [|W| <= clip]                 (values: the first two)
+    P = [W > d], Nm = [W < -d], S = alpha_p on P, alpha_n on Nm, 1 elsewhere (all detached), so that dL/dalpha_p
+    is the sum of dL/dWeff over P, dL/dalpha_n minus the sum over Nm, and W gets dL/dWeff S inside the clip.
+    The dead zone d is worked out here from the rule: delta_t mean|W_c| ('channel') or delta ('global')."""
+    f64 = lambda t: t.detach().cpu().double().requires_grad_()
+    W, ap, an = f64(layer.weight), f64(layer.alpha_p), f64(layer.alpha_n)
+    b = f64(layer.bias) if layer.bias is not None else None
+    xx = f64(x)
+    Wd = W.detach()
+    d = (layer.delta_t * Wd.abs().mean(1) if layer.delta_rule == "channel"
+         else torch.full((W.shape[0],), layer.delta, dtype=torch.float64))[:, None]
+    # no latent weight within rounding of its dead zone: float32 and float64 agree on every trit
+    assert float((Wd.abs() - d).abs().min()) > 1e-6
+    P, Nm = (Wd > d).double(), (Wd < -d).double()
+    S = torch.where(P.bool(), ap.detach()[:, None], torch.where(Nm.bool(), an.detach()[:, None], torch.ones_like(Wd)))
+    weff = ap[:, None] * P - an[:, None] * Nm + (W - Wd) * S * (Wd.abs() <= layer.weight_clip)
+    xd = xx.detach()
+    q = torch.sign(xd) * (xd.abs() > layer.act_delta) + (xx - xd) * (xd.abs() <= layer.act_clip)
+    y = q @ weff.T + (b if b is not None else 0)
+    y.backward(g.detach().cpu().double())
+    grads = dict(x=xx.grad, weight=W.grad, alpha_p=ap.grad, alpha_n=an.grad)
+    if b is not None:
+        grads["bias"] = b.grad
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("bias,rule,in_f,out_f,batch", [
+    (True, "channel", 45, 13, (3, 7)),      # odd K, two batch dims
+    (False, "global", 33, 5, (2, 1, 4)),    # K just past a word, three batch dims
+    (True, "global", 70, 9, (11,))])
+def test_linear_grads_match_float64_ste_reference(bias, rule, in_f, out_f, batch):
+    # both layers' gradients (TernaryLinear through bt_quant's autograd functions, TernaryLinearTriton through
+    # TernaryGemmFunction; both share bt_kernel._weight_ste_grads) against the float64 reference above
+    torch.manual_seed(in_f)
+    ref = TernaryLinear(in_f, out_f, bias=bias, delta_rule=rule, delta=0.05)
+    with torch.no_grad():
+        ref.weight.mul_(3.0)
+        ref.weight[0, :3] = torch.tensor([1.5, -1.2, 3.0])     # latent weights past the clip (1.0)
+        ref.init_alphas()
+        ref.alpha_p.mul_(torch.rand(out_f) + 0.5)              # alpha_p != alpha_n: the two scales tell apart
+        if bias:
+            ref.bias.normal_()
+    tri = TernaryLinearTriton(in_f, out_f, bias=bias, delta_rule=rule, delta=0.05)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(*batch, in_f) * 1.2                        # |x| on both sides of act_delta and act_clip
+    g = torch.randn(*batch, out_f)
+    y64, grads64 = _ste_reference(ref, x, g)
+    assert (grads64["weight"] == 0).any() and (grads64["x"] == 0).any()   # the clips do zero some gradients
+    for layer in (ref.to(DEVICE), tri.to(DEVICE)):
+        xl = x.to(DEVICE).clone().requires_grad_()                # a leaf of its own for each layer
+        y = layer(xl)
+        torch.testing.assert_close(y.double().cpu(), y64, rtol=1e-5, atol=1e-5)
+        y.backward(g.to(DEVICE))
+        got = dict(x=xl.grad, **{n: p.grad for n, p in layer.named_parameters()})
+        assert sorted(got) == sorted(grads64)
+        for name, want in grads64.items():
+            torch.testing.assert_close(got[name].double().cpu(), want, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{type(layer).__name__} grad {name}: {m}")
 
 
 def test_conv_module_matches_unfold_linear():
