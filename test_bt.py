@@ -268,6 +268,47 @@ def test_pack_im2col_words_match_numpy_packer():
             assert np.array_equal(words(planes[b]), np_planes((cols >> b) & 1)[0]), f"uint8 plane {b}"
 
 
+def test_pack_float64_compares_in_float64():
+    # float64 input is compared in float64: 0.5 + 1e-12 is past a threshold of 0.5 (in float32 both are 0.5,
+    # a tie, which packs 0), and 0.5 past a float64 threshold of 0.5 - 1e-12
+    just_past = 0.5 + 1e-12
+    x = torch.tensor([[just_past, -just_past, 0.5, -0.5]], dtype=torch.float64, device=DEVICE)
+    for thr in (0.5, torch.tensor([0.5], dtype=torch.float64, device=DEVICE)):
+        for k_major in (False, True):
+            pos, neg = pack_bitplanes(x, thr, k_major=k_major)
+            assert words(pos).tolist() == [[0b0001]] and words(neg).tolist() == [[0b0010]], (thr, k_major)
+    pos, neg = pack_bitplanes(torch.tensor([[just_past]], dtype=torch.float64, device=DEVICE), 0.5)
+    assert words(pos).tolist() == [[1]] and words(neg).tolist() == [[0]]
+    below = 0.5 - 1e-12
+    for thr in (below, torch.tensor([below], dtype=torch.float64, device=DEVICE)):
+        pos, neg = pack_bitplanes(x, thr)
+        assert words(pos).tolist() == [[0b0101]] and words(neg).tolist() == [[0b1010]], thr
+
+
+def test_pack_nan_is_zero_trit():
+    # the NaN policy: a NaN value is neither past +t nor past -t, so it packs as a zero trit, for float input
+    # of every dtype with a scalar or a per-row threshold, and in pack_im2col's patches
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(5, 45, generator=g)
+    x[0, 3] = x[2, 40] = x[4, 0] = float("nan")
+    x[3] = float("nan")                                         # a whole row
+    thr_row = torch.tensor([0.0, 0.25, 0.5, 0.125, 1.0])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        xd = x.to(dtype)
+        for thr in (0.25, thr_row):
+            ref = np_planes(np_trits(xd.double().numpy(), thr.numpy() if isinstance(thr, torch.Tensor) else thr))
+            for k_major in (False, True):
+                pos, neg = pack_bitplanes(xd.to(DEVICE), threshold=thr.to(DEVICE) if isinstance(thr, torch.Tensor)
+                                          else thr, k_major=k_major)
+                assert_planes(pos, neg, ref, f"{dtype} {type(thr).__name__} k_major={k_major}")
+    img = torch.randn(2, 2, 6, 6, generator=g)
+    img[0, 1, 2, 3] = img[1, 0, 0, 0] = float("nan")
+    (pos, neg), _ = pack_im2col(img.to(DEVICE), 3, padding=1, threshold=0.25)
+    cols = torch.nn.functional.unfold(img.double(), 3, padding=1).transpose(1, 2).reshape(-1, 18)
+    assert bool(cols.isnan().any())
+    assert_planes(pos, neg, np_planes(np_trits(cols.numpy(), 0.25)), "pack_im2col")
+
+
 # -----------------------------------------------------------------------------
 # GEMM against integer and float64 references
 
@@ -775,6 +816,45 @@ def test_linear_grads_match_float64_ste_reference(bias, rule, in_f, out_f, batch
                                        msg=lambda m: f"{type(layer).__name__} grad {name}: {m}")
 
 
+def test_triton_linear_float64_matches_pytorch():
+    # a float64 layer ternarizes its input in float64: 0.5 + 1e-12 is past act_delta = 0.5 (rounded to float32
+    # it is 0.5, a tie, which gives 0). Scales and bias in multiples of 1/16 keep every output exact in float32
+    # and float64 alike, so both paths must agree bit for bit
+    torch.manual_seed(5)
+    ref = TernaryLinear(40, 6).double()
+    with torch.no_grad():
+        ref.alpha_p.copy_(torch.randint(1, 16, (6,)) / 16)
+        ref.alpha_n.copy_(torch.randint(1, 16, (6,)) / 16)
+        ref.bias.copy_(torch.randint(-16, 16, (6,)) / 16)
+    tri = TernaryLinearTriton(40, 6).double()
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 40, dtype=torch.float64)
+    x[:, ::2] = (0.5 + 1e-12) * torch.sign(x[:, ::2])          # float64 throughout (no float32 scalar)
+    ref, tri, x = ref.to(DEVICE), tri.to(DEVICE), x.to(DEVICE)
+    want = ref(x)
+    assert not torch.equal(ref(x.float().double()), want)      # the input tells float32 from float64 apart
+    got = tri(x)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_triton_linear_nan_input_matches_pytorch():
+    # the NaN policy through the layer: a NaN input is a zero trit (in TernaryLinear torch.sign(nan) is 0 and
+    # |nan| > act_delta is false; in the pack kernel both comparisons are false), so the output is the one
+    # of the input with its NaNs set to 0, finite, on both paths
+    torch.manual_seed(6)
+    ref = TernaryLinear(45, 7)
+    tri = TernaryLinearTriton(45, 7)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 45) * 1.2
+    x[0, 1, 4] = x[1, 0, 44] = float("nan")
+    x[1, 2, :10] = float("nan")
+    ref, tri, x = ref.to(DEVICE), tri.to(DEVICE), x.to(DEVICE)
+    want = ref(torch.nan_to_num(x, nan=0.0))
+    assert bool(torch.isfinite(want).all())
+    torch.testing.assert_close(ref(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(tri(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_module_matches_unfold_linear():
     torch.manual_seed(2)
     conv = TernaryConv2d(3, 5, 3, padding=1)
@@ -831,6 +911,37 @@ def test_bad_inputs_raise():
         pack_im2col(torch.zeros(1, 1, 5, 5, dtype=torch.int32, device=DEVICE), 3)
     with pytest.raises(ValueError, match="geometry"):
         pack_im2col(torch.zeros(1, 1, 2, 2, device=DEVICE), 3, threshold=0.5)
+
+
+def test_pack_rejects_int8_min():
+    # -128 is no trit, yet |-128| wraps to -128 in int8 and slips past a check of |x| > 1: both pack kernels
+    # (K % 4 == 0: four trits a word; else one a lane) and pack_conv_weight must refuse it
+    for K in (8, 7):
+        x = torch.zeros(1, K, dtype=torch.int8, device=DEVICE)
+        x[0, 0] = -128
+        with pytest.raises(ValueError, match="trits"):
+            pack_bitplanes(x)
+    w = torch.zeros(4, 3, 3, 3, dtype=torch.int8)
+    w[2, 1, 0, 2] = -128
+    with pytest.raises(ValueError, match="trits"):
+        bt_kernel.pack_conv_weight(w.to(DEVICE))
+
+
+def test_pack_rejects_bad_thresholds():
+    # a dead zone must be a number >= 0: a negative or NaN threshold, per row or scalar, to pack_bitplanes or
+    # pack_im2col, raises instead of packing words that mean nothing
+    x = torch.randn(3, 40, device=DEVICE)
+    for bad in (-0.25, float("nan")):
+        thr = torch.full((3,), 0.5, device=DEVICE)
+        thr[1] = bad
+        with pytest.raises(ValueError, match="threshold"):
+            pack_bitplanes(x, threshold=thr)
+        with pytest.raises(ValueError, match="threshold"):
+            pack_bitplanes(x, threshold=thr.double())
+        with pytest.raises(ValueError, match="threshold"):
+            pack_im2col(torch.zeros(1, 1, 5, 5, device=DEVICE), 3, threshold=bad)
+    with pytest.raises(ValueError, match="threshold"):
+        pack_bitplanes(x, threshold=float("nan"))
 
 
 # -----------------------------------------------------------------------------
