@@ -4,6 +4,7 @@
     python -m pytest -q test_bt.py # on a CUDA machine: the same tests on the compiled kernels
 """
 import os
+import shlex
 import shutil
 
 # the interpreter must be chosen before triton is first imported (it is read when @triton.jit decorates)
@@ -30,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+import torch.nn.functional as F
+import triton
 from torch.nn.parallel import DistributedDataParallel
 
 import bt_bench
@@ -56,6 +59,29 @@ def int_sums(a, w):
     a = a.long().cpu()
     w = w.long().cpu()
     return a @ (w == 1).long().T, a @ (w == -1).long().T
+
+
+def check_sums(run, sp, sn, what=None):
+    """Asserts that run(alpha_p, alpha_n) (a GEMM of trits, no bias) gives the exact sums Sp and Sn (int64, from
+    int_sums). Both come out of one launch: alpha_p = 1, alpha_n = -2^-11 make C = Sp + Sn / 2048, exact in
+    float32 while |Sp|, |Sn| < 1024 (at most 21 significant bits), so Sp = round(C) and Sn = 2048 (C - Sp).
+    Then Sp - Sn from the one-scale kernels (alpha_n = None, 2 popcounts). Two launches in a row also check
+    that split-K leaves its workspace zeroed for the next call."""
+    assert int(sp.abs().max()) < 1024 and int(sn.abs().max()) < 1024, "sums too large to share one float32"
+    one = torch.ones(sp.shape[1], device=DEVICE)
+    c = run(one, -2.0 ** -11 * one).cpu().double()
+    got_p = c.round()
+    got_n = (c - got_p) * 2048
+    assert torch.equal(got_p.long(), sp), what
+    assert torch.equal(got_n, got_n.round()) and torch.equal(got_n.long(), sn), what
+    assert torch.equal(run(one, None).cpu().long(), sp - sn), what
+
+
+# the larger shapes that the interpreter-sized ones stand in for: every code path is already taken by the
+# smaller shapes; these run by default on a GPU (milliseconds there), in the interpreter only on request
+EXHAUSTIVE = pytest.mark.skipif(DEVICE != "cuda" and os.environ.get("BT_EXHAUSTIVE") != "1",
+                                reason="gpu_exhaustive: larger shapes, run on the GPU (BT_EXHAUSTIVE=1 runs them "
+                                       "in the interpreter too, slowly)")
 
 
 # -----------------------------------------------------------------------------
@@ -130,6 +156,163 @@ def test_pack_fast_paths_match_general_kernel():
         assert torch.equal(planes, general)
 
 
+def np_planes(trits):
+    """An independent packer (numpy, not the project's): trits [R, K] in {-1, 0, +1} -> (pos, neg) uint32
+    [R, ceil(K / 32)] with bit j of word w of row r = column 32 w + j, least significant bit first, padding
+    columns 0 (the layout of bt_kernel's docstring), from np.packbits on the +1 and the -1 masks."""
+    t = np.asarray(trits)
+    R, K = t.shape
+    KW = -(-K // 32)
+    padded = np.zeros((R, 32 * KW), dtype=np.int8)
+    padded[:, :K] = t
+    plane = lambda mask: np.packbits(mask, axis=1, bitorder="little").view("<u4").astype(np.uint32)
+    return plane(padded == 1), plane(padded == -1)
+
+
+def words(plane):
+    """A uint32 plane (any strides, any device) as a numpy uint32 array, for bit-for-bit comparisons."""
+    return plane.cpu().contiguous().view(torch.int32).numpy().view(np.uint32)
+
+
+def np_trits(x, t):
+    """q(x) = +1 where x > t, -1 where x < -t, else 0 (NaN too), in float64; t a number or one per row."""
+    x = np.asarray(x, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    t = t[:, None] if t.ndim else t
+    return (x > t).astype(np.int8) - (x < -t).astype(np.int8)
+
+
+def assert_planes(pos, neg, ref, what):
+    assert np.array_equal(words(pos), ref[0]), f"{what}: pos words differ"
+    assert np.array_equal(words(neg), ref[1]), f"{what}: neg words differ"
+
+
+def test_numpy_packer_layout():
+    # the reference packer itself on a hand example: column 32 w + j is bit j of word w
+    t = np.zeros((2, 40), dtype=np.int8)
+    t[0, 0], t[0, 33], t[1, 31], t[1, 39] = 1, -1, -1, 1
+    pos, neg = np_planes(t)
+    assert pos.tolist() == [[1, 0], [0, 1 << 7]] and neg.tolist() == [[0, 1 << 1], [1 << 31, 0]]
+
+
+# K below 32, at 32, past it by 1, multiples of 4 and not, up to 5 words; rows 1 to 70
+PACK_SHAPES = [(1, 1), (3, 5), (70, 31), (2, 32), (9, 33), (17, 36), (4, 64), (33, 70), (5, 100), (65, 129)]
+
+
+@pytest.mark.parametrize("k_major", [False, True], ids=["row-major", "k-major"])
+def test_pack_words_match_numpy_packer(k_major):
+    # pack_bitplanes' words bit for bit against np.packbits: the GEMM tests pack both operands with the same
+    # function, so a consistent bit permutation (in the packer and in unpack_bitplanes) would pass them
+    rng = np.random.default_rng(11)
+    for R, K in PACK_SHAPES:
+        t = rng.integers(-1, 2, (R, K)).astype(np.int8)
+        # int8: the 4-trits-a-word kernel where K % 4 == 0 (contiguous rows), the general kernel elsewhere
+        pos, neg = pack_bitplanes(torch.from_numpy(t).to(DEVICE), k_major=k_major)
+        assert_planes(pos, neg, np_planes(t), f"int8 {R}x{K}")
+        # float: thresholds exact in every float dtype (multiples of 1/64), so that the comparison in float64
+        # here is the kernel's whatever its precision; x == t and x == -t (ties) pack 0
+        t_row = rng.integers(0, 64, R) / 64
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            x = torch.from_numpy(rng.standard_normal((R, K)) * 0.6).to(dtype)
+            for thr, thr_arg in ((0.375, 0.375), (t_row, torch.from_numpy(t_row).float().to(DEVICE))):
+                xt = x.clone()
+                xt[:, 0] = torch.as_tensor(thr, dtype=torch.float64).to(dtype)
+                xt[:, -1] = -xt[:, 0]
+                pos, neg = pack_bitplanes(xt.to(DEVICE), threshold=thr_arg, k_major=k_major)
+                kind = "scalar" if isinstance(thr, float) else "per-row"
+                assert_planes(pos, neg, np_planes(np_trits(xt.double().numpy(), thr)), f"{dtype} {kind} {R}x{K}")
+
+
+@pytest.mark.parametrize("k_major", [False, True], ids=["row-major", "k-major"])
+def test_pack_words_match_numpy_packer_strided(k_major):
+    # non-contiguous input: transposed views, column steps, and slices at an offset of a wider buffer (at a
+    # 4-byte boundary with K % 4 == 0: the 4-trits-a-word kernel, else the general one)
+    rng = np.random.default_rng(12)
+    wide = torch.from_numpy(rng.integers(-1, 2, (70, 200)).astype(np.int8))
+    views = {"transposed": wide[:45, :37].T, "transposed-step": wide[:23, :120:2].T, "step": wide[:9, ::3],
+             "offset-aligned": wide[2:40, 4:40], "offset": wide[1:20, 3:38], "one-row": wide[5:6, 7:8]}
+    for name, t in views.items():
+        pos, neg = pack_bitplanes(t.to(DEVICE), k_major=k_major)
+        assert_planes(pos, neg, np_planes(t.numpy()), f"int8 {name}")
+    # float, one threshold a row (exact in bfloat16: multiples of 1/64) and a scalar one
+    xw = torch.from_numpy(rng.standard_normal((70, 200)) * 0.6)
+    t_row = rng.integers(0, 64, 70) / 64
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = xw.to(dtype).to(DEVICE)
+        for name, x in {"transposed": xd[:45, :37].T, "step": xd[:9, ::3], "offset": xd[1:20, 3:38]}.items():
+            assert not x.is_contiguous()
+            thr = t_row[:x.shape[0]]
+            pos, neg = pack_bitplanes(x, threshold=torch.from_numpy(thr).float().to(DEVICE), k_major=k_major)
+            assert_planes(pos, neg, np_planes(np_trits(x.double().cpu().numpy(), thr)), f"{dtype} {name}")
+            pos, neg = pack_bitplanes(x, threshold=0.375, k_major=k_major)
+            assert_planes(pos, neg, np_planes(np_trits(x.double().cpu().numpy(), 0.375)), f"{dtype} {name}")
+
+
+def test_pack_im2col_words_match_numpy_packer():
+    # pack_im2col against np.packbits of F.unfold's patches (rows (b, oy, ox), columns (c, ky, kx)): a float
+    # map ternarized at a threshold, and uint8 pixels bit-serially, through the kernel that cuts one-word
+    # patches from bit-sliced rows (K <= 32, W + 2 padding <= 32) and the general one (K > 32, or wide rows)
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(13)
+    geometries = [(2, 3, 9, 8, 3, 2, 1), (2, 1, 10, 10, 5, 1, 0), (1, 2, 6, 7, 2, 1, 1),   # one-word patches
+                  (1, 4, 6, 6, 3, 1, 1), (1, 2, 5, 34, 3, 1, 0)]                          # 36 columns; wide rows
+    for B, C, H, W, k, s, p in geometries:
+        K = C * k * k
+        x = torch.randn(B, C, H, W, generator=g)
+        x.view(-1)[:2] = torch.tensor([0.375, -0.375])   # ties pack 0
+        (pos, neg), (OH, OW) = pack_im2col(x.to(DEVICE), k, stride=s, padding=p, threshold=0.375)
+        cols = F.unfold(x.double(), k, stride=s, padding=p).transpose(1, 2).reshape(-1, K)
+        assert cols.shape[0] == B * OH * OW
+        assert_planes(pos, neg, np_planes(np_trits(cols.numpy(), 0.375)), f"float {(B, C, H, W, k, s, p)}")
+        img = torch.randint(0, 256, (B, C, H, W), dtype=torch.uint8, generator=g)
+        planes, _ = pack_im2col(img.to(DEVICE), k, stride=s, padding=p)
+        assert planes.shape == (8, B * OH * OW, -(-K // 32))
+        cols = F.unfold(img.double(), k, stride=s, padding=p).transpose(1, 2).reshape(-1, K).long().numpy()
+        for b in range(8):
+            assert np.array_equal(words(planes[b]), np_planes((cols >> b) & 1)[0]), f"uint8 plane {b}"
+
+
+def test_pack_float64_compares_in_float64():
+    # float64 input is compared in float64: 0.5 + 1e-12 is past a threshold of 0.5 (in float32 both are 0.5,
+    # a tie, which packs 0), and 0.5 past a float64 threshold of 0.5 - 1e-12
+    just_past = 0.5 + 1e-12
+    x = torch.tensor([[just_past, -just_past, 0.5, -0.5]], dtype=torch.float64, device=DEVICE)
+    for thr in (0.5, torch.tensor([0.5], dtype=torch.float64, device=DEVICE)):
+        for k_major in (False, True):
+            pos, neg = pack_bitplanes(x, thr, k_major=k_major)
+            assert words(pos).tolist() == [[0b0001]] and words(neg).tolist() == [[0b0010]], (thr, k_major)
+    pos, neg = pack_bitplanes(torch.tensor([[just_past]], dtype=torch.float64, device=DEVICE), 0.5)
+    assert words(pos).tolist() == [[1]] and words(neg).tolist() == [[0]]
+    below = 0.5 - 1e-12
+    for thr in (below, torch.tensor([below], dtype=torch.float64, device=DEVICE)):
+        pos, neg = pack_bitplanes(x, thr)
+        assert words(pos).tolist() == [[0b0101]] and words(neg).tolist() == [[0b1010]], thr
+
+
+def test_pack_nan_is_zero_trit():
+    # the NaN policy: a NaN value is neither past +t nor past -t, so it packs as a zero trit, for float input
+    # of every dtype with a scalar or a per-row threshold, and in pack_im2col's patches
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(5, 45, generator=g)
+    x[0, 3] = x[2, 40] = x[4, 0] = float("nan")
+    x[3] = float("nan")                                         # a whole row
+    thr_row = torch.tensor([0.0, 0.25, 0.5, 0.125, 1.0])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        xd = x.to(dtype)
+        for thr in (0.25, thr_row):
+            ref = np_planes(np_trits(xd.double().numpy(), thr.numpy() if isinstance(thr, torch.Tensor) else thr))
+            for k_major in (False, True):
+                pos, neg = pack_bitplanes(xd.to(DEVICE), threshold=thr.to(DEVICE) if isinstance(thr, torch.Tensor)
+                                          else thr, k_major=k_major)
+                assert_planes(pos, neg, ref, f"{dtype} {type(thr).__name__} k_major={k_major}")
+    img = torch.randn(2, 2, 6, 6, generator=g)
+    img[0, 1, 2, 3] = img[1, 0, 0, 0] = float("nan")
+    (pos, neg), _ = pack_im2col(img.to(DEVICE), 3, padding=1, threshold=0.25)
+    cols = torch.nn.functional.unfold(img.double(), 3, padding=1).transpose(1, 2).reshape(-1, 18)
+    assert bool(cols.isnan().any())
+    assert_planes(pos, neg, np_planes(np_trits(cols.numpy(), 0.25)), "pack_im2col")
+
+
 # -----------------------------------------------------------------------------
 # GEMM against integer and float64 references
 
@@ -144,22 +327,22 @@ CONFIGS = [None, ("tile", dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2, num_warps=4)),
            ("tile", dict(BLOCK_M=4, BLOCK_N=32, GROUP_M=8, SPLIT_K=2, CSA=True, num_warps=1))]
 
 
+# On 9 configs, 65 rows cost the interpreter twice what 33 do, and add no path: 33 leaves the same one-row
+# remainder for row blocks of 1, 2, 4, 16 and 32, and partial tile groups (GROUP_M 2 and 8) after whole ones
+SUM_SHAPES = ([(33, 33, 64) if s == (65, 33, 64) else s for s in SHAPES]
+              + [pytest.param(65, 33, 64, marks=EXHAUSTIVE, id="exhaustive-65-33-64")])
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=["auto", "tile", "gemv", "tile-splitk", "gemv-splitk", "tile-csa",
                                                  "gemv-row-splitk", "gemv-csa", "tile-csa-thin"])
-@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("M,N,K", SUM_SHAPES)
 def test_gemm_integer_sums_exact(M, N, K, config):
     a, w = rand_trits(M, K), rand_trits(N, K)
     ap, an = pack_bitplanes(a)
     wp, wn = pack_bitplanes(w)
-    sp, sn = int_sums(a, w)
-    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     run = lambda alpha_p, alpha_n: bt_kernel.launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None,
                                                          config=config)[0]
-    # alpha_n = 0 reads out Sp alone, alpha_p = 0 and alpha_n = -1 Sn alone; both are exact in float32.
-    # Three calls in a row also check that split-K leaves its workspace zeroed for the next call.
-    assert torch.equal(run(one, zero).cpu().long(), sp)
-    assert torch.equal(run(zero, -one).cpu().long(), sn)
-    assert torch.equal(run(one, None).cpu().long(), sp - sn)      # symmetric: 2 popcounts
+    check_sums(run, *int_sums(a, w))
 
 
 @pytest.mark.parametrize("M", [3, 40])
@@ -198,7 +381,6 @@ def test_mma_kernel_exact(M, N, K):
     ap, an = pack_bitplanes(a)
     wp, wn = pack_bitplanes(w)
     sp, sn = int_sums(a, w)
-    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     k_major = (wp.t().contiguous().t(), wn.t().contiguous().t())
     configs = (dict(WARPS=1, N_TILES=1), dict(WARPS=2, N_TILES=2, SPLIT_K=3, STAGES=2),
                dict(WARPS=4, N_TILES=1, SPLIT_K=2, STAGES=3), dict(WARPS=4, K_WARPS=4, N_TILES=1),
@@ -214,9 +396,7 @@ def test_mma_kernel_exact(M, N, K):
     for config, (ap_, an_, wp_, wn_) in zip(configs, operands):
         run = lambda alpha_p, alpha_n: bt_kernel.launch_gemm(ap_[None], an_[None], wp_, wn_, alpha_p, alpha_n, None,
                                                              config=("mma", config))[0]
-        assert torch.equal(run(one, zero).cpu().long(), sp), config
-        assert torch.equal(run(zero, -one).cpu().long(), sn), config
-        assert torch.equal(run(one, None).cpu().long(), sp - sn), config
+        check_sums(run, sp, sn, config)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a grid limit of the GPU (the interpreter has none, and would take hours)")
@@ -244,7 +424,6 @@ def test_mma_kernel_in_row_chunks(monkeypatch):
     ap, an = pack_bitplanes(a)
     wp, wn = pack_bitplanes(w)
     sp, sn = int_sums(a, w)
-    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     meta = dict(WARPS=2, N_TILES=2, SPLIT_K=2)
     alpha_p, alpha_n = torch.rand(N, device=DEVICE) + 0.5, torch.rand(N, device=DEVICE) + 0.5
 
@@ -259,8 +438,7 @@ def test_mma_kernel_in_row_chunks(monkeypatch):
     monkeypatch.setattr(bt_kernel, "MMA_CHUNK_TILES", 2)
     run = lambda alpha_p, alpha_n: bt_kernel.launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, None,
                                                          config=("mma", meta))[0]
-    assert torch.equal(run(one, zero).cpu().long(), sp)
-    assert torch.equal(run(zero, -one).cpu().long(), sn)
+    check_sums(run, sp, sn)
     chunked = pooled_packed()
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
     # and the packed words are the pooled float outputs' trits (not zeros in both runs)
@@ -285,19 +463,23 @@ def test_pack_bitplanes_layouts():
     assert cpos.stride() == (1, 8)
 
 
-@pytest.mark.parametrize("M", [1, 2, 5, 9])
-def test_gemv_row_major_weights_exact(M):
+@pytest.mark.parametrize("M,N", [(1, 17), (2, 17), (5, 17)]
+                         + [pytest.param(M, 37, marks=EXHAUSTIVE, id=f"exhaustive-{M}-37") for M in (1, 2, 5, 9)])
+def test_gemv_row_major_weights_exact(M, N):
     # the 2D GEMV streams whole weight rows when they are row-major (the layout it is tuned for), one row
     # per program or 2 and 4 rows sharing each weight block; K-word-major planes (the tile kernel's) must
     # give the same sums, with and without split-K, masked and unmasked (KW = 32 words: BLOCK_K 16 divides
     # it, 16 x 3 splits do not), with and without the pipelined K loop, with carry-save adders (3 K blocks a
-    # step; with split-K one split runs a CSA step, the other the plain loop's leftover words)
-    N, K = 37, 1000
+    # step; with split-K one split runs a CSA step, the other the plain loop's leftover words).
+    # The interpreter's time grows with the programs (rows x weight blocks x splits) and their K steps: the K
+    # steps above need KW = 32, so rows and columns are the ones kept small. 5 rows leave a partial group of 1
+    # row for 2 and 4 rows a program (and take the tile kernel by default), 17 columns a partial weight block
+    # of 1 for 8 and 16 columns, after a whole one
+    K = 1000
     a, w = rand_trits(M, K), rand_trits(N, K)
     ap, an = pack_bitplanes(a)
     wp, wn = pack_bitplanes(w, k_major=True)
     sp, sn = int_sums(a, w)
-    one, zero = torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     configs = (None, ("gemv", dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=16, SPLIT_K=3, num_warps=4)),
                ("gemv", dict(BLOCK_M=2, ROW_LOOP=True, BLOCK_N=16, BLOCK_K=8, SPLIT_K=2, STAGES=2, num_warps=4)),
                ("gemv", dict(BLOCK_M=4, ROW_LOOP=True, BLOCK_N=8, BLOCK_K=16, SPLIT_K=1, num_warps=4)),
@@ -310,9 +492,7 @@ def test_gemv_row_major_weights_exact(M):
         for config in configs:
             run = lambda alpha_p, alpha_n: bt_kernel.launch_gemm(ap[None], an[None], wp_, wn_, alpha_p, alpha_n, None,
                                                                  config=config)[0]
-            assert torch.equal(run(one, zero).cpu().long(), sp), config
-            assert torch.equal(run(zero, -one).cpu().long(), sn), config
-            assert torch.equal(run(one, None).cpu().long(), sp - sn), config
+            check_sums(run, sp, sn, config)
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -394,7 +574,9 @@ def _map_planes(t, C):
 @pytest.mark.parametrize("C, N, size, k, stride, pool, symmetric", [
     (37, 40, 7, 3, 1, 2, False),    # words padded on both sides, odd map: floor pooling
     (5, 64, 6, 2, 2, 1, False),     # stride 2, no pooling
-    (64, 33, 5, 5, 1, 1, True),     # a whole-map kernel (a linear layer on a map), one scale
+    (64, 33, 4, 4, 1, 1, True),     # a whole-map kernel (a linear layer on a map), one scale: 32 K words
+    # the whole-map kernel at 5x5 (50 K words, ragged at 16; the first geometry's 18 words are ragged too)
+    pytest.param(64, 33, 5, 5, 1, 1, True, marks=EXHAUSTIVE, id="exhaustive-64-33-5-5"),
 ])
 def test_conv_packed_matches_float64(C, N, size, k, stride, pool, symmetric, config, monkeypatch):
     g = torch.Generator().manual_seed(C + N)
@@ -429,12 +611,14 @@ def test_conv_packed_matches_float64(C, N, size, k, stride, pool, symmetric, con
                          + [("mma", dict(WARPS=2, N_TILES=4)), ("mma", dict(WARPS=2, N_TILES=2))],
                          ids=["auto", "rows4", "rows8", "rows16", "mma", "mma-2tiles"])
 # the GPU defaults for pixels: 8 rows a tile on one warp where the patch is one word, 4 where it is more; 16
-# rows leave the last tile half full (72 rows), so its windows are clamped onto the last one
+# rows leave the last tile half full (5x9 maps pooled: 24 rows; 9x8: 72), so its windows are clamped onto the
+# last one; a 3x7 or 7x6 output pools by floor in both directions
+@pytest.mark.parametrize("H, W", [(5, 9), pytest.param(9, 8, marks=EXHAUSTIVE, id="exhaustive-9-8")])
 @pytest.mark.parametrize("stride, padding, pool, symmetric", [(1, 0, 2, False), (2, 1, 1, True)])
-def test_conv_on_pixels_exact(stride, padding, pool, symmetric, config):
+def test_conv_on_pixels_exact(stride, padding, pool, symmetric, config, H, W):
     # the first layer: 8-bit pixels, bit-serial, from pack_im2col's planes read as a map of 1x1 patches
     g = torch.Generator().manual_seed(stride)
-    img = torch.randint(0, 256, (2, 2, 9, 8), dtype=torch.uint8, generator=g)
+    img = torch.randint(0, 256, (2, 2, H, W), dtype=torch.uint8, generator=g)
     w = torch.randint(-1, 2, (20, 2, 3, 3), dtype=torch.int8, generator=g)
     alpha_p, alpha_n, bias = torch.rand(20, generator=g), torch.rand(20, generator=g), torch.randn(20, generator=g)
     alpha_n = None if symmetric else alpha_n
@@ -487,6 +671,90 @@ def test_reference_helper_agrees():
     alpha_p, alpha_n, bias = torch.rand(3, device=DEVICE), torch.rand(3, device=DEVICE), torch.randn(3, device=DEVICE)
     ref = ternary_gemm_reference(*planes, alpha_p, alpha_n, bias, K=40)
     torch.testing.assert_close(ternary_gemm_triton(*planes, alpha_p, alpha_n, bias).double(), ref, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the dispatch as a GPU would run it: choose_kernel asked for an H200, H100, A100 and two GPUs without the
+# single-bit MMA, and the very configs it returns run here against the float64 reference (on the CPU the
+# interpreter emulates the MMA; PDL and the L2 prefetch only run on a GPU)
+
+GPUS = {"H200": bt_kernel.GpuSpec(9, 132, 60 << 20), "H100": bt_kernel.GpuSpec(9, 132, 50 << 20),
+        "A100": bt_kernel.GpuSpec(8, 108, 40 << 20), "V100": bt_kernel.GpuSpec(7, 80, 6 << 20),
+        "T4": bt_kernel.GpuSpec(7, 40, 4 << 20)}
+# (gpu, M, N, K, weights row-major, one scale) -> the kernel and the rule it should take
+DISPATCH_TABLE = [
+    ("H200", 1, 64, 300, True, False, "gemv", "one row a program"),
+    ("H200", 3, 64, 300, True, False, "gemv", "1 to 3 rows stay on the CUDA cores, K loop pipelined"),
+    ("H200", 4, 48, 200, True, False, "mma", "from 4 rows on the tensor cores"),
+    ("H200", 16, 64, 4096, True, True, "mma", "one scale, long K: 4 warps split each tile's K, PDL"),
+    ("H200", 16, 64, 4096, True, False, "mma", "TTQ scales: 2 warps, deep pipeline, PDL (short weights)"),
+    ("H200", 20, 32, 16384, True, False, "mma", "17 to 32 rows over few programs: split-K"),
+    ("H100", 40, 96, 1000, False, False, "mma", "33 to 256 rows, K-word-major weights"),
+    ("H100", 300, 64, 8192, True, True, "mma", "past 256 rows: 4 n-tiles, no pipelining"),
+    ("A100", 16, 40, 700, True, False, "mma", "sm_80 has the single-bit MMA"),
+    ("A100", 2, 100, 1000, False, True, "gemv", "K-word-major weights, 2 rows"),
+    ("V100", 5, 64, 300, False, False, "gemv", "no MMA: 2 rows a program, carry-save adders"),
+    ("V100", 16, 256, 512, True, False, "gemv", "no MMA, row-major weights: one row a program"),
+    ("V100", 40, 64, 300, True, True, "gemv", "33 to 256 rows in few row tiles: 3D products"),
+    ("V100", 40, 64, 300, False, False, "gemv", "33 to 256 rows, K-word-major weights: carry-save adders"),
+    ("V100", 300, 64, 300, True, False, "tile", "past 256 rows: thin carry-save tiles"),
+    ("T4", 16, 640, 256, True, False, "gemv", "rows share each weight block where programs fill the SMs"),
+    ("T4", 48, 1792, 64, True, True, "tile", "33 to 256 rows whose thin tiles fill the SMs"),
+]
+
+
+@pytest.mark.parametrize("gpu,M,N,K,row_major,symmetric,kind,why", DISPATCH_TABLE,
+                         ids=[f"{r[0]}-{r[1]}x{r[2]}x{r[3]}-{'rows' if r[4] else 'kmajor'}-{'t2' if r[5] else 't3'}"
+                              for r in DISPATCH_TABLE])
+def test_dispatch_of_a_gpu_runs_exact(gpu, M, N, K, row_major, symmetric, kind, why):
+    config = bt_kernel.choose_kernel(M, N, triton.cdiv(K, 32), GPUS[gpu], row_major_weights=row_major,
+                                     symmetric=symmetric)
+    assert config[0] == kind, (why, config)
+    # the config runs on operands cut to at most 37 x 72 x 1000 (odd tails: masks, split-K, the K loop's end),
+    # which keeps the interpreter quick; a config is valid at any shape
+    M, N, K = min(M, 37), min(N, 72), min(K, 1000)
+    gen = torch.Generator().manual_seed(M * 7 + N + K)
+    a, w = rand_trits(M, K, gen=gen), rand_trits(N, K, gen=gen)
+    ap, an = pack_bitplanes(a)
+    wp, wn = pack_bitplanes(w, k_major=not row_major)
+    alpha_p = (torch.rand(N, generator=gen) + 0.5).to(DEVICE)
+    alpha_n = None if symmetric else (torch.rand(N, generator=gen) + 0.5).to(DEVICE)
+    bias = torch.randn(N, generator=gen).to(DEVICE)
+    c, _ = bt_kernel.launch_gemm(ap[None], an[None], wp, wn, alpha_p, alpha_n, bias, config=config)
+    ref = ternary_gemm_reference(ap, an, wp, wn, alpha_p, alpha_n, bias, K)
+    assert torch.equal(c.cpu(), ref.float().cpu()), (why, config)
+
+
+def test_dispatch_of_a_gpu_conv_runs_exact():
+    # a conv as an H200 and as a GPU without the MMA run it (patches gathered; pixels on the bit-serial MMA)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 9, 40, generator=gen).to(DEVICE)
+    xp, xn = pack_bitplanes(x.reshape(-1, 40), 0.5)
+    xp, xn = xp.view(2, 9, 9, -1), xn.view(2, 9, 9, -1)
+    w = rand_trits(24, 40, 3, 3, gen=gen)
+    wp, wn = bt_kernel.pack_conv_weight(w)
+    alpha_p, alpha_n = (torch.rand(24, generator=gen) + 0.5).to(DEVICE), (torch.rand(24, generator=gen) + 0.5).to(DEVICE)
+    M = 2 * 6 * 6
+    ref = F.max_pool2d(F.conv2d(bt_quant.ternarize(x, 0.5).permute(0, 3, 1, 2).double().cpu(),
+                                (alpha_p.double().cpu()[:, None, None, None] * (w.cpu() == 1)
+                                 - alpha_n.double().cpu()[:, None, None, None] * (w.cpu() == -1))), 2)
+    for gpu, kind in (("H200", "mma"), ("V100", "im2col")):
+        config = bt_kernel.choose_kernel(M, 24, wp.shape[1], GPUS[gpu], symmetric=False, conv=True)
+        assert config[0] == kind, config
+        y = bt_kernel.ternary_conv_packed(xp, xn, wp, wn, alpha_p, alpha_n, kernel_size=3, pool=2, config=config)
+        assert torch.equal(y.cpu(), ref.permute(0, 2, 3, 1).float()), gpu
+    pixels = torch.randint(0, 256, (2, 1, 12, 12), dtype=torch.uint8, generator=gen).to(DEVICE)
+    planes, (OH, OW) = pack_im2col(pixels, 5)
+    w1 = rand_trits(32, 1, 5, 5, gen=gen)
+    w1p, w1n = pack_bitplanes(w1.flatten(1))   # a one-word patch: K = 25 bits
+    a = planes.view(8, 2, OH, OW, 1)
+    ref1 = F.max_pool2d(F.conv2d(pixels.double().cpu(), w1.double().cpu()), 2) * alpha_p[:1].double().cpu()
+    for gpu, kind in (("H200", "mma"), ("V100", "tile")):
+        config = bt_kernel.choose_kernel(2 * OH * OW, 32, 1, GPUS[gpu], bit_serial=True, symmetric=True, conv=True)
+        assert config[0] == kind, config
+        ones = alpha_p[:1].expand(32).contiguous()
+        y = bt_kernel.ternary_conv_packed(a, None, w1p, w1n, ones, kernel_size=1, pool=2, config=config)
+        assert torch.equal(y.cpu(), ref1.permute(0, 2, 3, 1).float()), gpu
 
 
 # -----------------------------------------------------------------------------
@@ -573,6 +841,109 @@ def test_triton_linear_matches_pytorch(bias, rule):
         torch.testing.assert_close(dict(tri.named_parameters())[name].grad, p.grad, rtol=1e-5, atol=1e-5)
 
 
+def _ste_reference(layer, x, g):
+    """y and the gradients (x, weight, alpha_p, alpha_n, bias) of a ternary linear layer in float64, by plain
+    autograd through an expression whose gradients are the STE/TTQ rules by construction:
+        q(x) = xq + (x - x.detach()) [|x| <= act_clip],   xq = sign(x) [|x| > act_delta]   (values: xq)
+        Weff = alpha_p P - alpha_n Nm + (W - W.detach()) S [|W| <= clip]                 (values: the first two)
+    P = [W > d], Nm = [W < -d], S = alpha_p on P, alpha_n on Nm, 1 elsewhere (all detached), so that dL/dalpha_p
+    is the sum of dL/dWeff over P, dL/dalpha_n minus the sum over Nm, and W gets dL/dWeff S inside the clip.
+    The dead zone d is worked out here from the rule: delta_t mean|W_c| ('channel') or delta ('global')."""
+    f64 = lambda t: t.detach().cpu().double().requires_grad_()
+    W, ap, an = f64(layer.weight), f64(layer.alpha_p), f64(layer.alpha_n)
+    b = f64(layer.bias) if layer.bias is not None else None
+    xx = f64(x)
+    Wd = W.detach()
+    d = (layer.delta_t * Wd.abs().mean(1) if layer.delta_rule == "channel"
+         else torch.full((W.shape[0],), layer.delta, dtype=torch.float64))[:, None]
+    # no latent weight within rounding of its dead zone: float32 and float64 agree on every trit
+    assert float((Wd.abs() - d).abs().min()) > 1e-6
+    P, Nm = (Wd > d).double(), (Wd < -d).double()
+    S = torch.where(P.bool(), ap.detach()[:, None], torch.where(Nm.bool(), an.detach()[:, None], torch.ones_like(Wd)))
+    weff = ap[:, None] * P - an[:, None] * Nm + (W - Wd) * S * (Wd.abs() <= layer.weight_clip)
+    xd = xx.detach()
+    q = torch.sign(xd) * (xd.abs() > layer.act_delta) + (xx - xd) * (xd.abs() <= layer.act_clip)
+    y = q @ weff.T + (b if b is not None else 0)
+    y.backward(g.detach().cpu().double())
+    grads = dict(x=xx.grad, weight=W.grad, alpha_p=ap.grad, alpha_n=an.grad)
+    if b is not None:
+        grads["bias"] = b.grad
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("bias,rule,in_f,out_f,batch", [
+    (True, "channel", 45, 13, (3, 7)),      # odd K, two batch dims
+    (False, "global", 33, 5, (2, 1, 4)),    # K just past a word, three batch dims
+    (True, "global", 70, 9, (11,))])
+def test_linear_grads_match_float64_ste_reference(bias, rule, in_f, out_f, batch):
+    # both layers' gradients (TernaryLinear through bt_quant's autograd functions, TernaryLinearTriton through
+    # TernaryGemmFunction; both share bt_kernel.weight_ste_grads) against the float64 reference above
+    torch.manual_seed(in_f)
+    ref = TernaryLinear(in_f, out_f, bias=bias, delta_rule=rule, delta=0.05)
+    with torch.no_grad():
+        ref.weight.mul_(3.0)
+        ref.weight[0, :3] = torch.tensor([1.5, -1.2, 3.0])     # latent weights past the clip (1.0)
+        ref.init_alphas()
+        ref.alpha_p.mul_(torch.rand(out_f) + 0.5)              # alpha_p != alpha_n: the two scales tell apart
+        if bias:
+            ref.bias.normal_()
+    tri = TernaryLinearTriton(in_f, out_f, bias=bias, delta_rule=rule, delta=0.05)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(*batch, in_f) * 1.2                        # |x| on both sides of act_delta and act_clip
+    g = torch.randn(*batch, out_f)
+    y64, grads64 = _ste_reference(ref, x, g)
+    assert (grads64["weight"] == 0).any() and (grads64["x"] == 0).any()   # the clips do zero some gradients
+    for layer in (ref.to(DEVICE), tri.to(DEVICE)):
+        xl = x.to(DEVICE).clone().requires_grad_()                # a leaf of its own for each layer
+        y = layer(xl)
+        torch.testing.assert_close(y.double().cpu(), y64, rtol=1e-5, atol=1e-5)
+        y.backward(g.to(DEVICE))
+        got = dict(x=xl.grad, **{n: p.grad for n, p in layer.named_parameters()})
+        assert sorted(got) == sorted(grads64)
+        for name, want in grads64.items():
+            torch.testing.assert_close(got[name].double().cpu(), want, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{type(layer).__name__} grad {name}: {m}")
+
+
+def test_triton_linear_float64_matches_pytorch():
+    # a float64 layer ternarizes its input in float64: 0.5 + 1e-12 is past act_delta = 0.5 (rounded to float32
+    # it is 0.5, a tie, which gives 0). Scales and bias in multiples of 1/16 keep every output exact in float32
+    # and float64 alike, so both paths must agree bit for bit
+    torch.manual_seed(5)
+    ref = TernaryLinear(40, 6).double()
+    with torch.no_grad():
+        ref.alpha_p.copy_(torch.randint(1, 16, (6,)) / 16)
+        ref.alpha_n.copy_(torch.randint(1, 16, (6,)) / 16)
+        ref.bias.copy_(torch.randint(-16, 16, (6,)) / 16)
+    tri = TernaryLinearTriton(40, 6).double()
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 40, dtype=torch.float64)
+    x[:, ::2] = (0.5 + 1e-12) * torch.sign(x[:, ::2])          # float64 throughout (no float32 scalar)
+    ref, tri, x = ref.to(DEVICE), tri.to(DEVICE), x.to(DEVICE)
+    want = ref(x)
+    assert not torch.equal(ref(x.float().double()), want)      # the input tells float32 from float64 apart
+    got = tri(x)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_triton_linear_nan_input_matches_pytorch():
+    # the NaN policy through the layer: a NaN input is a zero trit (in TernaryLinear torch.sign(nan) is 0 and
+    # |nan| > act_delta is false; in the pack kernel both comparisons are false), so the output is the one
+    # of the input with its NaNs set to 0, finite, on both paths
+    torch.manual_seed(6)
+    ref = TernaryLinear(45, 7)
+    tri = TernaryLinearTriton(45, 7)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 45) * 1.2
+    x[0, 1, 4] = x[1, 0, 44] = float("nan")
+    x[1, 2, :10] = float("nan")
+    ref, tri, x = ref.to(DEVICE), tri.to(DEVICE), x.to(DEVICE)
+    want = ref(torch.nan_to_num(x, nan=0.0))
+    assert bool(torch.isfinite(want).all())
+    torch.testing.assert_close(ref(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(tri(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_module_matches_unfold_linear():
     torch.manual_seed(2)
     conv = TernaryConv2d(3, 5, 3, padding=1)
@@ -629,6 +1000,37 @@ def test_bad_inputs_raise():
         pack_im2col(torch.zeros(1, 1, 5, 5, dtype=torch.int32, device=DEVICE), 3)
     with pytest.raises(ValueError, match="geometry"):
         pack_im2col(torch.zeros(1, 1, 2, 2, device=DEVICE), 3, threshold=0.5)
+
+
+def test_pack_rejects_int8_min():
+    # -128 is no trit, yet |-128| wraps to -128 in int8 and slips past a check of |x| > 1: both pack kernels
+    # (K % 4 == 0: four trits a word; else one a lane) and pack_conv_weight must refuse it
+    for K in (8, 7):
+        x = torch.zeros(1, K, dtype=torch.int8, device=DEVICE)
+        x[0, 0] = -128
+        with pytest.raises(ValueError, match="trits"):
+            pack_bitplanes(x)
+    w = torch.zeros(4, 3, 3, 3, dtype=torch.int8)
+    w[2, 1, 0, 2] = -128
+    with pytest.raises(ValueError, match="trits"):
+        bt_kernel.pack_conv_weight(w.to(DEVICE))
+
+
+def test_pack_rejects_bad_thresholds():
+    # a dead zone must be a number >= 0: a negative or NaN threshold, per row or scalar, to pack_bitplanes or
+    # pack_im2col, raises instead of packing words that mean nothing
+    x = torch.randn(3, 40, device=DEVICE)
+    for bad in (-0.25, float("nan")):
+        thr = torch.full((3,), 0.5, device=DEVICE)
+        thr[1] = bad
+        with pytest.raises(ValueError, match="threshold"):
+            pack_bitplanes(x, threshold=thr)
+        with pytest.raises(ValueError, match="threshold"):
+            pack_bitplanes(x, threshold=thr.double())
+        with pytest.raises(ValueError, match="threshold"):
+            pack_im2col(torch.zeros(1, 1, 5, 5, device=DEVICE), 3, threshold=bad)
+    with pytest.raises(ValueError, match="threshold"):
+        pack_bitplanes(x, threshold=float("nan"))
 
 
 # -----------------------------------------------------------------------------
@@ -941,9 +1343,10 @@ def test_export_roundtrip(small, tmp_path):
 
 def test_triton_and_numpy_logits_identical(small):
     model, state, images, ref_logits = small
-    logits = run_triton(state, images.to(DEVICE), batch_size=5).cpu()   # 3 batches, the last one short
-    logits_np = run_numpy(state, images.numpy(), chunk=5)
-    assert logits.dtype == torch.float32 and logits.shape == (12, 10)
+    images, ref_logits = images[:7], ref_logits[:7]             # 7 of the 12: the interpreter's time is per image
+    logits = run_triton(state, images.to(DEVICE), batch_size=3).cpu()   # 3 batches, the last one short
+    logits_np = run_numpy(state, images.numpy(), chunk=3)
+    assert logits.dtype == torch.float32 and logits.shape == (7, 10)
     assert torch.equal(logits, torch.from_numpy(logits_np))   # bit for bit, not merely close
     assert np.array_equal(logits.numpy().view(np.uint32), logits_np.view(np.uint32))
     # the float PyTorch model differs only by rounding, far from any threshold on this data
@@ -958,17 +1361,18 @@ def test_fused_engine_is_used_and_identical(small):
     prepared = bt_infer.prepare_triton(state, DEVICE)
     assert prepared["fused_steps"] is not None and len(prepared["fused_steps"]) == 4
     assert [s["pool"] for s in prepared["fused_steps"]] == [2, 2, 1, 1]
-    x = images.to(DEVICE)
-    fused = run_triton(prepared, x, batch_size=7)
+    x = images[:5].to(DEVICE)                                    # 2 batches, the last one short
+    fused = run_triton(prepared, x, batch_size=3)
     layerwise = run_triton(state, x, fused=False)
     assert torch.equal(fused, layerwise)
 
 
 def test_bench_layers_table(small, monkeypatch, capsys):
     # `bt_bench.py --infer`'s per-layer table times every kernel of the fused engine on the real activations:
-    # each layer's GEMM shape, worked out by hand from the small LeNet on 12 images of 16x16 (rows = images x
-    # conv outputs before pooling: 14x14 for conv1, 5x5 for conv2). CUDA events, graph replays and the card's
-    # popcount rate are stood in for on the CPU; the timings themselves are `make bench`'s business.
+    # each layer's GEMM shape, worked out by hand from the small LeNet on 2 images of 16x16 (rows = images x
+    # conv outputs before pooling: 14x14 for conv1, 5x5 for conv2; 2 images, as the interpreter's time is per
+    # image). CUDA events, graph replays and the card's popcount rate are stood in for on the CPU; the timings
+    # themselves are `make bench`'s business.
     _, state, images, _ = small
     class Event:
         def __init__(self, **kwargs):
@@ -983,12 +1387,12 @@ def test_bench_layers_table(small, monkeypatch, capsys):
         monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(bt_bench, "_graph_ms", lambda fn, calls, rep: (fn(0), 1.0)[1])
     monkeypatch.setattr(bt_bench, "_ceilings", lambda: (1e12, 4e12, 1e11))
-    bt_bench.bench_layers(bt_infer.prepare_triton(state, DEVICE), images.to(DEVICE), reps=1)
+    bt_bench.bench_layers(bt_infer.prepare_triton(state, DEVICE), images[:2].to(DEVICE), reps=1)
     lines = capsys.readouterr().out.splitlines()
     table = {line.split()[0]: line.split() for line in lines[2:]}
     assert list(table) == ["pixels", "conv1", "conv2", "fc1", "fc2", "sum"]
-    for layer, shape, words in (("conv1", "2352x4x9", ["8", "x", "1"]), ("conv2", "300x8x36", ["1", "x", "9"]),
-                                ("fc1", "12x16x32", ["1", "x", "4"]), ("fc2", "12x10x16", ["1", "x", "1"])):
+    for layer, shape, words in (("conv1", "392x4x9", ["8", "x", "1"]), ("conv2", "50x8x36", ["1", "x", "9"]),
+                                ("fc1", "2x16x32", ["1", "x", "4"]), ("fc2", "2x10x16", ["1", "x", "1"])):
         assert shape in table[layer] and " ".join(words) in " ".join(table[layer]), table[layer]
 
 def test_other_layer_geometries():
@@ -1273,13 +1677,21 @@ def test_terngrad_unbiased_for_clipped_gradient():
     gen = torch.Generator().manual_seed(1)
     g = torch.randn(96, generator=gen)
     g[5], g[17] = 9.0, -7.0                                   # outliers that the clip at 2.5 sigma cuts
-    target = _clipped(g, 2.5)
+    # 2000 draws of each element: 125 calls on 16 copies of g side by side. The copies leave sigma, the clip
+    # bound and the scale s as they are for g alone, and every element takes its own uniform draw, so each
+    # call gives 16 independent draws of each value (one pack in the interpreter instead of 16)
+    copies, calls = 16, 125
+    big = g.repeat(copies)
+    target_big = _clipped(big, 2.5).view(copies, 96)
+    target = target_big[0]
+    assert torch.equal(target_big, target.expand(copies, 96))
     s = target.abs().max()
-    draws = 2000
+    draws = copies * calls
     total = torch.zeros(96, dtype=torch.float64)
-    for _ in range(draws):
-        pos, neg, sc = terngrad_quantize(g, clip=2.5, generator=gen)
-        total += terngrad_decode(pos, neg, sc, 96).double()
+    for _ in range(calls):
+        pos, neg, sc = terngrad_quantize(big, clip=2.5, generator=gen)
+        assert sc == s
+        total += terngrad_decode(pos, neg, sc, 96 * copies).double().view(copies, 96).sum(0)
     mean = total / draws
     std = ((s * target.abs() - target ** 2).double().clamp(min=0) / draws).sqrt()
     assert bool(((mean - target).abs() <= 5 * std + 1e-7).all()), (mean - target).abs().max()
@@ -1507,8 +1919,8 @@ def test_mma_chain_of_packed_layers(symmetric):
     # on one stream. On sm_90 these shapes launch with PDL: each kernel lets the next one start and prefetch its
     # weights into L2, and the next one must wait before it reads the activations this one writes (a missing
     # wait reads the garbage the outputs start as). TTQ scales take the path of at most 4096 x 128 weight words,
-    # one scale the K split; the interpreter runs the same chain at a smaller size, without PDL
-    M, N = 16, (256 if DEVICE == "cpu" else 4096 if symmetric else 1024)
+    # one scale the K split; the interpreter runs the same chain (the same config) at a smaller size, without PDL
+    M, N = 16, (128 if DEVICE == "cpu" else 4096 if symmetric else 1024)
     KW, layers, threshold = N // 32, 4, 0.5 * N ** 0.5   # about half the trits nonzero
     meta = bt_kernel._mma_meta(M, N, KW, bt_kernel.gpu_spec(torch.device(DEVICE)).sms, symmetric)
     if DEVICE == "cuda" and bt_kernel._pdl(torch.device(DEVICE)):
@@ -1568,6 +1980,191 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(3))
         assert sorted(os.listdir(tmp_path)) == ["f.pt"]
         path.unlink()
+
+
+# -----------------------------------------------------------------------------
+# bt_train.py: Ctrl-C in every phase, --resume with the checkpoint's arguments; bt_infer.py given a checkpoint
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    data = _tiny_tensors()
+    monkeypatch.setattr(bt_train, "load_dataset", lambda name, root: data)
+
+
+def _main_tiny(argv):
+    """bt_train.main's exit status; a KeyboardInterrupt escaping it (a traceback for the user) fails the test
+    instead of stopping pytest."""
+    try:
+        bt_train.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped bt_train.main as a KeyboardInterrupt: the user sees a traceback")
+    return 0
+
+
+def _train_tiny(tmp_path, *extra):
+    return _main_tiny(["--device", "cpu", "--epochs", "2", "--batch", "64", "--limit", "128", "--channels", "4,8,16",
+                  "--seed", "3", "--export", tmp_path / "e.pt", "--checkpoint", tmp_path / "c.pt", *extra])
+
+
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _checkpoint(tmp_path, *extra):
+    """The checkpoint of a finished run, quickly: without the BatchNorm re-estimation's forward passes."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bt_train, "recalibrate_batchnorm", lambda model, x: None)
+        assert _train_tiny(tmp_path, *extra) == 0
+    (tmp_path / "e.pt").unlink()
+    return tmp_path / "c.pt"
+
+
+def _half_written_save(obj, f, *args, **kwargs):
+    f.write(b"half a file")
+    raise KeyboardInterrupt
+
+
+# phase: (what raises Ctrl-C, the message's phase, what the checkpoint holds after it)
+PHASES = {
+    "data loading": ("load_dataset", "data loading", "no epoch finished, nothing to resume"),
+    "evaluation": ("test", "the evaluation after epoch 1", "no epoch finished, nothing to resume"),
+    "BatchNorm re-estimation": ("recalibrate_batchnorm", "the BatchNorm re-estimation",
+                                "{c} holds epoch 2; export it with --resume {c}"),
+    "export": ("export_ternary_state", "the export", "{c} holds epoch 2; export it with --resume {c}"),
+}
+
+
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_ctrl_c_in_each_phase_exits_130_with_one_message(tiny, tmp_path, monkeypatch, capsys, phase):
+    target, name, held = PHASES[phase]
+    monkeypatch.setattr(bt_train, target, _ctrl_c)
+    assert _train_tiny(tmp_path) == 130
+    out, err = capsys.readouterr()
+    c = tmp_path / "c.pt"
+    assert out.splitlines()[-1] == f"interrupted during {name}: " + held.format(c=c)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in out + err
+    assert not (tmp_path / "e.pt").exists()
+    assert sorted(os.listdir(tmp_path)) == (["c.pt"] if c.name in held.format(c=c) else [])
+
+
+def test_ctrl_c_while_writing_the_export_leaves_no_file(tiny, tmp_path, monkeypatch, capsys):
+    real_save = bt_train.save_export
+    def interrupted_save(state, path):
+        with monkeypatch.context() as m:
+            m.setattr(torch, "save", _half_written_save)
+            real_save(state, path)
+    monkeypatch.setattr(bt_train, "save_export", interrupted_save)
+    assert _train_tiny(tmp_path) == 130
+    c = tmp_path / "c.pt"
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"interrupted during the export: {c} holds epoch 2; export it with --resume {c}"
+    assert sorted(os.listdir(tmp_path)) == ["c.pt"]   # no export, no temporary file
+    # the command the message gives finishes the run
+    monkeypatch.setattr(bt_train, "save_export", real_save)
+    assert _main_tiny(["--resume", c, "--device", "cpu"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    bt_infer.load_export(tmp_path / "e.pt")
+
+
+def test_ctrl_c_before_resumed_epochs_names_the_resumed_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    c = _checkpoint(tmp_path, "--epochs", "1")
+    monkeypatch.setattr(bt_train, "load_dataset", _ctrl_c)
+    assert _main_tiny(["--resume", c, "--epochs", "2", "--device", "cpu"]) == 130
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == f"interrupted during data loading: {c} holds epoch 1; continue with --resume {c}"
+    assert "Traceback" not in err
+    assert torch.load(c, weights_only=True)["epoch"] == 1
+
+
+def test_resume_without_flags_continues_the_stored_run(tiny, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert _train_tiny(tmp_path / "a") == 0
+    uninterrupted = torch.load(tmp_path / "a" / "c.pt", weights_only=True)
+    # Ctrl-C in epoch 2 (2 steps an epoch), then --resume alone: --device is where to run, not part of the run
+    real_step, calls = bt_train.Trainer.step, []
+    def interrupted(self, idx):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, idx)
+    monkeypatch.setattr(bt_train.Trainer, "step", interrupted)
+    assert _train_tiny(tmp_path / "b") == 130
+    monkeypatch.setattr(bt_train.Trainer, "step", real_step)
+    capsys.readouterr()
+    c = tmp_path / "b" / "c.pt"
+    assert _main_tiny(["--resume", c, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {c} after epoch 1\n" in out
+    assert "mnist: 128 train images" in out and "model (4, 8, 16)" in out and "epoch   2/2" in out
+    resumed = torch.load(c, weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["args"]["limit"] == 128 and resumed["args"]["epochs"] == 2
+    for k, v in uninterrupted["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    ea, eb = bt_infer.load_export(tmp_path / "a" / "e.pt"), bt_infer.load_export(tmp_path / "b" / "e.pt")
+    assert all(torch.equal(x["pos"], y["pos"]) and torch.equal(x["neg"], y["neg"])
+               for x, y in zip(ea["layers"], eb["layers"]) if "pos" in x)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--limit", "60000"], "--limit 60000 contradicts the checkpoint's --limit 128"),
+    (["--limit", "0"], "--limit 0 contradicts the checkpoint's --limit 128"),   # the default, given: counts
+    (["--channels", "4,8,32"], "--channels 4,8,32 contradicts the checkpoint's --channels 4,8,16"),
+    (["--epochs", "1"], "--epochs 1 contradicts the checkpoint's --epochs 2 (a larger --epochs extends the run)"),
+    (["--lr", "0.01"], "--lr 0.01 contradicts the checkpoint's --lr 0.003"),
+    (["--terngrad"], "--terngrad contradicts the checkpoint's run without --terngrad"),
+    (["--seed", "0", "--batch", "64"], "--seed 0 contradicts the checkpoint's --seed 3;"),
+], ids=["limit", "limit-default", "channels", "fewer-epochs", "lr", "terngrad", "seed-default"])
+def test_resume_contradicting_flag_names_both_values(tiny, tmp_path, monkeypatch, capsys, flags, message):
+    c = _checkpoint(tmp_path)
+    capsys.readouterr()
+    before = c.read_bytes()
+    assert _main_tiny(["--resume", c, "--device", "cpu", *flags]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"bt_train.py: error: --resume {c}: ") and message in lines[0], err
+    assert out == "" and c.read_bytes() == before
+
+
+def test_resume_with_more_epochs_extends_the_run(tiny, tmp_path, capsys):
+    c = _checkpoint(tmp_path, "--epochs", "1")
+    capsys.readouterr()
+    # more epochs, another export path and flags equal to the stored ones are all allowed
+    assert _main_tiny(["--resume", c, "--device", "cpu", "--epochs", "3", "--export", tmp_path / "e3.pt",
+                  "--limit", "128", "--channels", "4,8,16", "--lr", "3e-3"]) == 0
+    out = capsys.readouterr().out
+    assert (f"resumed from {c} after epoch 1; --epochs 3 extends the checkpoint's run from 1 to 3 epochs "
+            "(the learning-rate schedule stretches to the new length)") in out
+    assert "epoch   2/3" in out and "epoch   3/3" in out and "128 train images" in out
+    ck = torch.load(c, weights_only=True)
+    assert ck["epoch"] == 3 and ck["args"]["epochs"] == 3
+    bt_infer.load_export(tmp_path / "e3.pt")
+
+
+def test_infer_names_a_training_checkpoint_and_its_export_command(tiny, tmp_path, monkeypatch, capsys):
+    c = _checkpoint(tmp_path, "--epochs", "1")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        bt_infer.main(["--export", str(c), "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    command = f"python bt_train.py --resume {c} --export bt_mnist_export.pt"
+    assert err == [f"bt_infer.py: error: {c}: a training checkpoint of bt_train.py after epoch 1 of 1, not an "
+                   f"export; export it with: {command}"]
+    # the command it gives writes an export that bt_infer reads
+    monkeypatch.chdir(tmp_path)
+    assert _main_tiny(shlex.split(command)[2:] + ["--device", "cpu"]) == 0
+    state = bt_infer.load_export(tmp_path / "bt_mnist_export.pt")
+    assert state["format"] == bt_quant.EXPORT_FORMAT
+    # a checkpoint whose run has epochs left says so; validate_export knows one without a path too
+    ck = torch.load(c, weights_only=True)
+    ck["args"]["epochs"] = 4
+    with pytest.raises(bt_infer.ExportError, match=r"after epoch 1 of 4, .* --resume CKPT .*\(it first trains the "
+                                                    r"3 epoch\(s\) left\)"):
+        bt_infer.validate_export(ck)
 
 
 # -----------------------------------------------------------------------------
