@@ -380,8 +380,7 @@ def bench_kernels(quick=False):
               f"per clock per SM at {ghz:.2f} GHz; ternary ceiling {2 * 16 * 8 * 256 / 4 * mma_rate / 1e12:.0f} TOP/s at "
               f"4 MMAs per 16 x 8 outputs x 256 trits")
     # pack: float -> trits -> bitplanes, one pass. Timed from CUDA-graph replays like the GEMMs: the int8 pack
-    # takes about 50 us, near what its eager Python call costs, and eager timings of it swung from 49.6 to 78.1 us
-    # between H200 machines (80% to 51% of copy bandwidth)
+    # takes about 50 us, near what its eager Python call costs, so eager timings of it vary with the host
     for R, K, dtype in ((16384, 8192, torch.float32), (16384, 8192, torch.bfloat16), (16384, 8192, torch.int8)):
         x = torch.randn(R, K, device="cuda").to(dtype) if dtype != torch.int8 else \
             torch.randint(-1, 2, (R, K), dtype=torch.int8, device="cuda")
