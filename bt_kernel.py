@@ -1470,7 +1470,9 @@ def _pack_trits4(x, k_major=False):
 
 
 def _ternarize_rows(x, threshold):
-    """int8 trits of x [R, K] at a scalar or per-row threshold, compared in x's precision (NaN gives 0)."""
+    """int8 trits of x [R, K] at a scalar or per-row threshold, compared as the pack kernel does: in float32,
+    float64 in its own precision (NaN gives 0)."""
+    x = x if x.dtype == torch.float64 else x.float()
     t = threshold[:, None].to(x.dtype) if isinstance(threshold, torch.Tensor) else threshold
     return (x > t).to(torch.int8) - (x < -t).to(torch.int8)
 
