@@ -1788,6 +1788,18 @@ def _tiny_data(monkeypatch):
     monkeypatch.setattr(bt_train, "load_dataset", lambda name, root: data)
 
 
+def _ctrl_c_at_step(monkeypatch, n):
+    """The n-th training step raises KeyboardInterrupt (Ctrl-C in mid-epoch); returns the real step."""
+    real_step, calls = bt_train.Trainer.step, []
+    def interrupted(self, idx):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_step(self, idx)
+    monkeypatch.setattr(bt_train.Trainer, "step", interrupted)
+    return real_step
+
+
 @pytest.mark.parametrize("optimizer_state", ["fresh", "resumed"])
 def test_graph_warm_up_leaves_no_trace(optimizer_state):
     # the CUDA-graph path warms up with real steps before capture, then rewinds: afterwards a step must
@@ -1864,13 +1876,7 @@ def test_resume_gives_the_same_weights(tmp_path, monkeypatch):
     assert _train(tmp_path / "a") == 0
     uninterrupted = torch.load(tmp_path / "a" / "c.pt", weights_only=True)
     # Ctrl-C in the middle of epoch 2: the checkpoint keeps epoch 1, --resume finishes the run
-    real_step, calls = bt_train.Trainer.step, []
-    def interrupted(self, idx):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real_step(self, idx)
-    monkeypatch.setattr(bt_train.Trainer, "step", interrupted)
+    real_step = _ctrl_c_at_step(monkeypatch, 6)
     assert _train(tmp_path / "b") == 130
     assert torch.load(tmp_path / "b" / "c.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(bt_train.Trainer, "step", real_step)
@@ -2085,13 +2091,7 @@ def test_resume_without_flags_continues_the_stored_run(tiny, tmp_path, monkeypat
     assert _train_tiny(tmp_path / "a") == 0
     uninterrupted = torch.load(tmp_path / "a" / "c.pt", weights_only=True)
     # Ctrl-C in epoch 2 (2 steps an epoch), then --resume alone: --device is where to run, not part of the run
-    real_step, calls = bt_train.Trainer.step, []
-    def interrupted(self, idx):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, idx)
-    monkeypatch.setattr(bt_train.Trainer, "step", interrupted)
+    real_step = _ctrl_c_at_step(monkeypatch, 3)
     assert _train_tiny(tmp_path / "b") == 130
     monkeypatch.setattr(bt_train.Trainer, "step", real_step)
     capsys.readouterr()
