@@ -703,6 +703,17 @@ DISPATCH_TABLE = [
 ]
 
 
+def test_gpu_spec_reads_the_device():
+    # the dispatch reads the SM count and L2 size from the device (the interpreter's stand-in on the CPU)
+    spec = bt_kernel.gpu_spec(torch.device(DEVICE))
+    if DEVICE == "cpu":
+        assert spec == bt_kernel.INTERPRETER and not bt_kernel.mma_available(torch.device("cpu"))
+    else:
+        props = torch.cuda.get_device_properties(torch.device(DEVICE))
+        assert (spec.capability, spec.sms) == (props.major, props.multi_processor_count) and spec.l2_bytes > 0
+        assert bt_kernel.mma_available(torch.device(DEVICE)) == (props.major >= 8)
+
+
 @pytest.mark.parametrize("gpu,M,N,K,row_major,symmetric,kind,why", DISPATCH_TABLE,
                          ids=[f"{r[0]}-{r[1]}x{r[2]}x{r[3]}-{'rows' if r[4] else 'kmajor'}-{'t2' if r[5] else 't3'}"
                               for r in DISPATCH_TABLE])
