@@ -1141,7 +1141,7 @@ _SPECS = {}
 
 def gpu_spec(device):
     """The GpuSpec of a torch device, read once: INTERPRETER under TRITON_INTERPRET=1 or for CPU tensors."""
-    device = torch.device(device)
+    device = device if isinstance(device, torch.device) else torch.device(device)   # asked on every launch
     if _INTERPRET or device.type != "cuda":
         return INTERPRETER
     if device not in _SPECS:
@@ -1470,8 +1470,8 @@ def _pack_trits4(x, k_major=False):
 
 
 def _ternarize_rows(x, threshold):
-    """int8 trits of x [R, K] at a scalar or per-row threshold, compared as the pack kernel does: in float32,
-    float64 in its own precision (NaN gives 0)."""
+    """int8 trits of x at a scalar threshold (or of x [R, K] at a per-row one), compared as the pack kernel
+    does: in float32, float64 in its own precision (NaN gives 0)."""
     x = x if x.dtype == torch.float64 else x.float()
     t = threshold[:, None].to(x.dtype) if isinstance(threshold, torch.Tensor) else threshold
     return (x > t).to(torch.int8) - (x < -t).to(torch.int8)
@@ -1488,7 +1488,7 @@ def launch_pack(x, threshold=None, k_major=False):
     elif x.dtype == torch.float64:   # the kernel compares in float32: ternarize at float64 precision first
         return launch_pack(_ternarize_rows(x, threshold), k_major=k_major)
     elif isinstance(threshold, torch.Tensor):
-        mode, thr, t = 2, threshold.detach().float().contiguous(), 0.0
+        mode, thr, t = 2, _f32(threshold), 0.0
     else:
         mode, thr, t = 1, None, float(threshold)
     pos, neg = _launch_pack(x[:, :, None, None], R, K, (1, 1, 1, 1, 1, 1, 1, 0, False), mode, t, thr,
@@ -1600,7 +1600,12 @@ def _check_scales(N, alpha_p, alpha_n, bias):
             raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
         if t.shape != (N,):
             raise ValueError(f"{name} must have shape ({N},) (one per output channel), got {tuple(t.shape)}")
-    return tuple(None if t is None else t.detach().float().contiguous() for t in (alpha_p, alpha_n, bias))
+    return tuple(_f32(t) for t in (alpha_p, alpha_n, bias))
+
+
+def _f32(t):
+    """A scale or bias as the epilogue reads it: float32, contiguous, outside autograd (None stays None)."""
+    return None if t is None else t.detach().float().contiguous()
 
 
 def _check_threshold(threshold, rows=None):
@@ -1695,8 +1700,7 @@ def pack_im2col(x, kernel_size, stride=1, padding=0, threshold=None):
         raise TypeError(f"a threshold needs float input, got {x.dtype}")
     _check_threshold(threshold)
     if x.dtype == torch.float64:   # compared at float64 precision: ternarize first, then pack the trits
-        x = ((x > threshold).to(torch.int8) - (x < -threshold).to(torch.int8))
-        pos, neg = _launch_pack(x, R, K, geometry, mode=0)
+        pos, neg = _launch_pack(_ternarize_rows(x, threshold), R, K, geometry, mode=0)
     else:
         pos, neg = _launch_pack(x, R, K, geometry, mode=1, threshold=float(threshold))
     return (pos[0], neg[0]), (OH, OW)
@@ -1914,8 +1918,7 @@ class TernaryGemmFunction(torch.autograd.Function):
             raise TypeError(f"input must be float, got {x.dtype}")
         a_pos, a_neg = launch_pack(x2, act_delta)
         w_pos, w_neg = launch_pack(weight.detach(), thresholds.detach())   # compared in the weight's precision
-        f32 = lambda t: None if t is None else t.detach().float().contiguous()
-        y, _ = launch_gemm(a_pos[None], a_neg[None], w_pos, w_neg, f32(alpha_p), f32(alpha_n), f32(bias))
+        y, _ = launch_gemm(a_pos[None], a_neg[None], w_pos, w_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias))
         ctx.save_for_backward(x, weight, alpha_p, alpha_n, thresholds)
         ctx.has_bias, ctx.act_delta, ctx.act_clip, ctx.weight_clip = bias is not None, act_delta, act_clip, weight_clip
         return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
