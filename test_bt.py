@@ -660,7 +660,7 @@ def test_conv_packed_bad_inputs(monkeypatch):
     with pytest.raises(ValueError, match="one-word patches"):   # the bit-serial MMA kernel takes one K word
         conv(p[None], None, wp[:, :4], wp[:, :4], one, kernel_size=2, config=("mma", {}))
     if DEVICE == "cuda":   # a GPU without the single-bit MMA (stood in for): refused before launch
-        monkeypatch.setattr(bt_kernel, "_mma_ok", lambda device: False)
+        monkeypatch.setattr(bt_kernel, "mma_available", lambda device: False)
         with pytest.raises(ValueError, match="sm_80"):
             conv(p, p, wp[:, :1], wp[:, :1], one, kernel_size=1, config=("mma", {}))
 
