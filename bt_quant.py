@@ -95,14 +95,26 @@ class TernaryActivation(nn.Module):
 # modules (pure PyTorch; TernaryLinearTriton in bt_kernel.py is the kernel twin of TernaryLinear)
 
 
-class TernaryLinear(TernaryWeights):
-    """nn.Linear with ternary weights (and ternary inputs unless act_delta is None), in pure PyTorch."""
+def _to_factory(module, device, dtype):
+    # the parameters are made (and alpha_p/alpha_n initialised) in float32 on the CPU, then moved as nn's
+    # device= and dtype= would have made them
+    return module if device is None and dtype is None else module.to(device=device, dtype=dtype)
 
-    def __init__(self, in_features, out_features, bias=True, *, delta_rule="channel", delta_t=0.7,
-                 delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0):
+
+class TernaryLinear(TernaryWeights):
+    """nn.Linear with ternary weights (and ternary inputs unless act_delta is None), in pure PyTorch.
+
+    Same signature, defaults and parameters as nn.Linear, plus alpha_p/alpha_n and the keyword-only
+    ternary options. Load float weights with ternarize_model: load_state_dict(strict=False) of an
+    nn.Linear's weights leaves the alphas of the random initialisation.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, delta_rule="channel",
+                 delta_t=0.7, delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0):
         self.in_features, self.out_features = in_features, out_features
         super().__init__((out_features, in_features), bias, delta_rule, delta_t, delta, act_delta, act_clip,
                          weight_clip)
+        _to_factory(self, device, dtype)
 
     def forward(self, x):
         if self.act_delta is not None:
@@ -115,30 +127,75 @@ class TernaryLinear(TernaryWeights):
                 f"delta_rule={self.delta_rule}, act_delta={self.act_delta}")
 
 
-class TernaryConv2d(TernaryWeights):
-    """nn.Conv2d with ternary weights and per-output-channel alpha_p/alpha_n.
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
-    The input is ternarized with dead zone act_delta first; act_delta=None keeps it as it is (raw pixels).
+
+def _int_pair(value, name, low):
+    """An int or a pair of ints, each >= low, as a tuple (the geometry arguments of nn.Conv2d)."""
+    pair = (value, value) if isinstance(value, int) else value
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair)):
+        raise ValueError(f"{name} must be an int >= {low} or a pair of them, got {value!r}")
+    return tuple(pair)
+
+
+class TernaryConv2d(TernaryWeights):
+    """nn.Conv2d with ternary weights and per-output-channel alpha_p/alpha_n, in pure PyTorch.
+
+    Same signature, defaults, attributes and parameters as nn.Conv2d (stride, padding, 'same'/'valid',
+    dilation, groups, bias, padding_mode), plus alpha_p/alpha_n and the keyword-only ternary options.
+    The input is ternarized with dead zone act_delta first; act_delta=None keeps it as it is (raw
+    pixels). The export (export_ternary_state) takes a subset: see there.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=False, *,
-                 delta_rule="channel", delta_t=0.7, delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0):
-        k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
-        self.stride, self.padding = stride, padding
-        super().__init__((out_channels, in_channels, *k), bias, delta_rule, delta_t, delta, act_delta, act_clip,
-                         weight_clip)
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros", device=None, dtype=None, *, delta_rule="channel", delta_t=0.7, delta=0.02,
+                 act_delta=0.5, act_clip=1.0, weight_clip=1.0):
+        self.kernel_size = _int_pair(kernel_size, "kernel_size", 1)
+        self.stride = _int_pair(stride, "stride", 1)
+        self.dilation = _int_pair(dilation, "dilation", 1)
+        self.padding = padding if isinstance(padding, str) else _int_pair(padding, "padding", 0)
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+        if padding == "same" and self.stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride!r}")
+        if not (isinstance(groups, int) and groups >= 1 and in_channels % groups == 0 and out_channels % groups == 0):
+            raise ValueError(f"groups must be an int >= 1 dividing in_channels ({in_channels}) and out_channels "
+                             f"({out_channels}), got {groups!r}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels, self.out_channels, self.groups, self.padding_mode = in_channels, out_channels, groups, padding_mode
+        super().__init__((out_channels, in_channels // groups, *self.kernel_size), bias, delta_rule, delta_t, delta,
+                         act_delta, act_clip, weight_clip)
+        _to_factory(self, device, dtype)
+
+    def side_padding(self):
+        """(left, right, top, bottom): the padding on each side of the input, the order of F.pad."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":   # an even span pads one more on the right and the bottom, as nn.Conv2d does
+            (sh, sw) = (d * (k - 1) for d, k in zip(self.dilation, self.kernel_size))
+            return (sw // 2, sw - sw // 2, sh // 2, sh - sh // 2)
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
 
     def forward(self, x):
-        if self.act_delta is not None:
+        if self.act_delta is not None:   # padding after ternarizing: a padded value is 0 or a copy of one
             x = ternary_activation(x, self.act_delta, self.act_clip)
         w = ternary_weight(self.weight, self.alpha_p, self.alpha_n, self.thresholds(), self.weight_clip)
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, w.to(x.dtype), b, self.stride, self.padding)
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self.side_padding(), mode=self.padding_mode), 0
+        else:
+            padding = self.padding
+        return F.conv2d(x, w.to(x.dtype), b, self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}, act_delta={self.act_delta}")
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        for name, default in (("padding", (0, 0)), ("dilation", (1, 1)), ("groups", 1), ("padding_mode", "zeros")):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)!r}"
+        return s + f", bias={self.bias is not None}, act_delta={self.act_delta}"
 
 
 # -----------------------------------------------------------------------------
@@ -155,9 +212,31 @@ def _fold_batchnorm(alpha_p, alpha_n, bias, bn):
     return alpha_p * s, alpha_n * s, bias * s + t
 
 
+def _export_conv_geometry(conv, where):
+    """kernel_size [kh, kw], stride and padding as ints: the convs the inference engine runs, else ValueError."""
+    unsupported = []
+    if conv.stride[0] != conv.stride[1]:
+        unsupported.append(f"stride={conv.stride} (needs one stride for both directions)")
+    pads = conv.side_padding()
+    if len(set(pads)) != 1:
+        unsupported.append(f"padding={conv.padding!r} (needs the same padding on every side)")
+    elif pads[0] and conv.padding_mode != "zeros":
+        unsupported.append(f"padding_mode={conv.padding_mode!r} (needs 'zeros')")
+    if conv.dilation != (1, 1):
+        unsupported.append(f"dilation={conv.dilation} (needs 1)")
+    if conv.groups != 1:
+        unsupported.append(f"groups={conv.groups} (needs 1)")
+    if unsupported:
+        raise ValueError(f"{where}: cannot export " + ", ".join(unsupported))
+    return list(conv.kernel_size), conv.stride[0], pads[0]
+
+
 @torch.no_grad()
 def export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, **meta):
     """A packed, self-describing export of an nn.Sequential of ternary layers, BatchNorm, MaxPool2d, Flatten.
+
+    Convs: one stride for both directions, the same zero padding on every side, no dilation, one group
+    (else ValueError naming the layer and the setting).
 
     Each ternary layer becomes {type, geometry, input kind, pos/neg uint32 planes [N, KW] (2 bits per
     weight), alpha_p, alpha_n, bias (float32, BatchNorm folded in)}. The first layer may take raw
@@ -189,8 +268,8 @@ def export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, **
                        pos=pos.contiguous(), neg=neg.contiguous(),
                        alpha_p=ap.float(), alpha_n=an.float(), bias=b.float())
             if isinstance(m, TernaryConv2d):
-                rec.update(in_channels=m.in_channels, kernel_size=list(m.kernel_size), stride=m.stride,
-                           padding=m.padding)
+                kernel_size, stride, padding = _export_conv_geometry(m, f"layer {i} (TernaryConv2d)")
+                rec.update(in_channels=m.in_channels, kernel_size=kernel_size, stride=stride, padding=padding)
             layers.append(rec)
         elif isinstance(m, nn.MaxPool2d):
             k, s = m.kernel_size, m.stride or m.kernel_size

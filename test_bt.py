@@ -16,6 +16,7 @@ import datetime
 import gc
 import gzip
 import hashlib
+import inspect
 import io
 import math
 import pickle
@@ -963,7 +964,7 @@ def test_conv_module_matches_unfold_linear():
     cols = torch.nn.functional.unfold(bt_quant.ternarize(x, 0.5), 3, padding=1)          # [B, 27, 36]
     weff = (conv.alpha_p[:, None] * (conv.ternary_weight().flatten(1) == 1)
             - conv.alpha_n[:, None] * (conv.ternary_weight().flatten(1) == -1)).double()
-    ref = (weff @ cols.double()).view(2, 5, 6, 6)
+    ref = (weff @ cols.double() + conv.bias.double()[:, None]).view(2, 5, 6, 6)
     torch.testing.assert_close(conv(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -1309,8 +1310,8 @@ def _images(n, size, seed=0):
 def small_lenet(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(
-        TernaryConv2d(1, 4, 3, act_delta=None), nn.BatchNorm2d(4), nn.MaxPool2d(2),   # 16 -> 14 -> 7
-        TernaryConv2d(4, 8, 3), nn.BatchNorm2d(8), nn.MaxPool2d(2),                  # 7 -> 5 -> 2
+        TernaryConv2d(1, 4, 3, bias=False, act_delta=None), nn.BatchNorm2d(4), nn.MaxPool2d(2),   # 16 -> 14 -> 7
+        TernaryConv2d(4, 8, 3, bias=False), nn.BatchNorm2d(8), nn.MaxPool2d(2),                  # 7 -> 5 -> 2
         nn.Flatten(), TernaryLinear(32, 16, bias=False), nn.BatchNorm1d(16), TernaryLinear(16, 10))
     return _calibrate(model, _images(64, 16, seed=100 + seed))
 
@@ -2177,6 +2178,106 @@ def test_infer_names_a_training_checkpoint_and_its_export_command(tiny, tmp_path
     with pytest.raises(bt_infer.ExportError, match=r"after epoch 1 of 4, .* --resume CKPT .*\(it first trains the "
                                                     r"3 epoch\(s\) left\)"):
         bt_infer.validate_export(ck)
+
+
+# -----------------------------------------------------------------------------
+# converting float models: nn.Conv2d's geometry in TernaryConv2d, ternarize_model, the swaps of layer class
+
+
+def _channel_trits(weight, t=0.7):
+    """Trits by the 'channel' rule, written out in float64: +1 where W > t mean|W_c|, -1 where W < -t mean|W_c|."""
+    w = weight.detach().double().flatten(1)
+    d = t * w.abs().mean(1, keepdim=True)
+    return ((w > d).long() - (w < -d).long()).view(weight.shape)
+
+
+def _effective_weight(trits, alpha_p, alpha_n):
+    """float64 alpha_p where the trit is +1, -alpha_n where it is -1, 0 elsewhere."""
+    shape = (-1,) + (1,) * (trits.dim() - 1)
+    ap, an = alpha_p.detach().double().view(shape), alpha_n.detach().double().view(shape)
+    return torch.where(trits > 0, ap, torch.where(trits < 0, -an, torch.zeros((), dtype=torch.float64)))
+
+
+def test_ternary_layers_take_the_nn_signatures():
+    for ours, theirs in ((TernaryConv2d, nn.Conv2d), (TernaryLinear, nn.Linear)):
+        nn_params = list(inspect.signature(theirs).parameters.values())
+        our_params = list(inspect.signature(ours).parameters.values())
+        assert [(p.name, p.default, p.kind) for p in our_params[:len(nn_params)]] == \
+               [(p.name, p.default, p.kind) for p in nn_params], ours
+        assert all(p.kind is p.KEYWORD_ONLY for p in our_params[len(nn_params):]), ours
+    for layer in (TernaryConv2d(2, 4, 3, 1, 0, 1, 1, True, "zeros", "cpu", torch.float64),
+                  TernaryLinear(6, 4, True, "cpu", torch.float64)):
+        assert {p.dtype for p in layer.parameters()} == {torch.float64}, layer
+        assert layer.bias is not None
+
+
+_CONV_GEOMETRIES = [   # kernel_size, stride, padding, dilation, groups, bias, padding_mode
+    (3, 1, 0, 1, 1, True, "zeros"),
+    ((3, 2), (2, 1), (1, 2), 1, 1, False, "zeros"),
+    (3, 1, "same", 2, 2, True, "reflect"),
+    (2, 1, "same", 1, 1, True, "circular"),       # even kernel: the extra padding goes right and below
+    (2, 1, "same", (1, 2), 1, False, "zeros"),
+    (3, 2, "valid", 1, 4, False, "zeros"),
+    (3, (1, 2), 1, (2, 1), 8, True, "replicate"),  # depthwise
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")   # torch's note on a padded copy
+@pytest.mark.parametrize("act_delta", [None, 0.5])
+@pytest.mark.parametrize("kernel_size,stride,padding,dilation,groups,bias,padding_mode", _CONV_GEOMETRIES)
+def test_ternary_conv_matches_nn_conv2d(kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                                        act_delta):
+    torch.manual_seed(0)
+    args = (8, 8, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
+    conv = TernaryConv2d(*args, dtype=torch.float64, act_delta=act_delta)
+    ref = nn.Conv2d(*args, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(_effective_weight(_channel_trits(conv.weight), conv.alpha_p, conv.alpha_n))
+        if bias:
+            ref.bias.copy_(conv.bias)
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode"):
+        assert getattr(conv, name) == getattr(ref, name), name
+    assert (conv.bias is None) == (ref.bias is None) and conv.weight.shape == ref.weight.shape
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    x_in = x if act_delta is None else torch.sign(x) * (x.abs() > act_delta)
+    torch.testing.assert_close(conv(x), ref(x_in), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(groups=3), "groups"), (dict(groups=0), "groups"), (dict(padding="full"), "padding"),
+    (dict(padding="same", stride=2), "stride"), (dict(padding_mode="mirror"), "padding_mode"),
+    (dict(kernel_size=0), "kernel_size"), (dict(stride=(1, 2, 3)), "stride"), (dict(padding=-1), "padding"),
+    (dict(dilation=1.5), "dilation")])
+def test_ternary_conv_rejects_bad_geometry(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TernaryConv2d(**{**dict(in_channels=4, out_channels=8, kernel_size=3), **bad})
+
+
+@pytest.mark.parametrize("geometry,setting", [
+    (dict(stride=(2, 1)), "stride"), (dict(padding=(1, 0)), "padding"),
+    (dict(kernel_size=2, padding="same"), "padding"), (dict(padding=1, padding_mode="reflect"), "padding_mode"),
+    (dict(dilation=2), "dilation"), (dict(groups=2), "groups")])
+def test_export_names_the_conv_setting_it_cannot_run(geometry, setting):
+    model = nn.Sequential(TernaryConv2d(1, 4, 3, act_delta=None), TernaryConv2d(4, 4, **{"kernel_size": 3, **geometry}))
+    with pytest.raises(ValueError, match=rf"layer 1 \(TernaryConv2d\): cannot export {setting}="):
+        export_ternary_state(model, input_shape=(1, 12, 12))
+
+
+def test_export_writes_conv_geometry_as_ints():
+    torch.manual_seed(4)
+    model = nn.Sequential(TernaryConv2d(1, 4, 3, padding="same", act_delta=None), nn.MaxPool2d(2),
+                          TernaryConv2d(4, 6, (3, 2), stride=(2, 2), padding=(0, 0), padding_mode="reflect"),
+                          TernaryConv2d(6, 6, 1, padding="valid"), nn.Flatten(), TernaryLinear(6 * 2 * 2, 5))
+    state = export_ternary_state(model, input_shape=(1, 10, 10), input_scale=1 / 255)
+    convs = [l for l in state["layers"] if l["type"] == "conv"]
+    assert [(l["kernel_size"], l["stride"], l["padding"]) for l in convs] == [([3, 3], 1, 1), ([3, 2], 2, 0),
+                                                                              ([1, 1], 1, 0)]
+    assert all(type(l[k]) is int for l in convs for k in ("stride", "padding"))
+    images = _images(3, 10, seed=8)
+    with torch.no_grad():
+        ref = model(images.float() / 255)
+    torch.testing.assert_close(torch.from_numpy(run_numpy(state, images.numpy())), ref, rtol=1e-4, atol=1e-4)
 
 
 # -----------------------------------------------------------------------------
