@@ -1,12 +1,19 @@
-"""bt_quant.py: balanced ternary quantizers, PyTorch modules, BatchNorm folding and the packed export.
+"""bt_quant.py: balanced ternary quantizers, PyTorch modules, float-model conversion, BatchNorm folding and export.
 
-Builds on bt_kernel.py (the weight threshold rule and alpha init live there, so that
-TernaryLinearTriton stands alone); imports nothing else of this project.
+Holds the quantizers (ternarize, ternary_activation, ternary_weight); the modules TernaryActivation,
+TernaryLinear and TernaryConv2d (nn.Linear's and nn.Conv2d's signatures); ternarize_model (a float model's
+nn.Linear/nn.Conv2d layers to ternary ones, made from their weights) and use_triton_kernels /
+use_pytorch_layers (TernaryLinear to and from bt_kernel's TernaryLinearTriton, same state_dict); and the
+export: export_ternary_state, save_export, atomic_write, export_size_report. Builds on bt_kernel.py (the
+weight threshold rule and alpha init live there, so that TernaryLinearTriton stands alone); imports
+nothing else of this project.
 
-    from bt_quant import TernaryConv2d, TernaryLinear, export_ternary_state
+    from bt_quant import TernaryConv2d, TernaryLinear, export_ternary_state, ternarize_model, use_triton_kernels
     layer = TernaryLinear(1024, 256)          # ternary weights; input ternarized with act_delta=0.5
     conv = TernaryConv2d(1, 32, 5, act_delta=None)   # ternary weights, float input (raw pixels)
-    state = export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255)
+    model = ternarize_model(float_model, keep_float=("0", "4"))   # layers 0 and 4 stay float
+    fast = use_triton_kernels(model)          # TernaryLinear -> TernaryLinearTriton, same state_dict
+    state = export_ternary_state(net, input_shape=(1, 28, 28), input_scale=1 / 255)   # all layers ternary
     save_export(state, "bt_mnist_export.pt")  # atomic; loads with torch.load(weights_only=True)
 
 q(x) = sign(x) [|x| > delta] projects onto {-1, 0, +1}. Its straight-through estimator passes the
@@ -15,8 +22,10 @@ with learned per-output-channel alpha_p, alpha_n (TTQ): dL/dalpha_p = sum of dL/
 dL/dalpha_n = -sum over W < -d_c, and the latent W gets dL/dWeff scaled by alpha_p, 1 or alpha_n
 (inside the clip).
 """
+import copy
 import os
 import tempfile
+import warnings
 
 import torch
 import torch.nn as nn
@@ -26,8 +35,9 @@ from bt_kernel import (TernaryLinearTriton, TernaryWeights, weight_ste_grads, in
                        pack_bitplanes, ternary_thresholds)
 
 __all__ = ["ternarize", "ternary_activation", "ternary_weight", "TernaryActivation", "TernaryLinear",
-           "TernaryLinearTriton", "TernaryConv2d", "ternary_thresholds", "initial_alphas",
-           "export_ternary_state", "save_export", "atomic_write", "export_size_report", "EXPORT_FORMAT", "EXPORT_VERSION"]
+           "TernaryLinearTriton", "TernaryConv2d", "ternary_thresholds", "initial_alphas", "ternarize_model",
+           "use_triton_kernels", "use_pytorch_layers", "export_ternary_state", "save_export", "atomic_write",
+           "export_size_report", "EXPORT_FORMAT", "EXPORT_VERSION"]
 
 # -----------------------------------------------------------------------------
 # quantizers
@@ -196,6 +206,149 @@ class TernaryConv2d(TernaryWeights):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)!r}"
         return s + f", bias={self.bias is not None}, act_delta={self.act_delta}"
+
+
+# -----------------------------------------------------------------------------
+# converting: float nn.Linear / nn.Conv2d to ternary layers, and TernaryLinear to and from its kernel twin
+
+_QUANT_OPTIONS = ("delta_rule", "delta_t", "delta", "act_clip", "weight_clip")
+
+
+def _ternary_options(layer):
+    return {name: getattr(layer, name) for name in _QUANT_OPTIONS + ("act_delta",)}
+
+
+def _copy_requires_grad(new, old):
+    for name, p in old.named_parameters(recurse=False):
+        getattr(new, name).requires_grad_(p.requires_grad)
+
+
+def _replace_layers(model, replacement, inplace):
+    """model (or a deep copy of it) with each module m swapped for replacement(names, m) where that is not None.
+
+    names: every name of m in model.named_modules(). All replacements are built before the first swap, so
+    an error leaves the model as it was; a module registered under several names stays shared.
+    """
+    model = model if inplace else copy.deepcopy(model)
+    named = list(model.named_modules(remove_duplicate=False))
+    names_of = {}
+    for name, module in named:
+        names_of.setdefault(id(module), (module, []))[1].append(name)
+    new = {key: replacement(names, module) for key, (module, names) in names_of.items()}
+    for name, module in named:
+        if name and new[id(module)] is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new[id(module)])
+    return model if new[id(model)] is None else new[id(model)]
+
+
+def _keep_float_rule(model, keep_float):
+    """(name, module) -> bool from keep_float: module names (a container's keeps all inside it) and callables."""
+    rules = [keep_float] if isinstance(keep_float, str) or callable(keep_float) else list(keep_float)
+    if not all(isinstance(r, str) or callable(r) for r in rules):
+        raise TypeError(f"keep_float takes module names and callables (name, module) -> bool, got {keep_float!r}")
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    unknown = [r for r in rules if isinstance(r, str) and r not in names]
+    if unknown:
+        layers = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+        raise ValueError(f"keep_float names no module of the model: {unknown}; its nn.Linear and nn.Conv2d "
+                         f"layers: {layers}")
+    prefixes = [r for r in rules if isinstance(r, str)]
+    predicates = [r for r in rules if callable(r)]
+    return lambda name, module: (any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+                                 or any(bool(f(name, module)) for f in predicates))
+
+
+@torch.no_grad()
+def _ternary_twin(layer, act_delta, quant):
+    """The TernaryLinear / TernaryConv2d of a float layer: its geometry, weight, bias, device, dtype and mode."""
+    w, has_bias = layer.weight, layer.bias is not None
+    options = dict(device=w.device, dtype=w.dtype, act_delta=act_delta, **quant)
+    if type(layer) is nn.Linear:
+        new = TernaryLinear(layer.in_features, layer.out_features, has_bias, **options)
+    else:
+        new = TernaryConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                            layer.dilation, layer.groups, has_bias, layer.padding_mode, **options)
+    new.weight.copy_(w)
+    if has_bias:
+        new.bias.copy_(layer.bias)
+    new.init_alphas()   # from the copied weight, as a new layer's from its random one
+    _copy_requires_grad(new, layer)
+    return new.train(layer.training)
+
+
+def ternarize_model(model, *, keep_float=(), act_delta=0.5, inplace=False, **quant):
+    """The model with each nn.Linear and nn.Conv2d replaced by a TernaryLinear or TernaryConv2d made from it.
+
+    A new layer keeps the float layer's geometry, weight and bias (copied exactly), device, dtype,
+    requires_grad and train/eval mode; its alpha_p/alpha_n start from that weight (initial_alphas).
+    Containers are searched at any depth; only modules of exactly these two classes convert (a subclass
+    may compute something else). Make the optimizer after converting: the parameters are new.
+
+    keep_float: layers left float, commonly the first and the last: names as in model.named_modules()
+        (a container's name keeps everything inside it) and/or callables (name, module) -> bool. A name
+        that is no module of the model raises ValueError.
+    act_delta: the dead zone of the converted layers' ternary inputs; None keeps their inputs float
+        (ternary weights only, and such linear layers stay on the PyTorch path: use_triton_kernels).
+    inplace: False converts a deep copy, leaving `model` as it was; True converts `model` itself. Either
+        way use the returned model (a bare nn.Linear or nn.Conv2d comes back as a new layer).
+    quant: the weight rule and clips of the new layers (delta_rule, delta_t, delta, act_clip, weight_clip);
+        the ternary layers' defaults where not given.
+    """
+    unknown = sorted(set(quant) - set(_QUANT_OPTIONS))
+    if unknown:
+        raise TypeError(f"ternarize_model got unknown options {unknown}: it takes keep_float, act_delta, inplace, "
+                        f"{', '.join(_QUANT_OPTIONS)}")
+    keep = _keep_float_rule(model, keep_float)
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.LazyLinear, nn.LazyConv2d)) and m.has_uninitialized_params():
+            raise ValueError(f"{name or 'the model'}: {type(m).__name__} has no weights yet: run one forward first")
+
+    def convert(names, m):
+        if type(m) not in (nn.Linear, nn.Conv2d) or any(keep(name, m) for name in names):
+            return None
+        return _ternary_twin(m, act_delta, quant)
+    return _replace_layers(model, convert, inplace)
+
+
+@torch.no_grad()
+def _swap_class(layer, cls):
+    """layer as a cls (TernaryLinear or TernaryLinearTriton): the same options, device, dtype, mode and state_dict."""
+    new = cls(layer.in_features, layer.out_features, layer.bias is not None, **_ternary_options(layer))
+    new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    new.load_state_dict(layer.state_dict())
+    _copy_requires_grad(new, layer)
+    return new.train(layer.training)
+
+
+def use_triton_kernels(model, *, inplace=False):
+    """The model with each TernaryLinear swapped for a TernaryLinearTriton: forward on the popcount kernels.
+
+    Same options and state_dict (so the outputs match up to float32 rounding). A TernaryLinear with
+    act_delta=None takes float input, which the kernels do not: it stays, and a UserWarning names it.
+    TernaryConv2d stays in PyTorch (the export runs convs on the kernels). inplace as in ternarize_model.
+    """
+    float_input = []
+
+    def swap(names, m):
+        if type(m) is not TernaryLinear:
+            return None
+        if m.act_delta is None:
+            float_input.append(names[0])
+            return None
+        return _swap_class(m, TernaryLinearTriton)
+    model = _replace_layers(model, swap, inplace)
+    if float_input:
+        warnings.warn(f"use_triton_kernels: {float_input} take float input (act_delta=None) and stay TernaryLinear "
+                      f"on the PyTorch path", stacklevel=2)
+    return model
+
+
+def use_pytorch_layers(model, *, inplace=False):
+    """The model with each TernaryLinearTriton swapped back for a TernaryLinear (pure PyTorch: any device, no
+    Triton), same options and state_dict. inplace as in ternarize_model."""
+    return _replace_layers(model, lambda names, m: _swap_class(m, TernaryLinear)
+                           if type(m) is TernaryLinearTriton else None, inplace)
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib
+import copy
 import datetime
 import gc
 import gzip
@@ -2278,6 +2279,145 @@ def test_export_writes_conv_geometry_as_ints():
     with torch.no_grad():
         ref = model(images.float() / 255)
     torch.testing.assert_close(torch.from_numpy(run_numpy(state, images.numpy())), ref, rtol=1e-4, atol=1e-4)
+
+
+class _SmallFloatNet(nn.Module):
+    """A float conv net with its layers inside nn.Sequential containers: 1x8x8 images, 5 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.features = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(6),
+                                      nn.ReLU(), nn.Conv2d(6, 8, 3, padding="same", padding_mode="reflect", bias=False))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.head(self.features(self.stem(x)))
+
+
+def _sgd_steps(model, x, y, steps, lr):
+    """Cross-entropy losses of `steps` SGD steps on one batch (the loss before each step)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def float_net():
+    torch.manual_seed(11)
+    net = _SmallFloatNet()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 5, (16,))
+    _sgd_steps(net, x, y, steps=5, lr=0.1)
+    return net.eval(), x, y
+
+
+_CONVERTED = ("features.1", "features.4", "head.1")   # of _SmallFloatNet with keep_float=("stem", "head.3")
+
+
+def test_ternarize_model_starts_from_the_float_weights(float_net):
+    net, x, _ = float_net
+    before = copy.deepcopy(net.state_dict())
+    model = bt_quant.ternarize_model(net, keep_float=("stem", "head.3"))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())   # the input model stays float
+    assert type(net.head[1]) is nn.Linear and type(net.features[1]) is nn.Conv2d
+    for name in ("stem", "head.3"):
+        kept, original = model.get_submodule(name), net.get_submodule(name)
+        assert type(kept) is type(original) and kept is not original
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), original.state_dict().values()))
+    inputs = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, (i[0], o)))
+             for n in _CONVERTED]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for name in _CONVERTED:
+        layer, float_layer = model.get_submodule(name), net.get_submodule(name)
+        assert type(layer) is (TernaryLinear if type(float_layer) is nn.Linear else TernaryConv2d), name
+        assert torch.equal(layer.weight, float_layer.weight), name
+        assert (layer.bias is None) == (float_layer.bias is None), name
+        assert layer.bias is None or torch.equal(layer.bias, float_layer.bias), name
+        assert not layer.training and layer.act_delta == 0.5
+        # float64 reference: trits and TTQ scales from the float weight, the float layer's own geometry
+        w = float_layer.weight.detach().double().flatten(1)
+        trits = _channel_trits(float_layer.weight)
+        ap = torch.stack([w[c][trits.flatten(1)[c] > 0].mean() for c in range(w.shape[0])])
+        an = torch.stack([-w[c][trits.flatten(1)[c] < 0].mean() for c in range(w.shape[0])])
+        torch.testing.assert_close(layer.alpha_p.double(), ap, rtol=1e-6, atol=0)
+        torch.testing.assert_close(layer.alpha_n.double(), an, rtol=1e-6, atol=0)
+        ref = copy.deepcopy(float_layer).double()
+        with torch.no_grad():
+            ref.weight.copy_(_effective_weight(trits, ap, an))
+            inp, out = inputs[name]
+            inp = inp.double()
+            want = ref(torch.sign(inp) * (inp.abs() > 0.5))
+        assert bool(want.abs().max() > 0), name
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_ternarize_model_options_and_errors(float_net):
+    net, _, _ = float_net
+    with pytest.raises(ValueError, match=r"keep_float names no module of the model: \['head.9'\]"):
+        bt_quant.ternarize_model(net, keep_float=("stem", "head.9"))
+    with pytest.raises(TypeError, match="delta_tt"):
+        bt_quant.ternarize_model(net, delta_tt=0.5)
+    target = copy.deepcopy(net)
+    with pytest.raises(ValueError, match="rule"):   # every layer is built before the first swap
+        bt_quant.ternarize_model(target, inplace=True, delta_rule="median")
+    assert type(target.features[1]) is nn.Conv2d
+    stem = target.stem
+    target.features.train()
+    model = bt_quant.ternarize_model(target, keep_float=lambda name, m: isinstance(m, nn.Linear) or name == "stem",
+                                     act_delta=None, inplace=True, delta_rule="global", delta=0.03, weight_clip=2.0)
+    assert model is target and model.stem is stem
+    assert [type(model.get_submodule(n)).__name__ for n in _CONVERTED] == ["TernaryConv2d", "TernaryConv2d", "Linear"]
+    conv = model.features[1]
+    assert (conv.delta_rule, conv.delta, conv.weight_clip, conv.act_delta, conv.training) == ("global", 0.03, 2.0,
+                                                                                             None, True)
+    assert type(bt_quant.ternarize_model(nn.Linear(4, 3))) is TernaryLinear
+    shared = nn.Linear(4, 4)
+    twice = bt_quant.ternarize_model(nn.Sequential(shared, nn.ReLU(), shared))
+    assert type(twice[0]) is TernaryLinear and twice[0] is twice[2]
+
+
+def test_converted_model_fine_tunes_and_runs_on_the_kernels(float_net):
+    net, x, y = float_net
+    model = bt_quant.ternarize_model(net, keep_float=("stem", "head.3")).train()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = _sgd_steps(model, x, y, steps=8, lr=0.05)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    state = model.state_dict()
+    assert all(bool(torch.isfinite(v).all()) for v in state.values())
+    for name in _CONVERTED:
+        for p in ("weight", "alpha_p", "alpha_n"):
+            assert not torch.equal(state[f"{name}.{p}"], start[f"{name}.{p}"]), (name, p)
+    model = model.eval().to(DEVICE)
+    x = x.to(DEVICE)
+    fast = bt_quant.use_triton_kernels(model)
+    assert type(fast.head[1]) is TernaryLinearTriton and type(model.head[1]) is TernaryLinear
+    assert type(fast.features[1]) is TernaryConv2d and not fast.head[1].training
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fast.state_dict().items())
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+        back = bt_quant.use_pytorch_layers(fast)
+        assert type(back.head[1]) is TernaryLinear and type(fast.head[1]) is TernaryLinearTriton
+        assert torch.equal(back(x), want)
+
+
+def test_use_triton_kernels_leaves_float_input_layers():
+    model = bt_quant.ternarize_model(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), act_delta=None)
+    model[2].act_delta = 0.5
+    with pytest.warns(UserWarning, match=r"\['0'\] take float input \(act_delta=None\)"):
+        fast = bt_quant.use_triton_kernels(model)
+    assert type(fast[0]) is TernaryLinear and type(fast[2]) is TernaryLinearTriton
 
 
 # -----------------------------------------------------------------------------
