@@ -174,7 +174,8 @@ class TernaryConv2d(TernaryWeights):
                              f"({out_channels}), got {groups!r}")
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels, self.out_channels, self.groups, self.padding_mode = in_channels, out_channels, groups, padding_mode
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.groups, self.padding_mode = groups, padding_mode
         super().__init__((out_channels, in_channels // groups, *self.kernel_size), bias, delta_rule, delta_t, delta,
                          act_delta, act_clip, weight_clip)
         _to_factory(self, device, dtype)
@@ -243,18 +244,33 @@ def _replace_layers(model, replacement, inplace):
 
 
 def _keep_float_rule(model, keep_float):
-    """(name, module) -> bool from keep_float: module names (a container's keeps all inside it) and callables."""
-    rules = [keep_float] if isinstance(keep_float, str) or callable(keep_float) else list(keep_float)
-    if not all(isinstance(r, str) or callable(r) for r in rules):
-        raise TypeError(f"keep_float takes module names and callables (name, module) -> bool, got {keep_float!r}")
-    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
-    unknown = [r for r in rules if isinstance(r, str) and r not in names]
+    """(name, module) -> bool from keep_float: names (a container's keeps all inside it), modules, callables."""
+    if keep_float is None:
+        rules = []
+    else:
+        rules = list(keep_float) if isinstance(keep_float, (list, tuple, set)) else [keep_float]
+    names_of = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(m), []).append(name)
+    prefixes, predicates = [], []
+    for rule in rules:
+        if isinstance(rule, nn.Module):   # before callable: a module is callable too
+            if id(rule) not in names_of:
+                raise ValueError(f"keep_float holds a {type(rule).__name__} that is not a module of the model")
+            prefixes += names_of[id(rule)]
+        elif isinstance(rule, str):
+            prefixes.append(rule)
+        elif callable(rule):
+            predicates.append(rule)
+        else:
+            raise TypeError(f"keep_float takes module names, modules and callables (name, module) -> bool, "
+                            f"got {rule!r}")
+    known = {name for names in names_of.values() for name in names}
+    unknown = [p for p in prefixes if p not in known]
     if unknown:
         layers = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
         raise ValueError(f"keep_float names no module of the model: {unknown}; its nn.Linear and nn.Conv2d "
                          f"layers: {layers}")
-    prefixes = [r for r in rules if isinstance(r, str)]
-    predicates = [r for r in rules if callable(r)]
     return lambda name, module: (any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
                                  or any(bool(f(name, module)) for f in predicates))
 
@@ -286,8 +302,8 @@ def ternarize_model(model, *, keep_float=(), act_delta=0.5, inplace=False, **qua
     may compute something else). Make the optimizer after converting: the parameters are new.
 
     keep_float: layers left float, commonly the first and the last: names as in model.named_modules()
-        (a container's name keeps everything inside it) and/or callables (name, module) -> bool. A name
-        that is no module of the model raises ValueError.
+        (a container's name keeps everything inside it), modules of the model, and/or callables
+        (name, module) -> bool. A name or module that is not in the model raises ValueError.
     act_delta: the dead zone of the converted layers' ternary inputs; None keeps their inputs float
         (ternary weights only, and such linear layers stay on the PyTorch path: use_triton_kernels).
     inplace: False converts a deep copy, leaving `model` as it was; True converts `model` itself. Either

@@ -2365,6 +2365,17 @@ def test_ternarize_model_options_and_errors(float_net):
     net, _, _ = float_net
     with pytest.raises(ValueError, match=r"keep_float names no module of the model: \['head.9'\]"):
         bt_quant.ternarize_model(net, keep_float=("stem", "head.9"))
+    with pytest.raises(ValueError, match="Linear that is not a module of the model"):
+        bt_quant.ternarize_model(net, keep_float=[nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match="keep_float takes"):
+        bt_quant.ternarize_model(net, keep_float=[3])
+    by_module = bt_quant.ternarize_model(net, keep_float=[net.stem, net.head[3]])
+    by_container = bt_quant.ternarize_model(net, keep_float="head")
+    assert [type(by_module.get_submodule(n)).__name__ for n in ("stem", "features.1", "head.1", "head.3")] == \
+           ["Conv2d", "TernaryConv2d", "TernaryLinear", "Linear"]
+    assert [type(by_container.get_submodule(n)).__name__ for n in ("stem", "head.1", "head.3")] == \
+           ["TernaryConv2d", "Linear", "Linear"]
+    assert type(bt_quant.ternarize_model(net, keep_float=None).stem) is TernaryConv2d
     with pytest.raises(TypeError, match="delta_tt"):
         bt_quant.ternarize_model(net, delta_tt=0.5)
     target = copy.deepcopy(net)
