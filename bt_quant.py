@@ -1,12 +1,19 @@
-"""bt_quant.py: balanced ternary quantizers, PyTorch modules, BatchNorm folding and the packed export.
+"""bt_quant.py: balanced ternary quantizers, PyTorch modules, float-model conversion, BatchNorm folding and export.
 
-Builds on bt_kernel.py (the weight threshold rule and alpha init live there, so that
-TernaryLinearTriton stands alone); imports nothing else of this project.
+Holds the quantizers (ternarize, ternary_activation, ternary_weight); the modules TernaryActivation,
+TernaryLinear and TernaryConv2d (nn.Linear's and nn.Conv2d's signatures); ternarize_model (a float model's
+nn.Linear/nn.Conv2d layers to ternary ones, made from their weights) and use_triton_kernels /
+use_pytorch_layers (TernaryLinear to and from bt_kernel's TernaryLinearTriton, same state_dict); and the
+export: export_ternary_state, save_export, atomic_write, export_size_report. Builds on bt_kernel.py (the
+weight threshold rule and alpha init live there, so that TernaryLinearTriton stands alone); imports
+nothing else of this project.
 
-    from bt_quant import TernaryConv2d, TernaryLinear, export_ternary_state
+    from bt_quant import TernaryConv2d, TernaryLinear, export_ternary_state, ternarize_model, use_triton_kernels
     layer = TernaryLinear(1024, 256)          # ternary weights; input ternarized with act_delta=0.5
     conv = TernaryConv2d(1, 32, 5, act_delta=None)   # ternary weights, float input (raw pixels)
-    state = export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255)
+    model = ternarize_model(float_model, keep_float=("0", "4"))   # layers 0 and 4 stay float
+    fast = use_triton_kernels(model)          # TernaryLinear -> TernaryLinearTriton, same state_dict
+    state = export_ternary_state(net, input_shape=(1, 28, 28), input_scale=1 / 255)   # all layers ternary
     save_export(state, "bt_mnist_export.pt")  # atomic; loads with torch.load(weights_only=True)
 
 q(x) = sign(x) [|x| > delta] projects onto {-1, 0, +1}. Its straight-through estimator passes the
@@ -15,8 +22,10 @@ with learned per-output-channel alpha_p, alpha_n (TTQ): dL/dalpha_p = sum of dL/
 dL/dalpha_n = -sum over W < -d_c, and the latent W gets dL/dWeff scaled by alpha_p, 1 or alpha_n
 (inside the clip).
 """
+import copy
 import os
 import tempfile
+import warnings
 
 import torch
 import torch.nn as nn
@@ -26,8 +35,9 @@ from bt_kernel import (TernaryLinearTriton, TernaryWeights, weight_ste_grads, in
                        pack_bitplanes, ternary_thresholds)
 
 __all__ = ["ternarize", "ternary_activation", "ternary_weight", "TernaryActivation", "TernaryLinear",
-           "TernaryLinearTriton", "TernaryConv2d", "ternary_thresholds", "initial_alphas",
-           "export_ternary_state", "save_export", "atomic_write", "export_size_report", "EXPORT_FORMAT", "EXPORT_VERSION"]
+           "TernaryLinearTriton", "TernaryConv2d", "ternary_thresholds", "initial_alphas", "ternarize_model",
+           "use_triton_kernels", "use_pytorch_layers", "export_ternary_state", "save_export", "atomic_write",
+           "export_size_report", "EXPORT_FORMAT", "EXPORT_VERSION"]
 
 # -----------------------------------------------------------------------------
 # quantizers
@@ -95,14 +105,26 @@ class TernaryActivation(nn.Module):
 # modules (pure PyTorch; TernaryLinearTriton in bt_kernel.py is the kernel twin of TernaryLinear)
 
 
-class TernaryLinear(TernaryWeights):
-    """nn.Linear with ternary weights (and ternary inputs unless act_delta is None), in pure PyTorch."""
+def _to_factory(module, device, dtype):
+    # the parameters are made (and alpha_p/alpha_n initialised) in float32 on the CPU, then moved as nn's
+    # device= and dtype= would have made them
+    return module if device is None and dtype is None else module.to(device=device, dtype=dtype)
 
-    def __init__(self, in_features, out_features, bias=True, *, delta_rule="channel", delta_t=0.7,
-                 delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0):
+
+class TernaryLinear(TernaryWeights):
+    """nn.Linear with ternary weights (and ternary inputs unless act_delta is None), in pure PyTorch.
+
+    Same signature, defaults and parameters as nn.Linear, plus alpha_p/alpha_n and the keyword-only
+    ternary options. Load float weights with ternarize_model: load_state_dict(strict=False) of an
+    nn.Linear's weights leaves the alphas of the random initialisation.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, delta_rule="channel",
+                 delta_t=0.7, delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0):
         self.in_features, self.out_features = in_features, out_features
         super().__init__((out_features, in_features), bias, delta_rule, delta_t, delta, act_delta, act_clip,
                          weight_clip)
+        _to_factory(self, device, dtype)
 
     def forward(self, x):
         if self.act_delta is not None:
@@ -115,30 +137,234 @@ class TernaryLinear(TernaryWeights):
                 f"delta_rule={self.delta_rule}, act_delta={self.act_delta}")
 
 
-class TernaryConv2d(TernaryWeights):
-    """nn.Conv2d with ternary weights and per-output-channel alpha_p/alpha_n.
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
-    The input is ternarized with dead zone act_delta first; act_delta=None keeps it as it is (raw pixels).
+
+def _int_pair(value, name, low):
+    """An int or a pair of ints, each >= low, as a tuple (the geometry arguments of nn.Conv2d)."""
+    pair = (value, value) if isinstance(value, int) else value
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair)):
+        raise ValueError(f"{name} must be an int >= {low} or a pair of them, got {value!r}")
+    return tuple(pair)
+
+
+class TernaryConv2d(TernaryWeights):
+    """nn.Conv2d with ternary weights and per-output-channel alpha_p/alpha_n, in pure PyTorch.
+
+    Same signature, defaults, attributes and parameters as nn.Conv2d (stride, padding, 'same'/'valid',
+    dilation, groups, bias, padding_mode), plus alpha_p/alpha_n and the keyword-only ternary options.
+    The input is ternarized with dead zone act_delta first; act_delta=None keeps it as it is (raw
+    pixels). The export (export_ternary_state) takes a subset: see there.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=False, *,
-                 delta_rule="channel", delta_t=0.7, delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0):
-        k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
-        self.stride, self.padding = stride, padding
-        super().__init__((out_channels, in_channels, *k), bias, delta_rule, delta_t, delta, act_delta, act_clip,
-                         weight_clip)
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros", device=None, dtype=None, *, delta_rule="channel", delta_t=0.7, delta=0.02,
+                 act_delta=0.5, act_clip=1.0, weight_clip=1.0):
+        self.kernel_size = _int_pair(kernel_size, "kernel_size", 1)
+        self.stride = _int_pair(stride, "stride", 1)
+        self.dilation = _int_pair(dilation, "dilation", 1)
+        self.padding = padding if isinstance(padding, str) else _int_pair(padding, "padding", 0)
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+        if padding == "same" and self.stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride!r}")
+        if not (isinstance(groups, int) and groups >= 1 and in_channels % groups == 0 and out_channels % groups == 0):
+            raise ValueError(f"groups must be an int >= 1 dividing in_channels ({in_channels}) and out_channels "
+                             f"({out_channels}), got {groups!r}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.groups, self.padding_mode = groups, padding_mode
+        super().__init__((out_channels, in_channels // groups, *self.kernel_size), bias, delta_rule, delta_t, delta,
+                         act_delta, act_clip, weight_clip)
+        _to_factory(self, device, dtype)
+
+    def side_padding(self):
+        """(left, right, top, bottom): the padding on each side of the input, the order of F.pad."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":   # an even span pads one more on the right and the bottom, as nn.Conv2d does
+            (sh, sw) = (d * (k - 1) for d, k in zip(self.dilation, self.kernel_size))
+            return (sw // 2, sw - sw // 2, sh // 2, sh - sh // 2)
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
 
     def forward(self, x):
-        if self.act_delta is not None:
+        if self.act_delta is not None:   # padding after ternarizing: a padded value is 0 or a copy of one
             x = ternary_activation(x, self.act_delta, self.act_clip)
         w = ternary_weight(self.weight, self.alpha_p, self.alpha_n, self.thresholds(), self.weight_clip)
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, w.to(x.dtype), b, self.stride, self.padding)
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self.side_padding(), mode=self.padding_mode), 0
+        else:
+            padding = self.padding
+        return F.conv2d(x, w.to(x.dtype), b, self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}, act_delta={self.act_delta}")
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        for name, default in (("padding", (0, 0)), ("dilation", (1, 1)), ("groups", 1), ("padding_mode", "zeros")):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)!r}"
+        return s + f", bias={self.bias is not None}, act_delta={self.act_delta}"
+
+
+# -----------------------------------------------------------------------------
+# converting: float nn.Linear / nn.Conv2d to ternary layers, and TernaryLinear to and from its kernel twin
+
+_QUANT_OPTIONS = ("delta_rule", "delta_t", "delta", "act_clip", "weight_clip")
+
+
+def _ternary_options(layer):
+    return {name: getattr(layer, name) for name in _QUANT_OPTIONS + ("act_delta",)}
+
+
+def _copy_requires_grad(new, old):
+    for name, p in old.named_parameters(recurse=False):
+        getattr(new, name).requires_grad_(p.requires_grad)
+
+
+def _replace_layers(model, replacement, inplace):
+    """model (or a deep copy of it) with each module m swapped for replacement(names, m) where that is not None.
+
+    names: every name of m in model.named_modules(). All replacements are built before the first swap, so
+    an error leaves the model as it was; a module registered under several names stays shared.
+    """
+    model = model if inplace else copy.deepcopy(model)
+    named = list(model.named_modules(remove_duplicate=False))
+    names_of = {}
+    for name, module in named:
+        names_of.setdefault(id(module), (module, []))[1].append(name)
+    new = {key: replacement(names, module) for key, (module, names) in names_of.items()}
+    for name, module in named:
+        if name and new[id(module)] is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new[id(module)])
+    return model if new[id(model)] is None else new[id(model)]
+
+
+def _keep_float_rule(model, keep_float):
+    """(name, module) -> bool from keep_float: names (a container's keeps all inside it), modules, callables."""
+    if keep_float is None:
+        rules = []
+    else:
+        rules = list(keep_float) if isinstance(keep_float, (list, tuple, set)) else [keep_float]
+    names_of = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(m), []).append(name)
+    prefixes, predicates = [], []
+    for rule in rules:
+        if isinstance(rule, nn.Module):   # before callable: a module is callable too
+            if id(rule) not in names_of:
+                raise ValueError(f"keep_float holds a {type(rule).__name__} that is not a module of the model")
+            prefixes += names_of[id(rule)]
+        elif isinstance(rule, str):
+            prefixes.append(rule)
+        elif callable(rule):
+            predicates.append(rule)
+        else:
+            raise TypeError(f"keep_float takes module names, modules and callables (name, module) -> bool, "
+                            f"got {rule!r}")
+    known = {name for names in names_of.values() for name in names}
+    unknown = [p for p in prefixes if p not in known]
+    if unknown:
+        layers = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+        raise ValueError(f"keep_float names no module of the model: {unknown}; its nn.Linear and nn.Conv2d "
+                         f"layers: {layers}")
+    return lambda name, module: (any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+                                 or any(bool(f(name, module)) for f in predicates))
+
+
+@torch.no_grad()
+def _ternary_twin(layer, act_delta, quant):
+    """The TernaryLinear / TernaryConv2d of a float layer: its geometry, weight, bias, device, dtype and mode."""
+    w, has_bias = layer.weight, layer.bias is not None
+    options = dict(device=w.device, dtype=w.dtype, act_delta=act_delta, **quant)
+    if type(layer) is nn.Linear:
+        new = TernaryLinear(layer.in_features, layer.out_features, has_bias, **options)
+    else:
+        new = TernaryConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                            layer.dilation, layer.groups, has_bias, layer.padding_mode, **options)
+    new.weight.copy_(w)
+    if has_bias:
+        new.bias.copy_(layer.bias)
+    new.init_alphas()   # from the copied weight, as a new layer's from its random one
+    _copy_requires_grad(new, layer)
+    return new.train(layer.training)
+
+
+def ternarize_model(model, *, keep_float=(), act_delta=0.5, inplace=False, **quant):
+    """The model with each nn.Linear and nn.Conv2d replaced by a TernaryLinear or TernaryConv2d made from it.
+
+    A new layer keeps the float layer's geometry, weight and bias (copied exactly), device, dtype,
+    requires_grad and train/eval mode; its alpha_p/alpha_n start from that weight (initial_alphas).
+    Containers are searched at any depth; only modules of exactly these two classes convert (a subclass
+    may compute something else). Make the optimizer after converting: the parameters are new.
+
+    keep_float: layers left float, commonly the first and the last: names as in model.named_modules()
+        (a container's name keeps everything inside it), modules of the model, and/or callables
+        (name, module) -> bool. A name or module that is not in the model raises ValueError.
+    act_delta: the dead zone of the converted layers' ternary inputs; None keeps their inputs float
+        (ternary weights only, and such linear layers stay on the PyTorch path: use_triton_kernels).
+    inplace: False converts a deep copy, leaving `model` as it was; True converts `model` itself. Either
+        way use the returned model (a bare nn.Linear or nn.Conv2d comes back as a new layer).
+    quant: the weight rule and clips of the new layers (delta_rule, delta_t, delta, act_clip, weight_clip);
+        the ternary layers' defaults where not given.
+    """
+    unknown = sorted(set(quant) - set(_QUANT_OPTIONS))
+    if unknown:
+        raise TypeError(f"ternarize_model got unknown options {unknown}: it takes keep_float, act_delta, inplace, "
+                        f"{', '.join(_QUANT_OPTIONS)}")
+    keep = _keep_float_rule(model, keep_float)
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.LazyLinear, nn.LazyConv2d)) and m.has_uninitialized_params():
+            raise ValueError(f"{name or 'the model'}: {type(m).__name__} has no weights yet: run one forward first")
+
+    def convert(names, m):
+        if type(m) not in (nn.Linear, nn.Conv2d) or any(keep(name, m) for name in names):
+            return None
+        return _ternary_twin(m, act_delta, quant)
+    return _replace_layers(model, convert, inplace)
+
+
+@torch.no_grad()
+def _swap_class(layer, cls):
+    """layer as a cls (TernaryLinear or TernaryLinearTriton): the same options, device, dtype, mode and state_dict."""
+    new = cls(layer.in_features, layer.out_features, layer.bias is not None, **_ternary_options(layer))
+    new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    new.load_state_dict(layer.state_dict())
+    _copy_requires_grad(new, layer)
+    return new.train(layer.training)
+
+
+def use_triton_kernels(model, *, inplace=False):
+    """The model with each TernaryLinear swapped for a TernaryLinearTriton: forward on the popcount kernels.
+
+    Same options and state_dict (so the outputs match up to float32 rounding). A TernaryLinear with
+    act_delta=None takes float input, which the kernels do not: it stays, and a UserWarning names it.
+    TernaryConv2d stays in PyTorch (the export runs convs on the kernels). inplace as in ternarize_model.
+    """
+    float_input = []
+
+    def swap(names, m):
+        if type(m) is not TernaryLinear:
+            return None
+        if m.act_delta is None:
+            float_input.append(names[0])
+            return None
+        return _swap_class(m, TernaryLinearTriton)
+    model = _replace_layers(model, swap, inplace)
+    if float_input:
+        warnings.warn(f"use_triton_kernels: {float_input} take float input (act_delta=None) and stay TernaryLinear "
+                      f"on the PyTorch path", stacklevel=2)
+    return model
+
+
+def use_pytorch_layers(model, *, inplace=False):
+    """The model with each TernaryLinearTriton swapped back for a TernaryLinear (pure PyTorch: any device, no
+    Triton), same options and state_dict. inplace as in ternarize_model."""
+    return _replace_layers(model, lambda names, m: _swap_class(m, TernaryLinear)
+                           if type(m) is TernaryLinearTriton else None, inplace)
 
 
 # -----------------------------------------------------------------------------
@@ -155,9 +381,31 @@ def _fold_batchnorm(alpha_p, alpha_n, bias, bn):
     return alpha_p * s, alpha_n * s, bias * s + t
 
 
+def _export_conv_geometry(conv, where):
+    """kernel_size [kh, kw], stride and padding as ints: the convs the inference engine runs, else ValueError."""
+    unsupported = []
+    if conv.stride[0] != conv.stride[1]:
+        unsupported.append(f"stride={conv.stride} (needs one stride for both directions)")
+    pads = conv.side_padding()
+    if len(set(pads)) != 1:
+        unsupported.append(f"padding={conv.padding!r} (needs the same padding on every side)")
+    elif pads[0] and conv.padding_mode != "zeros":
+        unsupported.append(f"padding_mode={conv.padding_mode!r} (needs 'zeros')")
+    if conv.dilation != (1, 1):
+        unsupported.append(f"dilation={conv.dilation} (needs 1)")
+    if conv.groups != 1:
+        unsupported.append(f"groups={conv.groups} (needs 1)")
+    if unsupported:
+        raise ValueError(f"{where}: cannot export " + ", ".join(unsupported))
+    return list(conv.kernel_size), conv.stride[0], pads[0]
+
+
 @torch.no_grad()
 def export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, **meta):
     """A packed, self-describing export of an nn.Sequential of ternary layers, BatchNorm, MaxPool2d, Flatten.
+
+    Convs: one stride for both directions, the same zero padding on every side, no dilation, one group
+    (else ValueError naming the layer and the setting).
 
     Each ternary layer becomes {type, geometry, input kind, pos/neg uint32 planes [N, KW] (2 bits per
     weight), alpha_p, alpha_n, bias (float32, BatchNorm folded in)}. The first layer may take raw
@@ -189,8 +437,8 @@ def export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, **
                        pos=pos.contiguous(), neg=neg.contiguous(),
                        alpha_p=ap.float(), alpha_n=an.float(), bias=b.float())
             if isinstance(m, TernaryConv2d):
-                rec.update(in_channels=m.in_channels, kernel_size=list(m.kernel_size), stride=m.stride,
-                           padding=m.padding)
+                kernel_size, stride, padding = _export_conv_geometry(m, f"layer {i} (TernaryConv2d)")
+                rec.update(in_channels=m.in_channels, kernel_size=kernel_size, stride=stride, padding=padding)
             layers.append(rec)
         elif isinstance(m, nn.MaxPool2d):
             k, s = m.kernel_size, m.stride or m.kernel_size

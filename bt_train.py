@@ -202,9 +202,9 @@ def build_model(channels=(64, 128, 512), classes=10, act_delta=0.5, triton_linea
     c1, c2, c3 = channels
     Linear = TernaryLinearTriton if triton_linear else TernaryLinear
     return nn.Sequential(
-        TernaryConv2d(1, c1, 5, act_delta=None, **quant),
+        TernaryConv2d(1, c1, 5, bias=False, act_delta=None, **quant),
         nn.BatchNorm2d(c1), nn.MaxPool2d(2),
-        TernaryConv2d(c1, c2, 5, act_delta=act_delta, **quant),
+        TernaryConv2d(c1, c2, 5, bias=False, act_delta=act_delta, **quant),
         nn.BatchNorm2d(c2), nn.MaxPool2d(2), nn.Flatten(),
         Linear(c2 * 16, c3, bias=False, act_delta=act_delta, **quant),
         nn.BatchNorm1d(c3),

@@ -12,10 +12,12 @@ if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib
+import copy
 import datetime
 import gc
 import gzip
 import hashlib
+import inspect
 import io
 import math
 import pickle
@@ -963,7 +965,7 @@ def test_conv_module_matches_unfold_linear():
     cols = torch.nn.functional.unfold(bt_quant.ternarize(x, 0.5), 3, padding=1)          # [B, 27, 36]
     weff = (conv.alpha_p[:, None] * (conv.ternary_weight().flatten(1) == 1)
             - conv.alpha_n[:, None] * (conv.ternary_weight().flatten(1) == -1)).double()
-    ref = (weff @ cols.double()).view(2, 5, 6, 6)
+    ref = (weff @ cols.double() + conv.bias.double()[:, None]).view(2, 5, 6, 6)
     torch.testing.assert_close(conv(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -1309,8 +1311,8 @@ def _images(n, size, seed=0):
 def small_lenet(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(
-        TernaryConv2d(1, 4, 3, act_delta=None), nn.BatchNorm2d(4), nn.MaxPool2d(2),   # 16 -> 14 -> 7
-        TernaryConv2d(4, 8, 3), nn.BatchNorm2d(8), nn.MaxPool2d(2),                  # 7 -> 5 -> 2
+        TernaryConv2d(1, 4, 3, bias=False, act_delta=None), nn.BatchNorm2d(4), nn.MaxPool2d(2),   # 16 -> 14 -> 7
+        TernaryConv2d(4, 8, 3, bias=False), nn.BatchNorm2d(8), nn.MaxPool2d(2),                  # 7 -> 5 -> 2
         nn.Flatten(), TernaryLinear(32, 16, bias=False), nn.BatchNorm1d(16), TernaryLinear(16, 10))
     return _calibrate(model, _images(64, 16, seed=100 + seed))
 
@@ -2177,6 +2179,256 @@ def test_infer_names_a_training_checkpoint_and_its_export_command(tiny, tmp_path
     with pytest.raises(bt_infer.ExportError, match=r"after epoch 1 of 4, .* --resume CKPT .*\(it first trains the "
                                                     r"3 epoch\(s\) left\)"):
         bt_infer.validate_export(ck)
+
+
+# -----------------------------------------------------------------------------
+# converting float models: nn.Conv2d's geometry in TernaryConv2d, ternarize_model, the swaps of layer class
+
+
+def _channel_trits(weight, t=0.7):
+    """Trits by the 'channel' rule, written out in float64: +1 where W > t mean|W_c|, -1 where W < -t mean|W_c|."""
+    w = weight.detach().double().flatten(1)
+    d = t * w.abs().mean(1, keepdim=True)
+    return ((w > d).long() - (w < -d).long()).view(weight.shape)
+
+
+def _effective_weight(trits, alpha_p, alpha_n):
+    """float64 alpha_p where the trit is +1, -alpha_n where it is -1, 0 elsewhere."""
+    shape = (-1,) + (1,) * (trits.dim() - 1)
+    ap, an = alpha_p.detach().double().view(shape), alpha_n.detach().double().view(shape)
+    return torch.where(trits > 0, ap, torch.where(trits < 0, -an, torch.zeros((), dtype=torch.float64)))
+
+
+def test_ternary_layers_take_the_nn_signatures():
+    for ours, theirs in ((TernaryConv2d, nn.Conv2d), (TernaryLinear, nn.Linear)):
+        nn_params = list(inspect.signature(theirs).parameters.values())
+        our_params = list(inspect.signature(ours).parameters.values())
+        assert [(p.name, p.default, p.kind) for p in our_params[:len(nn_params)]] == \
+               [(p.name, p.default, p.kind) for p in nn_params], ours
+        assert all(p.kind is p.KEYWORD_ONLY for p in our_params[len(nn_params):]), ours
+    for layer in (TernaryConv2d(2, 4, 3, 1, 0, 1, 1, True, "zeros", "cpu", torch.float64),
+                  TernaryLinear(6, 4, True, "cpu", torch.float64)):
+        assert {p.dtype for p in layer.parameters()} == {torch.float64}, layer
+        assert layer.bias is not None
+
+
+_CONV_GEOMETRIES = [   # kernel_size, stride, padding, dilation, groups, bias, padding_mode
+    (3, 1, 0, 1, 1, True, "zeros"),
+    ((3, 2), (2, 1), (1, 2), 1, 1, False, "zeros"),
+    (3, 1, "same", 2, 2, True, "reflect"),
+    (2, 1, "same", 1, 1, True, "circular"),       # even kernel: the extra padding goes right and below
+    (2, 1, "same", (1, 2), 1, False, "zeros"),
+    (3, 2, "valid", 1, 4, False, "zeros"),
+    (3, (1, 2), 1, (2, 1), 8, True, "replicate"),  # depthwise
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")   # torch's note on a padded copy
+@pytest.mark.parametrize("act_delta", [None, 0.5])
+@pytest.mark.parametrize("kernel_size,stride,padding,dilation,groups,bias,padding_mode", _CONV_GEOMETRIES)
+def test_ternary_conv_matches_nn_conv2d(kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                                        act_delta):
+    torch.manual_seed(0)
+    args = (8, 8, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
+    conv = TernaryConv2d(*args, dtype=torch.float64, act_delta=act_delta)
+    ref = nn.Conv2d(*args, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(_effective_weight(_channel_trits(conv.weight), conv.alpha_p, conv.alpha_n))
+        if bias:
+            ref.bias.copy_(conv.bias)
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode"):
+        assert getattr(conv, name) == getattr(ref, name), name
+    assert (conv.bias is None) == (ref.bias is None) and conv.weight.shape == ref.weight.shape
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    x_in = x if act_delta is None else torch.sign(x) * (x.abs() > act_delta)
+    torch.testing.assert_close(conv(x), ref(x_in), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(groups=3), "groups"), (dict(groups=0), "groups"), (dict(padding="full"), "padding"),
+    (dict(padding="same", stride=2), "stride"), (dict(padding_mode="mirror"), "padding_mode"),
+    (dict(kernel_size=0), "kernel_size"), (dict(stride=(1, 2, 3)), "stride"), (dict(padding=-1), "padding"),
+    (dict(dilation=1.5), "dilation")])
+def test_ternary_conv_rejects_bad_geometry(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TernaryConv2d(**{**dict(in_channels=4, out_channels=8, kernel_size=3), **bad})
+
+
+@pytest.mark.parametrize("geometry,setting", [
+    (dict(stride=(2, 1)), "stride"), (dict(padding=(1, 0)), "padding"),
+    (dict(kernel_size=2, padding="same"), "padding"), (dict(padding=1, padding_mode="reflect"), "padding_mode"),
+    (dict(dilation=2), "dilation"), (dict(groups=2), "groups")])
+def test_export_names_the_conv_setting_it_cannot_run(geometry, setting):
+    model = nn.Sequential(TernaryConv2d(1, 4, 3, act_delta=None), TernaryConv2d(4, 4, **{"kernel_size": 3, **geometry}))
+    with pytest.raises(ValueError, match=rf"layer 1 \(TernaryConv2d\): cannot export {setting}="):
+        export_ternary_state(model, input_shape=(1, 12, 12))
+
+
+def test_export_writes_conv_geometry_as_ints():
+    torch.manual_seed(4)
+    model = nn.Sequential(TernaryConv2d(1, 4, 3, padding="same", act_delta=None), nn.MaxPool2d(2),
+                          TernaryConv2d(4, 6, (3, 2), stride=(2, 2), padding=(0, 0), padding_mode="reflect"),
+                          TernaryConv2d(6, 6, 1, padding="valid"), nn.Flatten(), TernaryLinear(6 * 2 * 2, 5))
+    state = export_ternary_state(model, input_shape=(1, 10, 10), input_scale=1 / 255)
+    convs = [l for l in state["layers"] if l["type"] == "conv"]
+    assert [(l["kernel_size"], l["stride"], l["padding"]) for l in convs] == [([3, 3], 1, 1), ([3, 2], 2, 0),
+                                                                              ([1, 1], 1, 0)]
+    assert all(type(l[k]) is int for l in convs for k in ("stride", "padding"))
+    images = _images(3, 10, seed=8)
+    with torch.no_grad():
+        ref = model(images.float() / 255)
+    torch.testing.assert_close(torch.from_numpy(run_numpy(state, images.numpy())), ref, rtol=1e-4, atol=1e-4)
+
+
+class _SmallFloatNet(nn.Module):
+    """A float conv net with its layers inside nn.Sequential containers: 1x8x8 images, 5 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.features = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(6),
+                                      nn.ReLU(), nn.Conv2d(6, 8, 3, padding="same", padding_mode="reflect", bias=False))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.head(self.features(self.stem(x)))
+
+
+def _sgd_steps(model, x, y, steps, lr):
+    """Cross-entropy losses of `steps` SGD steps on one batch (the loss before each step)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def float_net():
+    torch.manual_seed(11)
+    net = _SmallFloatNet()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 5, (16,))
+    _sgd_steps(net, x, y, steps=5, lr=0.1)
+    return net.eval(), x, y
+
+
+_CONVERTED = ("features.1", "features.4", "head.1")   # of _SmallFloatNet with keep_float=("stem", "head.3")
+
+
+def test_ternarize_model_starts_from_the_float_weights(float_net):
+    net, x, _ = float_net
+    before = copy.deepcopy(net.state_dict())
+    model = bt_quant.ternarize_model(net, keep_float=("stem", "head.3"))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())   # the input model stays float
+    assert type(net.head[1]) is nn.Linear and type(net.features[1]) is nn.Conv2d
+    for name in ("stem", "head.3"):
+        kept, original = model.get_submodule(name), net.get_submodule(name)
+        assert type(kept) is type(original) and kept is not original
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), original.state_dict().values()))
+    inputs = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, (i[0], o)))
+             for n in _CONVERTED]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for name in _CONVERTED:
+        layer, float_layer = model.get_submodule(name), net.get_submodule(name)
+        assert type(layer) is (TernaryLinear if type(float_layer) is nn.Linear else TernaryConv2d), name
+        assert torch.equal(layer.weight, float_layer.weight), name
+        assert (layer.bias is None) == (float_layer.bias is None), name
+        assert layer.bias is None or torch.equal(layer.bias, float_layer.bias), name
+        assert not layer.training and layer.act_delta == 0.5
+        # float64 reference: trits and TTQ scales from the float weight, the float layer's own geometry
+        w = float_layer.weight.detach().double().flatten(1)
+        trits = _channel_trits(float_layer.weight)
+        ap = torch.stack([w[c][trits.flatten(1)[c] > 0].mean() for c in range(w.shape[0])])
+        an = torch.stack([-w[c][trits.flatten(1)[c] < 0].mean() for c in range(w.shape[0])])
+        torch.testing.assert_close(layer.alpha_p.double(), ap, rtol=1e-6, atol=0)
+        torch.testing.assert_close(layer.alpha_n.double(), an, rtol=1e-6, atol=0)
+        ref = copy.deepcopy(float_layer).double()
+        with torch.no_grad():
+            ref.weight.copy_(_effective_weight(trits, ap, an))
+            inp, out = inputs[name]
+            inp = inp.double()
+            want = ref(torch.sign(inp) * (inp.abs() > 0.5))
+        assert bool(want.abs().max() > 0), name
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_ternarize_model_options_and_errors(float_net):
+    net, _, _ = float_net
+    with pytest.raises(ValueError, match=r"keep_float names no module of the model: \['head.9'\]"):
+        bt_quant.ternarize_model(net, keep_float=("stem", "head.9"))
+    with pytest.raises(ValueError, match="Linear that is not a module of the model"):
+        bt_quant.ternarize_model(net, keep_float=[nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match="keep_float takes"):
+        bt_quant.ternarize_model(net, keep_float=[3])
+    by_module = bt_quant.ternarize_model(net, keep_float=[net.stem, net.head[3]])
+    by_container = bt_quant.ternarize_model(net, keep_float="head")
+    assert [type(by_module.get_submodule(n)).__name__ for n in ("stem", "features.1", "head.1", "head.3")] == \
+           ["Conv2d", "TernaryConv2d", "TernaryLinear", "Linear"]
+    assert [type(by_container.get_submodule(n)).__name__ for n in ("stem", "head.1", "head.3")] == \
+           ["TernaryConv2d", "Linear", "Linear"]
+    assert type(bt_quant.ternarize_model(net, keep_float=None).stem) is TernaryConv2d
+    with pytest.raises(TypeError, match="delta_tt"):
+        bt_quant.ternarize_model(net, delta_tt=0.5)
+    target = copy.deepcopy(net)
+    with pytest.raises(ValueError, match="rule"):   # every layer is built before the first swap
+        bt_quant.ternarize_model(target, inplace=True, delta_rule="median")
+    assert type(target.features[1]) is nn.Conv2d
+    stem = target.stem
+    target.features.train()
+    model = bt_quant.ternarize_model(target, keep_float=lambda name, m: isinstance(m, nn.Linear) or name == "stem",
+                                     act_delta=None, inplace=True, delta_rule="global", delta=0.03, weight_clip=2.0)
+    assert model is target and model.stem is stem
+    assert [type(model.get_submodule(n)).__name__ for n in _CONVERTED] == ["TernaryConv2d", "TernaryConv2d", "Linear"]
+    conv = model.features[1]
+    assert (conv.delta_rule, conv.delta, conv.weight_clip, conv.act_delta, conv.training) == ("global", 0.03, 2.0,
+                                                                                             None, True)
+    assert type(bt_quant.ternarize_model(nn.Linear(4, 3))) is TernaryLinear
+    shared = nn.Linear(4, 4)
+    twice = bt_quant.ternarize_model(nn.Sequential(shared, nn.ReLU(), shared))
+    assert type(twice[0]) is TernaryLinear and twice[0] is twice[2]
+
+
+def test_converted_model_fine_tunes_and_runs_on_the_kernels(float_net):
+    net, x, y = float_net
+    model = bt_quant.ternarize_model(net, keep_float=("stem", "head.3")).train()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = _sgd_steps(model, x, y, steps=8, lr=0.05)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    state = model.state_dict()
+    assert all(bool(torch.isfinite(v).all()) for v in state.values())
+    for name in _CONVERTED:
+        for p in ("weight", "alpha_p", "alpha_n"):
+            assert not torch.equal(state[f"{name}.{p}"], start[f"{name}.{p}"]), (name, p)
+    model = model.eval().to(DEVICE)
+    x = x.to(DEVICE)
+    fast = bt_quant.use_triton_kernels(model)
+    assert type(fast.head[1]) is TernaryLinearTriton and type(model.head[1]) is TernaryLinear
+    assert type(fast.features[1]) is TernaryConv2d and not fast.head[1].training
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fast.state_dict().items())
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+        back = bt_quant.use_pytorch_layers(fast)
+        assert type(back.head[1]) is TernaryLinear and type(fast.head[1]) is TernaryLinearTriton
+        assert torch.equal(back(x), want)
+
+
+def test_use_triton_kernels_leaves_float_input_layers():
+    model = bt_quant.ternarize_model(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), act_delta=None)
+    model[2].act_delta = 0.5
+    with pytest.warns(UserWarning, match=r"\['0'\] take float input \(act_delta=None\)"):
+        fast = bt_quant.use_triton_kernels(model)
+    assert type(fast[0]) is TernaryLinear and type(fast[2]) is TernaryLinearTriton
 
 
 # -----------------------------------------------------------------------------
