@@ -627,11 +627,12 @@ def _np_forward(layers, consts, x, input_scale):
     return x
 
 
-def run_numpy(state, images_np, chunk=128, threads=None):
+def run_numpy(state, images_np, chunk=128, threads=None, progress=None):
     """Logits float32 numpy [B, classes], bit-identical to run_triton's, multiply-free on the CPU.
 
     images_np: uint8 [B, *input_shape] (or [B, 28, 28]). Chunks of `chunk` images run in `threads`
-    threads (default: the usable cores): numpy's ufuncs release the GIL.
+    threads (default: the usable cores): numpy's ufuncs release the GIL. progress, if given, is called
+    with the number of images done after each chunk, in order, on the calling thread.
     """
     validate_export(state, data=False)
     x = images_4d(np.asarray(images_np), state["input_shape"], "images_np")
@@ -645,15 +646,22 @@ def run_numpy(state, images_np, chunk=128, threads=None):
 
     def work(i):
         out[i:i + chunk] = _np_forward(layers, consts, x[i:i + chunk], state["input_scale"])
+        return min(i + chunk, len(out))   # images done once this chunk and those before it are
 
+    report = progress or (lambda done: None)
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if threads <= 1 or len(starts) <= 1:
         for i in starts:
-            work(i)
+            report(work(i))
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(work, starts))
+            done = pool.map(work, starts)
+            try:
+                for n in done:
+                    report(n)
+            finally:
+                done.close()   # an exception here (Ctrl-C) cancels the chunks not yet started
     return out
 
 
@@ -777,13 +785,18 @@ def load(args):
 
 
 def infer(state, images, device, batch, reps=5):
-    """(predictions on the CPU, seconds for all images, engine name). On cuda the seconds are the median of
-    `reps` runs timed with CUDA events, after one run that compiles and autotunes; weights are moved and
-    re-packed once, outside the timing."""
+    """(predictions on the CPU, seconds for all images, engine name). On the CPU a progress line shows when
+    the run is slow (bt_train.ProgressLine). On cuda the seconds are the median of `reps` runs timed with
+    CUDA events, after one run that compiles and autotunes; weights are moved and re-packed once, outside
+    the timing."""
     if device == "cpu":
+        import bt_train   # lazily, as in load: its progress line
+        line = bt_train.ProgressLine(len(images), "images", f"{'numpy':<7} {device:<6} ")
         t0 = time.perf_counter()
-        logits = run_numpy(state, images.numpy())
-        return torch.from_numpy(logits.argmax(1)), time.perf_counter() - t0, "numpy"
+        logits = run_numpy(state, images.numpy(), progress=line.update)
+        seconds = time.perf_counter() - t0
+        line.clear()   # report's line takes its place on a terminal
+        return torch.from_numpy(logits.argmax(1)), seconds, "numpy"
     dev_state, x = prepare_triton(state, "cuda"), images.cuda()
     logits = run_triton(dev_state, x, batch)
     times = []

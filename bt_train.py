@@ -624,6 +624,78 @@ class Progress:
         sys.exit(130)
 
 
+def format_duration(seconds):
+    """'42 s', '16 min 40 s', '2 h 05 min': a time left, to the second under an hour."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class ProgressLine:
+    """A progress line for a long loop (a training epoch, CPU inference): steps done/total, images/s and the
+    time left. On a terminal one line rewritten in place with \\r about once a second, from 2 s on; in a log
+    or a pipe a plain flushed line from 30 s on, then every 30 s or every tenth of the loop, whichever is
+    longer. Loops that finish before those first seconds print nothing: quick runs keep their output."""
+
+    TTY_START, TTY_EVERY, LOG_EVERY = 2.0, 1.0, 30.0   # seconds
+    clock = staticmethod(time.monotonic)                # a class attribute, so that tests can fake it
+
+    def __init__(self, total, label, prefix="", per_step=1, tty=None, enabled=True, out=None):
+        """total steps of `per_step` images each, counted as '{prefix}{label} done/total'; enabled=False
+        (ranks other than 0 of a torchrun) prints nothing."""
+        self.total, self.label, self.prefix, self.per_step, self.enabled = total, label, prefix, per_step, enabled
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty() if tty is None else tty
+        self.start = self.last = self.clock()
+        self.lines = 0   # lines printed (or rewrites of the terminal line)
+        self.width = 0   # the terminal line's width, to pad shorter rewrites and to clear it
+
+    def due(self, done, now):
+        """Whether a line is due after `done` steps; never at the last step, which the caller reports itself."""
+        if not self.enabled or not 0 < done < self.total:
+            return False
+        elapsed = now - self.start
+        if self.tty:
+            return elapsed >= self.TTY_START and now - self.last >= self.TTY_EVERY
+        if self.lines == 0:
+            return elapsed >= self.LOG_EVERY
+        return now - self.last >= max(self.LOG_EVERY, elapsed * self.total / done / 10)
+
+    def text(self, done, now, detail=""):
+        """The line: rate and time left from the mean step time so far."""
+        elapsed = max(now - self.start, 1e-9)
+        rate = done * self.per_step / elapsed
+        left = elapsed * (self.total - done) / done
+        return (f"{self.prefix}{self.label} {done}/{self.total}  {detail}images/s {rate:.1f}  "
+                f"left {format_duration(left)}")
+
+    def update(self, done, detail=None):
+        """After `done` steps: a line if one is due. detail(done) adds text ('loss 0.1234  '), asked for
+        only when a line is printed (on CUDA it may wait for the GPU)."""
+        now = self.clock()
+        if not self.due(done, now):
+            return
+        self.last, self.lines = now, self.lines + 1
+        text = self.text(done, now, detail(done) if detail else "")
+        if self.tty:   # cut to the terminal's width: a wrapped line could not be rewritten in place
+            text = text[:shutil.get_terminal_size().columns - 1]
+            self.width = max(self.width, len(text))
+            self.out.write("\r" + text.ljust(self.width))
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def clear(self):
+        """Blank the terminal line and return to its start: the next print replaces it, no stale characters."""
+        if self.width:
+            self.out.write("\r" + " " * self.width + "\r")
+            self.out.flush()
+            self.width = 0
+
+
 def init_distributed(args):
     """(device, rank, world). torchrun sets WORLD_SIZE: one process per GPU (NCCL) or per CPU worker (gloo)."""
     device = torch.device(args.device)
@@ -732,11 +804,17 @@ def set_up(argv, progress):
 
 
 def train_epoch(run, epoch):
-    """One epoch of optimizer steps on this epoch's shuffle; its mean loss. A live line on a terminal."""
+    """One epoch of optimizer steps on this epoch's shuffle; its mean loss. A progress line when it is slow."""
     args, steps, trainer = run.args, run.steps, run.trainer
     perm = torch.randperm(len(run.train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
     perm = perm.to(run.device)
-    last_print = time.time()
+    # images/s of the whole run (every process's batch); evaluate clears the line on the terminal
+    line = run.progress_line = ProgressLine(steps, "step", f"epoch {epoch + 1:3d}/{args.epochs}  ",
+                                            per_step=args.batch * run.world, tty=run.tty, enabled=run.rank == 0)
+
+    def running_loss(done):
+        return f"loss {trainer.loss_sum.item() / done:.4f}  "
+
     for i in range(steps):
         lr_now = lr_at(epoch * steps + i, args.epochs * steps, args.lr)
         if run.graphed:
@@ -745,10 +823,7 @@ def train_epoch(run, epoch):
             for group in run.opt.param_groups:
                 group["lr"] = lr_now
         trainer.step(perm[i * args.batch:(i + 1) * args.batch])
-        if run.tty and time.time() - last_print > 1.0:   # a live line when epochs are slow (CPU)
-            last_print = time.time()
-            print(f"\repoch {epoch + 1:3d}/{args.epochs}  step {i + 1}/{steps}  "
-                  f"loss {trainer.loss_sum.item() / (i + 1):.4f}", end="", flush=True)
+        line.update(i + 1, running_loss)
     loss = trainer.loss_sum.item() / steps
     trainer.loss_sum.zero_()
     if not math.isfinite(loss):
@@ -769,6 +844,7 @@ def evaluate(run, epoch, loss, t0, sent0):
     if run.tg_state:
         per_step = (run.tg_state.bytes_sent - sent0) / run.steps
         comm = f"  terngrad {per_step / 1e3:.1f} kB/step/worker ({4 * run.n_params / per_step:.1f}x < float32)"
+    run.progress_line.clear()   # the epoch line takes the progress line's place on a terminal
     print(("\r" if run.tty else "") + f"epoch {epoch + 1:3d}/{run.args.epochs}  loss {loss:.4f}  test {acc:6.2f}%  "
           f"{dt:6.2f} s{comm}")
 

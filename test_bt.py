@@ -2432,6 +2432,130 @@ def test_use_triton_kernels_leaves_float_input_layers():
 
 
 # -----------------------------------------------------------------------------
+# progress lines of slow epochs and CPU inference: a fake clock, a terminal and a log
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _fake_clock(monkeypatch, tick):
+    """ProgressLine's clock starts at 100 s and advances `tick` seconds each time it is read."""
+    now = [100.0 - tick]
+    def clock():
+        now[0] += tick
+        return now[0]
+    monkeypatch.setattr(bt_train.ProgressLine, "clock", staticmethod(clock))
+
+
+def _drive(out, steps, tick, monkeypatch, **kw):
+    """A loop of `steps` steps, `tick` seconds each, reported to a ProgressLine writing to `out`."""
+    _fake_clock(monkeypatch, tick)
+    line = bt_train.ProgressLine(steps, "step", "epoch   1/3  ", **kw, out=out)
+    for done in range(1, steps + 1):
+        line.update(done, lambda d: f"loss {1 / d:.4f}  ")
+    line.clear()
+    return out.getvalue()
+
+
+def test_progress_line_on_a_terminal_rewrites_one_line(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out = _drive(_Terminal(), 100, 0.5, monkeypatch, per_step=8)   # a 50 s epoch: a line from 2 s, every 1 s
+    assert "\n" not in out and out.startswith("\r")
+    *shown, cleared, rest = out.split("\r")[1:]
+    assert shown[0] == "epoch   1/3  step 4/100  loss 0.2500  images/s 16.0  left 48 s"
+    assert [int(re.search(r"step (\d+)/", s).group(1)) for s in shown] == list(range(4, 100, 2))
+    assert shown[-1].rstrip() == "epoch   1/3  step 98/100  loss 0.0102  images/s 16.0  left 1 s"
+    # each rewrite covers the one before it, and the clearing covers them all: no stale characters
+    assert all(len(b) >= len(a) for a, b in zip(shown, shown[1:]))
+    assert cleared == " " * len(shown[-1]) and rest == ""
+    # a narrow terminal gets the line cut to its width, never wrapped
+    monkeypatch.setenv("COLUMNS", "30")
+    out = _drive(_Terminal(), 10, 1.0, monkeypatch)
+    assert max(len(s) for s in out.split("\r")) == 29
+
+
+def test_progress_line_in_a_log_prints_calm_plain_lines(monkeypatch):
+    out = _drive(io.StringIO(), 1000, 1.0, monkeypatch)   # a 1000 s epoch: from 30 s, then every tenth
+    lines = out.splitlines(keepends=True)
+    assert "\r" not in out and all(l.endswith("\n") for l in lines)
+    assert [int(re.search(r"step (\d+)/", l).group(1)) for l in lines] == [30, *range(130, 1000, 100)]
+    assert lines[0] == "epoch   1/3  step 30/1000  loss 0.0333  images/s 1.0  left 16 min 10 s\n"
+    # a 2-minute epoch: every 30 s, the shortest interval
+    out = _drive(io.StringIO(), 120, 1.0, monkeypatch, tty=False)
+    assert [int(re.search(r"step (\d+)/", l).group(1)) for l in out.splitlines()] == [30, 60, 90]
+
+
+@pytest.mark.parametrize("out,steps,tick", [(_Terminal(), 50, 0.038), (io.StringIO(), 50, 0.58)],
+                         ids=["terminal-1.9s", "log-29s"])
+def test_progress_line_silent_for_short_loops_and_other_ranks(monkeypatch, out, steps, tick):
+    assert _drive(out, steps, tick, monkeypatch) == ""
+    assert _drive(type(out)(), 1000, 1.0, monkeypatch, enabled=False) == ""   # ranks other than 0
+
+
+def test_progress_line_rate_and_time_left(monkeypatch):
+    _fake_clock(monkeypatch, 0.0)
+    line = bt_train.ProgressLine(125, "images", "numpy   cpu    ", per_step=128, tty=False)
+    # 25 of 125 steps of 128 images in 40 s: 80 images/s, 100 steps left at 1.6 s each
+    assert line.text(25, 140.0) == "numpy   cpu    images 25/125  images/s 80.0  left 2 min 40 s"
+    assert line.text(124, 100.0 + 3 * 3600) == "numpy   cpu    images 124/125  images/s 1.5  left 1 min 27 s"
+    assert [bt_train.format_duration(s) for s in (-3, 0, 59.4, 59.6, 3599, 3600, 7530)] == \
+        ["0 s", "0 s", "59 s", "1 min 00 s", "59 min 59 s", "1 h 00 min", "2 h 05 min"]
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log", "terminal"])
+def test_train_cli_shows_progress_of_slow_epochs(tiny, tmp_path, monkeypatch, capsys, terminal):
+    # every clock reading 40 s later: each epoch's first step (of 2) is slow enough for a line
+    monkeypatch.setattr(bt_train, "recalibrate_batchnorm", lambda model, x: None)
+    monkeypatch.setenv("COLUMNS", "200")
+    if terminal:
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    _fake_clock(monkeypatch, 40.0)
+    assert _train_tiny(tmp_path) == 0
+    out = capsys.readouterr().out
+    progress = r"epoch   (\d)/2  step 1/2  loss \d\.\d{4}  images/s 1\.6  left 40 s"
+    epoch = r"epoch   \1/2  loss \d\.\d{4}  test +\d+\.\d\d%  +\d+\.\d\d s"
+    if terminal:
+        assert len(re.findall(rf"\r{progress}\r +\r\r{epoch}\n", out)) == 2, out
+    else:
+        assert len(re.findall(rf"^{progress}\n{epoch}$", out, re.M)) == 2, out
+        assert "\r" not in out
+
+
+def test_run_numpy_reports_images_done_in_order(small, monkeypatch):
+    _, state, images, _ = small
+    x = images.repeat(25, 1, 1, 1).numpy()   # 300 images
+    for threads in (1, 2):
+        seen = []
+        assert np.array_equal(run_numpy(state, x, threads=threads, progress=seen.append), run_numpy(state, x))
+        assert seen == [128, 256, 300]
+    # Ctrl-C while reporting: the chunks not yet started are dropped, not run before the exception leaves
+    real_forward, ran = bt_infer._np_forward, []
+    def slow_forward(*args):
+        ran.append(1)
+        time.sleep(0.2)
+        return real_forward(*args)
+    monkeypatch.setattr(bt_infer, "_np_forward", slow_forward)
+    with pytest.raises(KeyboardInterrupt):
+        run_numpy(state, x[:40], chunk=1, threads=2, progress=_ctrl_c)
+    assert len(ran) <= 6
+
+
+def test_infer_cli_shows_progress_on_the_cpu(small, tmp_path, monkeypatch, capsys):
+    _, state, images, ref_logits = small
+    path = _good_file(state, tmp_path, "export.pt")
+    x, labels = images[:, 0].repeat(25, 1, 1), ref_logits.argmax(1).repeat(25)   # 300 images, 3 chunks
+    monkeypatch.setattr(bt_train, "load_dataset", lambda name, root="data": (x, labels, x, labels))
+    _fake_clock(monkeypatch, 40.0)
+    bt_infer.main(["--export", str(path), "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:4] == ["numpy   cpu    images 128/300  images/s 3.2  left 54 s",
+                          "numpy   cpu    images 256/300  images/s 3.2  left 14 s"]
+    assert lines[4].startswith("numpy   cpu    accuracy 100.00%  images/s ") and len(lines) == 5
+
+
+# -----------------------------------------------------------------------------
 # SASS: the popcount compiles to the POPC instruction on sm_90 (no GPU needed: Triton's own ptxas)
 
 
