@@ -69,14 +69,46 @@ compiled to one POPC instruction per word on sm_90 (on int32 the shifts are arit
 """
 import math
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-import triton
-import triton.language as tl
+
+
+class _NoTriton:
+    """Stands in for triton and triton.language where triton is not installed (it installs on Linux only):
+    the kernels below are then defined as plain functions and never launched (_need_triton raises first),
+    so the thresholds, the packers' torch path and the layers' CPU path still work."""
+    constexpr = object
+
+    @staticmethod
+    def jit(fn=None, **kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    @staticmethod
+    def cdiv(a, b):
+        return -(-a // b)
+
+    @staticmethod
+    def next_power_of_2(n):
+        return 1 << max(0, int(n) - 1).bit_length()
+
+
+try:
+    import triton
+    import triton.language as tl
+    _NO_TRITON = None
+except ImportError as e:
+    triton = tl = _NoTriton()
+    _NO_TRITON = e
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _need_triton():
+    if _NO_TRITON is not None:
+        raise RuntimeError(f"the popcount kernels need triton ({_NO_TRITON}); pip install triton (Linux), or use "
+                           "the PyTorch layers (bt_quant.TernaryLinear, TernaryConv2d), which run without it")
 
 # -----------------------------------------------------------------------------
 # popcount
@@ -1340,6 +1372,7 @@ def _launch(kind, meta, a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, c
     ternarized, packed 32 columns a word into c (pos) and c_neg (neg); pool 2 max-pools windows of 4
     consecutive rows first. Scales float32 [N]: alpha_n None means one scale, bias None none.
     """
+    _need_triton()
     N, KW = b_pos.shape
     meta = {**_META_DEFAULTS[kind], **meta}
     symmetric = alpha_n is None
@@ -1431,6 +1464,7 @@ def _new_planes(bits, rows, kw, device, k_major=True, padded=False):
 
 def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1, k_major=True):
     """Pack x4 (viewed [B, C, H, W]) into planes [bits, R, KW] with _pack_kernel; no checks."""
+    _need_triton()
     KW = triton.cdiv(K, 32)
     pos = _new_planes(bits, R, KW, x4.device, k_major, padded=True)
     neg = pos if mode == 3 else _new_planes(1, R, KW, x4.device, k_major, padded=True)
@@ -1452,6 +1486,7 @@ def _launch_pack(x4, R, K, geometry, mode, threshold=0.0, thr=None, bits=1, k_ma
 
 def _pack_trits4(x, k_major=False):
     """Pack int8 trits [R, K] with K % 4 == 0, unit column stride and 4-byte aligned rows: 4 trits a load."""
+    _need_triton()
     R, K = x.shape
     KW = triton.cdiv(K, 32)
     pos = _new_planes(1, R, KW, x.device, k_major, padded=True)[0]
@@ -1499,6 +1534,7 @@ def launch_pack(x, threshold=None, k_major=False):
 def _pack_pixel_patches(x, OH, OW, kh, kw, stride, padding):
     """pack_im2col's 8 bitplanes of uint8 x [B, C, H, W] when a patch fits one word (C*kh*kw <= 32) and a
     padded row one word (W + 2*padding <= 32): rows are bit-sliced once, then cut into patches."""
+    _need_triton()
     B, C, H, W = x.shape
     R = B * OH * OW
     rows = torch.empty((B * C * H, 8), dtype=torch.uint32, device=x.device)
@@ -1521,6 +1557,7 @@ def _conv_by_patches(a_pos, a_neg, w_pos, w_neg, scales, out, out_neg, kind, met
     planes (rows in the implicit GEMM's pooling-window order, so that the epilogue pools and packs as there),
     then a plain GEMM runs on them: kind "im2col", thin tiles on K-word-major planes; "mma", the MMA kernel
     on row-major planes. Chunks keep the planes under 2 x 128 MB."""
+    _need_triton()
     B, H, W, CW = a_pos.shape
     N, KW = w_pos.shape
     rows = (OH // pool) * (OW // pool) * pool * pool   # per image
@@ -1900,6 +1937,89 @@ def weight_ste_grads(g_weff, weight, alpha_p, alpha_n, thresholds, clip):
 
 
 # -----------------------------------------------------------------------------
+# the layer's forward: custom operators for torch.compile, and a torch path for CPUs without the kernels
+
+
+def _pack_rows_impl(x: torch.Tensor, threshold: float,
+                    row_thresholds: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_pack(x, threshold if row_thresholds is None else row_thresholds)
+
+
+def _gemm_impl(a_pos: torch.Tensor, a_neg: torch.Tensor, b_pos: torch.Tensor, b_neg: torch.Tensor,
+               alpha_p: torch.Tensor, alpha_n: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               out_dtype: torch.dtype) -> torch.Tensor:
+    # the epilogue stores in out_dtype: the float64 result rounded to float32, then to out_dtype (to nearest)
+    # on the store. Triton's interpreter truncates to bfloat16: there the rounding is torch's.
+    store = torch.float32 if _INTERPRET and out_dtype == torch.bfloat16 else out_dtype
+    out = torch.empty((a_pos.shape[0], b_pos.shape[0]), dtype=store, device=a_pos.device)
+    return launch_gemm(a_pos[None], a_neg[None], b_pos, b_neg, alpha_p, alpha_n, bias, out=out)[0].to(out_dtype)
+
+
+# The launches as PyTorch custom operators: torch.compile places them in its graph as opaque calls
+# (fake implementations give the outputs' shapes, strides and dtypes without running anything). Eager
+# calls skip the dispatcher and run the same functions directly.
+_pack_rows_op = torch.library.custom_op("bt_kernel::pack_rows", _pack_rows_impl, mutates_args=())
+_gemm_op = torch.library.custom_op("bt_kernel::gemm", _gemm_impl, mutates_args=())
+
+
+@_pack_rows_op.register_fake
+def _(x, threshold, row_thresholds):
+    R, KW = x.shape[0], triton.cdiv(x.shape[1], 32)
+    return tuple(x.new_empty((R, _row_words(KW)), dtype=torch.uint32)[:, :KW] for _ in range(2))
+
+
+@_gemm_op.register_fake
+def _(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, out_dtype):
+    return a_pos.new_empty((a_pos.shape[0], b_pos.shape[0]), dtype=out_dtype)
+
+
+def _kernel_path(device):
+    """True where the layers run the Triton kernels: CUDA, or the CPU under TRITON_INTERPRET=1."""
+    return _NO_TRITON is None and (device.type == "cuda" or (_INTERPRET and device.type == "cpu"))
+
+
+def _pack_rows(x, threshold):
+    """Row-major planes of float x [R, K] at a scalar or per-row threshold."""
+    per_row = isinstance(threshold, torch.Tensor)
+    if torch.compiler.is_compiling():
+        return _pack_rows_op(x, 0.0 if per_row else float(threshold), threshold if per_row else None)
+    return launch_pack(x, threshold)
+
+
+def prepare_weight(weight, thresholds):
+    """A weight [N, K] as the layer's forward reads it: (pos, neg) bitplanes where the kernels run, int8
+    trits (a 1-tuple) on a CPU without them. No autograd."""
+    weight, thresholds = weight.detach(), thresholds.detach()
+    if _kernel_path(weight.device):
+        return _pack_rows(weight, thresholds)
+    return (_ternarize_rows(weight, thresholds),)
+
+
+def _dense_ternary(a, w, alpha_p, alpha_n, bias):
+    """The kernels' sums and epilogue in float64 torch ops: Sp, Sn exact, then alpha_p Sp - alpha_n Sn + bias."""
+    a = a.double()
+    s_p, s_n = a @ (w == 1).double().T, a @ (w == -1).double().T
+    c = alpha_p.double() * (s_p - s_n) if alpha_n is None else alpha_p.double() * s_p - alpha_n.double() * s_n
+    return c if bias is None else c + bias.double()
+
+
+def ternary_linear(x, act_delta, weight, alpha_p, alpha_n=None, bias=None):
+    """q(x) @ Weff^T + bias in x's dtype (any leading dimensions), no autograd. weight: prepare_weight's.
+    Where the kernels do not run (a CPU without TRITON_INTERPRET=1, or without triton) the same integer
+    sums and float64 epilogue run in torch ops: the same result."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    ap, an, b = _f32(alpha_p), _f32(alpha_n), _f32(bias)
+    if len(weight) == 1:
+        y = _dense_ternary(_ternarize_rows(x2, act_delta), weight[0], ap, an, b).float().to(x.dtype)
+    else:
+        a_pos, a_neg = _pack_rows(x2, act_delta)
+        gemm = _gemm_op if torch.compiler.is_compiling() else _gemm_impl
+        y = gemm(a_pos, a_neg, *weight, ap, an, b, x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# -----------------------------------------------------------------------------
 # autograd and the nn.Module
 
 
@@ -1908,20 +2028,18 @@ class TernaryGemmFunction(torch.autograd.Function):
 
     q(x) ternarizes the input with dead zone act_delta (STE: gradient passes where |x| <= act_clip);
     Weff = alpha_p [W > d] - alpha_n [W < -d] with per-channel d (TTQ gradients for W, alpha_p, alpha_n).
+    prepared: the weight as prepare_weight gives it, when the caller holds it already.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, alpha_p, alpha_n, bias, thresholds, act_delta, act_clip, weight_clip):
-        K = weight.shape[1]
-        x2 = x.reshape(-1, K)
-        if not x2.is_floating_point():
+    def forward(ctx, x, weight, alpha_p, alpha_n, bias, thresholds, act_delta, act_clip, weight_clip,
+                prepared=None):
+        if not x.is_floating_point():
             raise TypeError(f"input must be float, got {x.dtype}")
-        a_pos, a_neg = launch_pack(x2, act_delta)
-        w_pos, w_neg = launch_pack(weight.detach(), thresholds.detach())   # compared in the weight's precision
-        y, _ = launch_gemm(a_pos[None], a_neg[None], w_pos, w_neg, _f32(alpha_p), _f32(alpha_n), _f32(bias))
+        prepared = prepared or prepare_weight(weight, thresholds)   # compared in the weight's precision
         ctx.save_for_backward(x, weight, alpha_p, alpha_n, thresholds)
         ctx.has_bias, ctx.act_delta, ctx.act_clip, ctx.weight_clip = bias is not None, act_delta, act_clip, weight_clip
-        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+        return ternary_linear(x, act_delta, prepared, alpha_p, alpha_n, bias)
 
     @staticmethod
     def backward(ctx, gy):
@@ -1936,7 +2054,7 @@ class TernaryGemmFunction(torch.autograd.Function):
         gx = (g2 @ weff.to(g2.dtype)) * (x2.abs() <= ctx.act_clip)
         g_w, g_ap, g_an = weight_ste_grads(g2.T @ xq, weight, alpha_p, alpha_n, thresholds, ctx.weight_clip)
         gb = g2.sum(0) if ctx.has_bias else None
-        return gx.view_as(x), g_w, g_ap, g_an, gb, None, None, None, None
+        return gx.view_as(x), g_w, g_ap, g_an, gb, None, None, None, None, None
 
 
 class TernaryWeights(nn.Module):
@@ -1989,6 +2107,10 @@ class TernaryLinearTriton(TernaryWeights):
     """nn.Linear with ternary weights and ternary inputs, forward on the popcount kernels.
 
     Same parameters and state_dict keys as bt_quant.TernaryLinear, so a model switches path as it is.
+    Input float32, bfloat16, float16 or float64 [..., in_features]; output in the input's dtype. When
+    autograd does not need the weight (eval(), or no_grad), the packed weight is kept and reused until a
+    parameter changes (in place too: version counters), the mode or the device; a forward then packs only
+    its input. On a CPU without TRITON_INTERPRET=1 the same sums run in torch ops (ternary_linear).
     """
 
     def __init__(self, in_features, out_features, bias=True, *, delta_rule="channel", delta_t=0.7,
@@ -1998,12 +2120,47 @@ class TernaryLinearTriton(TernaryWeights):
         self.in_features, self.out_features = in_features, out_features
         super().__init__((out_features, in_features), bias, delta_rule, delta_t, delta, act_delta, act_clip,
                          weight_clip)
+        self._packed = None
+
+    def _packed_weight(self):
+        """(prepared weight, alpha_p, alpha_n, bias), rebuilt when any parameter or threshold setting changed."""
+        params = [p for p in (self.weight, self.alpha_p, self.alpha_n, self.bias) if p is not None]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params) + (
+            self.delta_rule, self.delta_t, self.delta)
+        if self._packed is None or self._packed[0] != key:
+            with torch.no_grad():
+                weights = (prepare_weight(self.weight, self.thresholds()),
+                           *(_f32(t) for t in (self.alpha_p, self.alpha_n, self.bias)))
+            self._packed = (key, weights)
+        return self._packed[1]
+
+    def train(self, mode=True):
+        self._packed = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = None
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
-        return TernaryGemmFunction.apply(x, self.weight, self.alpha_p, self.alpha_n, self.bias, self.thresholds(),
-                                         self.act_delta, self.act_clip, self.weight_clip)
+        if not x.is_floating_point():
+            raise TypeError(f"input must be float, got {x.dtype}")
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if torch.compiler.is_compiling():   # the weight is packed in the graph (the cache is Python-side state)
+            packed = None
+        elif self.training and needs_grad:  # training steps change the weight: nothing is kept
+            packed = self._packed = None
+        else:
+            packed = self._packed_weight()
+        if needs_grad:
+            return TernaryGemmFunction.apply(x, self.weight, self.alpha_p, self.alpha_n, self.bias, self.thresholds(),
+                                             self.act_delta, self.act_clip, self.weight_clip,
+                                             packed[0] if packed else None)
+        if packed is None:
+            packed = (prepare_weight(self.weight, self.thresholds()), self.alpha_p, self.alpha_n, self.bias)
+        return ternary_linear(x, self.act_delta, *packed)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

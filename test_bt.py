@@ -84,6 +84,8 @@ def check_sums(run, sp, sn, what=None):
 EXHAUSTIVE = pytest.mark.skipif(DEVICE != "cuda" and os.environ.get("BT_EXHAUSTIVE") != "1",
                                 reason="gpu_exhaustive: larger shapes, run on the GPU (BT_EXHAUSTIVE=1 runs them "
                                        "in the interpreter too, slowly)")
+# what only a GPU runs (inductor's Triton code, CUDA graphs)
+GPU_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="gpu_only: needs a CUDA GPU")
 
 
 # -----------------------------------------------------------------------------
@@ -2553,6 +2555,185 @@ def test_infer_cli_shows_progress_on_the_cpu(small, tmp_path, monkeypatch, capsy
     assert lines[2:4] == ["numpy   cpu    images 128/300  images/s 3.2  left 54 s",
                           "numpy   cpu    images 256/300  images/s 3.2  left 14 s"]
     assert lines[4].startswith("numpy   cpu    accuracy 100.00%  images/s ") and len(lines) == 5
+
+
+# -----------------------------------------------------------------------------
+# drop-in layers: the packed weight kept in eval, the input's dtype, torch.compile, no triton, no interpreter
+
+
+def _linear_reference(layer, x):
+    """TernaryLinearTriton's output in x's dtype, worked out independently: trits of x (dead zone act_delta)
+    and of the weight ('channel' rule, float64), exact integer sums, the epilogue in float64, rounded to
+    float32 and then to x's dtype as the kernels store it."""
+    K = x.shape[-1]
+    xd = x.detach().cpu().double().reshape(-1, K)
+    xq = ((xd > layer.act_delta).long() - (xd < -layer.act_delta).long())
+    wq = _channel_trits(layer.weight.cpu())
+    sp, sn = xq @ (wq == 1).long().T, xq @ (wq == -1).long().T
+    c = layer.alpha_p.detach().cpu().double() * sp.double() - layer.alpha_n.detach().cpu().double() * sn.double()
+    if layer.bias is not None:
+        c = c + layer.bias.detach().cpu().double()
+    return c.float().to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def _counting_prepare(monkeypatch):
+    calls = []
+    prepare = bt_kernel.prepare_weight
+    monkeypatch.setattr(bt_kernel, "prepare_weight", lambda *a: calls.append(1) or prepare(*a))
+    return calls
+
+
+def test_linear_eval_packs_weight_once_until_a_parameter_changes(monkeypatch):
+    torch.manual_seed(0)
+    layer = TernaryLinearTriton(70, 9).to(DEVICE).eval()
+    x = torch.randn(2, 5, 70, device=DEVICE)
+    calls = _counting_prepare(monkeypatch)
+    with torch.no_grad():
+        y = layer(x)
+        assert torch.equal(layer(x), y) and len(calls) == 1          # packed once, reused
+        layer.weight[3].neg_()                                       # in place: the version counter moves
+        y2 = layer(x)
+        assert len(calls) == 2 and torch.equal(y2.cpu(), _linear_reference(layer, x)) and not torch.equal(y2, y)
+        layer.alpha_p.mul_(2)
+        assert torch.equal(layer(x).cpu(), _linear_reference(layer, x)) and len(calls) == 3
+        other = TernaryLinearTriton(70, 9).to(DEVICE)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x).cpu(), _linear_reference(other, x)) and len(calls) == 4
+        layer.delta_t = 0.5                                          # a threshold setting
+        layer(x)
+        assert len(calls) == 5
+        layer.train()
+        layer(x)                                                     # no_grad in train mode: kept as well
+        layer(x)
+        assert len(calls) == 6
+    y = layer(x)                                                     # training: packed each call, not kept
+    assert len(calls) == 7 and layer._packed is None and y.requires_grad
+
+
+def test_linear_eval_with_grad_uses_kept_weight_and_trains_the_same(monkeypatch):
+    torch.manual_seed(1)
+    layer = TernaryLinearTriton(40, 6).to(DEVICE)
+    x = torch.randn(3, 40, device=DEVICE)
+    g = torch.randn(3, 6, device=DEVICE)
+    layer(x).backward(g)
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    layer.eval()
+    calls = _counting_prepare(monkeypatch)
+    layer(x)
+    y = layer(x)                                                     # eval, autograd on: forward from the kept planes
+    y.backward(g)
+    assert len(calls) == 1
+    for got, want in zip((p.grad for p in layer.parameters()), grads):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_linear_output_in_input_dtype(dtype, train):
+    torch.manual_seed(2)
+    layer = TernaryLinearTriton(45, 11).to(DEVICE).train(train)
+    x = (torch.randn(2, 3, 45, device=DEVICE) * 1.3).to(dtype)
+    want = _linear_reference(layer, x)
+    with torch.no_grad():
+        y0 = layer(x)                      # eval: the kept planes, no autograd
+    y = layer(x)                           # autograd
+    for got in (y0, y):
+        assert got.dtype == dtype and got.shape == (2, 3, 11) and torch.equal(got.detach().cpu(), want)
+    assert layer(x[:, :0]).shape == (2, 0, 11)                        # no rows
+
+
+def _compile_net():
+    return nn.Sequential(TernaryConv2d(1, 4, 3, act_delta=None), nn.BatchNorm2d(4), nn.Flatten(),
+                         TernaryLinearTriton(4 * 6 * 6, 16), nn.BatchNorm1d(16), TernaryLinear(16, 5))
+
+
+COMPILE_MODES = [pytest.param(dict(backend="aot_eager"), id="aot_eager"),
+                 pytest.param(dict(), marks=GPU_ONLY, id="inductor"),
+                 pytest.param(dict(mode="reduce-overhead"), marks=GPU_ONLY, id="cudagraphs")]
+
+
+@pytest.mark.parametrize("options", COMPILE_MODES)
+def test_compiled_model_matches_eager(options):
+    """fullgraph: the custom ops take the kernels into the graph; train and eval, forward and backward.
+    aot_eager runs the same float ops as eager (equal); inductor fuses BatchNorm's sums (within rounding)."""
+    torch.manual_seed(3)
+    eager = _compile_net().to(DEVICE)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True, **options)
+    check = torch.testing.assert_close if options else lambda a, b: torch.equal(a, b) or pytest.fail("differ")
+    for train in (True, False):
+        eager.train(train), twin.train(train)
+        for step in range(2):
+            x = torch.rand(6, 1, 8, 8, device=DEVICE)
+            y, yc = eager(x), compiled(x)
+            check(yc, y)
+            y.square().sum().backward()
+            yc.square().sum().backward()
+            for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
+                if name != "3.bias":   # before BatchNorm: its gradient is rounding noise around 0
+                    check(q.grad, p.grad)
+            eager.zero_grad(), twin.zero_grad()
+
+
+def _run_python(code, *, interpret):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_INTERPRET="1") if interpret else None
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_layers_import_and_run_without_triton(tmp_path):
+    """No triton installed (macOS, Windows): bt_quant imports, its layers train and export, the kernel layer
+    runs its torch path on the CPU, and a kernel launch says what is missing."""
+    out = _run_python(f"""
+import sys
+sys.modules["triton"] = None   # import triton raises ImportError
+import torch, torch.nn as nn
+import bt_kernel, bt_quant
+torch.manual_seed(0)
+net = nn.Sequential(bt_quant.TernaryConv2d(1, 4, 3, act_delta=None, bias=False), nn.Flatten(),
+                    bt_quant.TernaryLinear(4 * 6 * 6, 10))
+net(torch.rand(2, 1, 8, 8)).sum().backward()
+bt_quant.save_export(bt_quant.export_ternary_state(net, input_shape=(1, 8, 8)), r"{tmp_path / 'e.pt'}")
+fast = bt_kernel.TernaryLinearTriton(40, 5)
+ref = bt_quant.TernaryLinear(40, 5)
+ref.load_state_dict(fast.state_dict())
+x = torch.randn(3, 40)
+torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+try:
+    bt_kernel.launch_pack(x, 0.5)
+except RuntimeError as e:
+    print(e)
+""", interpret=False)
+    assert "the popcount kernels need triton" in out and "bt_quant.TernaryLinear" in out
+    assert (tmp_path / "e.pt").exists()
+
+
+def test_linear_on_a_cpu_without_the_interpreter_gives_the_kernels_result(tmp_path):
+    torch.manual_seed(4)
+    layer = TernaryLinearTriton(70, 9).to(DEVICE)
+    x = torch.randn(4, 70, device=DEVICE)
+    torch.save(dict(state=layer.state_dict(), x=x), tmp_path / "in.pt")
+    _run_python(f"""
+import torch, bt_kernel
+ins = torch.load(r"{tmp_path / 'in.pt'}", map_location="cpu")
+layer = bt_kernel.TernaryLinearTriton(70, 9)
+layer.load_state_dict(ins["state"])
+x = ins["x"].requires_grad_()
+y = layer(x)
+y.square().sum().backward()
+torch.save(dict(y=y.detach(), gx=x.grad, gw=layer.weight.grad), r"{tmp_path / 'out.pt'}")
+""", interpret=False)
+    got = torch.load(tmp_path / "out.pt")
+    x.requires_grad_()
+    y = layer(x)
+    y.square().sum().backward()
+    assert torch.equal(got["y"], y.detach().cpu())
+    torch.testing.assert_close(got["gx"], x.grad.cpu())
+    torch.testing.assert_close(got["gw"], layer.weight.grad.cpu())
 
 
 # -----------------------------------------------------------------------------
