@@ -421,6 +421,34 @@ def bench_kernels(quick=False):
         torch.cuda.empty_cache()
 
 
+def bench_modules():
+    """nn.Linear in bf16 against TernaryLinearTriton in eval (bf16 in, bf16 out: input pack, GEMM, scales), as
+    a model calls them: CUDA-graph replays (layers rotated beyond L2), and one eager call at 1 row."""
+    print("layers in eval, bf16 input and output, us per call from CUDA-graph replays (layers rotated beyond L2); "
+          "ternary: TernaryLinearTriton (packed weight kept; the call packs its input); eager: one Python call")
+    hdr = f"{'M':>6} {'N':>5} {'K':>5} | {'bf16':>8} {'ternary':>8} {'speedup':>7} | {'bf16 eager':>10} {'tern eager':>10}"
+    print(hdr)
+    print("-" * len(hdr))
+    for N, K in ((4096, 4096), (11008, 4096)):
+        with torch.no_grad():
+            floats = [nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+                      for _ in range(_rotation(2 * N * K))]
+            ternaries = [bk.TernaryLinearTriton(K, N, bias=False).cuda().eval() for _ in range(_rotation(N * K // 4))]
+            for M in (1, 16, 2048):
+                xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+                us = {}
+                for name, mods in (("bf16", floats), ("ternary", ternaries)):
+                    call = lambda i, mods=mods: mods[i % len(mods)](xs[i % 2])
+                    us[name] = _graph_ms(call, calls=max(10, len(mods))) * 1e3
+                    if M == 1:
+                        us[name + " eager"] = _eager_ms(call) * 1e3
+                eager = (f"{us['bf16 eager']:10.2f} {us['ternary eager']:10.2f}" if M == 1 else f"{'':>10} {'':>10}")
+                print(f"{M:>6} {N:>5} {K:>5} | {us['bf16']:8.2f} {us['ternary']:8.2f} {us['bf16'] / us['ternary']:7.2f}x "
+                      f"| {eager}", flush=True)
+        del floats, ternaries
+        torch.cuda.empty_cache()
+
+
 def float_twin(state):
     """An nn.Sequential of float Conv2d/Linear + BatchNorm + ReLU with the export's shapes (random weights)."""
     layers, ternary = [], [r for r in state["layers"] if r["type"] in ("conv", "linear")]
@@ -550,6 +578,7 @@ def main(argv=None):
     parser.add_argument("--infer", metavar="EXPORT", help="time the inference engine on this export (default: off)")
     parser.add_argument("--data", default="data", metavar="DIR", help="dataset root for --infer (default: data)")
     parser.add_argument("--quick", action="store_true", help="fewer GEMM shapes (default: off)")
+    parser.add_argument("--modules", action="store_true", help="only the layer table (default: off)")
     args = parser.parse_args(argv)
     if args.sass:   # compiles for sm_90 without a GPU
         _sass_report(args.sass)
@@ -564,8 +593,11 @@ def main(argv=None):
                               (128, 256, 1024), (8192, 64, 800)])
     elif args.infer:
         bench_inference(args.infer, args.data)
+    elif args.modules:
+        bench_modules()
     else:
         bench_kernels(args.quick)
+        bench_modules()
 
 
 if __name__ == "__main__":

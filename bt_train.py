@@ -460,12 +460,13 @@ def make_parser():
     p.add_argument("--wd", type=float, default=5e-4, help="AdamW weight decay on latent weights (default: 5e-4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device (default: cuda; cpu if none)")
-    p.add_argument("--use-triton-linear", action="store_true", help="run the fc layers on the popcount kernels (default: off)")
+    p.add_argument("--use-triton-linear", action="store_true", help="run the fc layers on the popcount kernels; a CPU runs the same sums in torch ops "
+                   "(default: off)")
     p.add_argument("--export", default="bt_mnist_export.pt", help="packed export written at the end (default: bt_mnist_export.pt)")
     p.add_argument("--checkpoint", default="bt_mnist_ckpt.pt", help="checkpoint written after every epoch (default: bt_mnist_ckpt.pt)")
     p.add_argument("--resume", metavar="CKPT",
                    help="continue the run of a checkpoint, with the arguments stored in it; a flag given must agree with "
-                        "them, except a larger --epochs, the paths, --device, --use-triton-linear and --no-cuda-graph "
+                        "them, except a larger --epochs, the paths, --device, --use-triton-linear, --no-cuda-graph, --compile "
                         "(default: none)")
     p.add_argument("--channels", default="64,128,512", help="conv1,conv2,fc1 widths (default: 64,128,512)")
     p.add_argument("--act-delta", type=float, default=0.5, help="dead zone of the ternary activations, after BatchNorm (default: 0.5)")
@@ -481,6 +482,8 @@ def make_parser():
     p.add_argument("--terngrad-clip", type=float, default=2.5, help="TernGrad clipping at c*sigma (default: 2.5)")
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only, for quick checks (default: all)")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager steps on CUDA, no graph capture (default: off)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fullgraph; inside the step's CUDA graph on CUDA) (default: off)")
     return p
 
 
@@ -495,7 +498,7 @@ def given_flags(argv=None):
 # On --resume, these may differ from the checkpoint's: where to read and write (taken from the checkpoint
 # unless given) and how to run (from the command line: the training math is the same on every choice).
 PATH_ARGS = ("data", "export", "checkpoint")
-RUNTIME_ARGS = ("resume", "device", "use_triton_linear", "no_cuda_graph")
+RUNTIME_ARGS = ("resume", "device", "use_triton_linear", "no_cuda_graph", "compile")
 
 
 class CheckpointError(ValueError):
@@ -578,8 +581,6 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         print("warning: --device cuda but no CUDA GPU is available; using the CPU", file=sys.stderr)
         args.device = "cpu"
-    if args.use_triton_linear and args.device != "cuda":
-        p.error("--use-triton-linear needs a CUDA GPU (the popcount kernels are Triton GPU kernels)")
     return args, ck
 
 
@@ -788,9 +789,9 @@ def set_up(argv, progress):
         log(f"resumed from {args.resume} after epoch {start_epoch}{longer}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{args.dataset}: {len(train_x)} train images per process x {world} / {len(test_x)} test on {device}; "
-        f"model {args.channels}, {n_params} parameters, {'Triton' if args.use_triton_linear else 'PyTorch'} linear layers")
+        f"model {args.channels}, {n_params} parameters, {'Triton' if args.use_triton_linear else 'PyTorch'} linear layers{', compiled' if args.compile else ''}")
     tg_state = TernGradState(clip=args.terngrad_clip, seed=args.seed) if args.terngrad else None
-    net = model
+    net = torch.compile(model, fullgraph=True) if args.compile else model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if tg_state:

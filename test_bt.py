@@ -1979,8 +1979,7 @@ def test_mma_chain_of_packed_layers(symmetric):
     (["--epochs", "0"], "--epochs must be >= 1"), (["--batch", "-3"], "--batch must be >= 1"),
     (["--dataset", "cifar"], "invalid choice"), (["--device", "tpu"], "invalid choice"),
     (["--resume", "missing.pt"], "no such file"), (["--channels", "4,8"], "--channels"),
-    (["--export", "/nonexistent/dir/e.pt"], "folder does not exist"), (["--lr", "nan"], "--lr")]
-    + ([(["--use-triton-linear"], "needs a CUDA GPU")] if not torch.cuda.is_available() else []))
+    (["--export", "/nonexistent/dir/e.pt"], "folder does not exist"), (["--lr", "nan"], "--lr")])
 def test_train_cli_errors_exit_2(args, message):
     r = subprocess.run([sys.executable, os.path.join(HERE, "bt_train.py"), *args], capture_output=True, text=True)
     assert r.returncode == 2
@@ -2158,6 +2157,26 @@ def test_resume_with_more_epochs_extends_the_run(tiny, tmp_path, capsys):
     ck = torch.load(c, weights_only=True)
     assert ck["epoch"] == 3 and ck["args"]["epochs"] == 3
     bt_infer.load_export(tmp_path / "e3.pt")
+
+
+def test_train_compiled_equals_eager(tiny, tmp_path, monkeypatch, capsys):
+    """--compile: the model through torch.compile(fullgraph) trains to the same export as eager (the aot_eager
+    backend here, which runs the same float ops; inductor on the GPU). The layers take their CPU torch path:
+    a training run in the interpreter takes minutes, and the compiled kernels are tested above."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(bt_kernel, "_kernel_path", lambda device: False)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend="aot_eager", **kw))
+    exports = []
+    for flags in ([], ["--compile"]):
+        run = tmp_path / ("compiled" if flags else "eager")
+        run.mkdir()
+        assert _train_tiny(run, "--use-triton-linear", "--epochs", "1", *flags) == 0
+        exports.append(torch.load(run / "e.pt", weights_only=True))
+    assert "Triton linear layers, compiled" in capsys.readouterr().out
+    for eager, compiled in zip(*(e["layers"] for e in exports)):
+        for key, value in eager.items():
+            assert torch.equal(compiled[key], value) if torch.is_tensor(value) else compiled[key] == value
 
 
 def test_infer_names_a_training_checkpoint_and_its_export_command(tiny, tmp_path, monkeypatch, capsys):
