@@ -67,6 +67,7 @@ numpy path of bt_infer.py reproduces it bit for bit.
 The popcount is a SWAR sequence on uint32: exact in the interpreter (libdevice.popc is not), and
 compiled to one POPC instruction per word on sm_90 (on int32 the shifts are arithmetic and it is not).
 """
+import functools
 import math
 import os
 from typing import NamedTuple, Optional
@@ -1441,9 +1442,16 @@ def launch_gemm(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bias=None, *,
     c = torch.empty((M, N), dtype=torch.float32, device=a_pos.device) if out is None else out
     if M == 0 or N == 0:
         return c, None
-    kind, meta = config or choose_kernel(M, N, KW, gpu_spec(a_pos.device), bit_serial=a_neg is None,
-                                         row_major_weights=b_pos.stride(1) == 1, symmetric=alpha_n is None)
+    kind, meta = config or _kernel_for(M, N, KW, gpu_spec(a_pos.device), a_neg is None, b_pos.stride(1) == 1,
+                                       alpha_n is None)
     return c, _launch(kind, meta, a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, c, M=M)
+
+
+@functools.lru_cache(maxsize=4096)
+def _kernel_for(M, N, KW, gpu, bit_serial, row_major_weights, symmetric):
+    """choose_kernel, remembered: a layer asks for the same shapes every call (_launch copies the meta)."""
+    return choose_kernel(M, N, KW, gpu, bit_serial=bit_serial, row_major_weights=row_major_weights,
+                         symmetric=symmetric)
 
 
 def _row_words(kw):
