@@ -2675,12 +2675,13 @@ COMPILE_MODES = [pytest.param(dict(backend="aot_eager"), id="aot_eager"),
 @pytest.mark.parametrize("options", COMPILE_MODES)
 def test_compiled_model_matches_eager(options):
     """fullgraph: the custom ops take the kernels into the graph; train and eval, forward and backward.
-    aot_eager runs the same float ops as eager (equal); inductor fuses BatchNorm's sums (within rounding)."""
+    On the CPU aot_eager runs the same float ops as eager (equal); on CUDA it decomposes BatchNorm (cuDNN's
+    fused kernel in eager), and inductor fuses its sums: equal within rounding."""
     torch.manual_seed(3)
     eager = _compile_net().to(DEVICE)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, fullgraph=True, **options)
-    exact = options.get("backend") == "aot_eager"
+    exact = options.get("backend") == "aot_eager" and DEVICE == "cpu"
     check = (lambda a, b: torch.equal(a, b) or pytest.fail("differ")) if exact else torch.testing.assert_close
     for train in (True, False):
         eager.train(train), twin.train(train)
