@@ -17,7 +17,10 @@ On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 be
 
 Contents, in the order data flows: popcount helpers; pack kernels; GEMM kernels (tile, GEMV, MMA,
 bit-serial MMA); dispatch (choose_kernel); launch (one launcher for every GEMM kernel, the pack
-launchers); the public API; the weight quantizer rules, autograd and TernaryLinearTriton.
+launchers); the public API; the weight quantizer rules; the layer's forward (the custom operators
+bt_kernel::pack_rows and bt_kernel::gemm that torch.compile places in its graphs, and the same sums in
+torch ops for CPUs without the kernels); autograd and TernaryLinearTriton. Without triton installed the
+file still imports: the layer runs its torch path on the CPU and a kernel launch raises.
 
 Packed layout
 -------------
