@@ -1155,6 +1155,88 @@ def _bitserial_mma_kernel(
 
 
 # -----------------------------------------------------------------------------
+# 8-bit activations (W1.58A8, as in BitNet b1.58): rows quantized to int8 with a per-row absmax scale,
+# times packed ternary weights on the int8 tensor cores (tl.dot: wgmma on Hopper, mma on Ampere). The
+# weight's bitplanes are unpacked to int8 in registers, so 2 bits a weight stay the only weight bytes read.
+
+
+@triton.jit
+def _round_even(x):
+    # round half to even in float32 for |x| < 2^22: adding 1.5 * 2^23 leaves no fraction bits
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, given_ptr, K, stride_xm, stride_xk, stride_qm,
+                          GIVEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one row a program: its absmax (unless the scale is given), then q = round(x / scale) in [-127, 127]
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    if GIVEN:
+        scale = tl.load(given_ptr + row)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        scale = tl.max(amax, axis=0) / 127.0
+    inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
+        q = tl.minimum(tl.maximum(_round_even(x.to(tl.float32) * inv), -127.0), 127.0)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _unpack_int8(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # uint32 [BLOCK_N, BLOCK_K / 32] -> int8 0/1 [BLOCK_N, BLOCK_K]: bit j of word w is column 32 w + j
+    bits = tl.arange(0, 32).to(tl.uint32)
+    b = (words[:, :, None] >> bits[None, None, :]) & 1
+    return tl.reshape(b, (BLOCK_N, BLOCK_K)).to(tl.int8)
+
+
+@triton.jit
+def _int8_ternary_kernel(
+    a_ptr, scale_ptr,             # int8 [M, K] rows, float32 [M] their scales
+    b_pos_ptr, b_neg_ptr,         # uint32 planes [N, KW]
+    alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr,
+    M, N, K, KW, stride_am, stride_bn, stride_bk, stride_cm, stride_cn,
+    SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    acc_p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc_n = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :],
+                    mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
+        offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        w_off = offs_n[:, None].to(tl.int64) * stride_bn + offs_w[None, :] * stride_bk
+        w_ok = n_ok[:, None] & (offs_w[None, :] < KW)
+        wp = _unpack_int8(tl.load(b_pos_ptr + w_off, mask=w_ok, other=0), BLOCK_N, BLOCK_K)
+        wn = _unpack_int8(tl.load(b_neg_ptr + w_off, mask=w_ok, other=0), BLOCK_N, BLOCK_K)
+        if SYMMETRIC:
+            acc_p += tl.dot(a, tl.trans(wp - wn), out_dtype=tl.int32)
+        else:
+            acc_p += tl.dot(a, tl.trans(wp), out_dtype=tl.int32)
+            acc_n += tl.dot(a, tl.trans(wn), out_dtype=tl.int32)
+    # float64 epilogue: (alpha_p Sp - alpha_n Sn) times the row's scale, plus bias, rounded once to float32
+    c = tl.load(alpha_p_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :] * acc_p.to(tl.float64)
+    if not SYMMETRIC:
+        c -= tl.load(alpha_n_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :] * acc_n.to(tl.float64)
+    c = c * tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float64)[:, None]
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :]
+    tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn, c.to(tl.float32),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+# -----------------------------------------------------------------------------
 # dispatch: which kernel runs for a shape on a GPU, with which meta-parameters
 #
 # The rules come from config sweeps on an H200 (`python bt_bench.py --tune`); PERFORMANCE.md holds the
@@ -1906,6 +1988,86 @@ def ternary_gemm_reference(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bi
     weff = ap[:, None] * (Wt == 1) - an[:, None] * (Wt == -1)
     C = A @ weff.T
     return C + bias.double() if bias is not None else C
+
+
+def _int8_rows_torch(x, scale=None):
+    """quantize_rows_int8 in torch ops (the same float32 operations as the kernel)."""
+    xf = x.float()
+    s = xf.abs().amax(1) / 127.0 if scale is None else scale.float()
+    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    return (xf * inv[:, None]).round().clamp(-127, 127).to(torch.int8), s.contiguous()
+
+
+def int8_activation(x):
+    """x through BitNet b1.58's activation quantizer and back: q * scale per row of the last dimension
+    (scale = absmax / 127, q = round(x / scale)), the gradient passed straight through. Torch ops."""
+    q, s = _int8_rows_torch(x.detach().reshape(-1, x.shape[-1]))
+    xq = (q.float() * s[:, None]).to(x.dtype).view_as(x)
+    return x + (xq - x).detach()
+
+
+def quantize_rows_int8(x, scale=None):
+    """float x [M, K] -> (int8 [M, K] in [-127, 127], float32 scales [M]), x ~ q * scale per row.
+
+    The scale is the row's absmax / 127 (BitNet b1.58's per-token quantizer), or the float [M] `scale`
+    given; q = round(x / scale) (x times the float32 reciprocal, half to even), clamped. A row of zeros
+    gets scale 0 and q 0. One pass of the Triton kernel (a CPU without TRITON_INTERPRET=1: torch ops).
+    """
+    _check_tensor(x, "x", dim=2)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a float tensor, got {x.dtype}")
+    M, K = x.shape
+    if scale is not None:
+        _check_tensor(scale, "scale", dim=1)
+        if scale.shape != (M,) or not scale.is_floating_point():
+            raise ValueError(f"scale must be float [{M}] (one per row), got {scale.dtype} {tuple(scale.shape)}")
+        if M and not bool((scale >= 0).all()):
+            raise ValueError("scales must be >= 0 and not NaN")
+        _check_device(x, scale, allow_cpu=True)
+    _check_device(x, allow_cpu=True)
+    if not _kernel_path(x.device):
+        return _int8_rows_torch(x, scale)
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        given = _f32(scale) if scale is not None else s
+        _quantize_rows_kernel[(M,)](x, q, s, given, K, x.stride(0), x.stride(1), q.stride(0),
+                                    GIVEN=scale is not None, BLOCK_K=min(1024, triton.next_power_of_2(K)))
+    return q, s
+
+
+def ternary_gemm_int8(a, a_scale, b_pos, b_neg, alpha_p, alpha_n=None, bias=None):
+    """C = (a * a_scale) @ Weff^T + bias, float32 [M, N], for int8 activations (quantize_rows_int8) and
+    packed ternary weights: exact int32 sums on the int8 tensor cores, float64 epilogue rounded once.
+
+    a: int8 [M, K]; a_scale: float [M]; b_pos, b_neg: uint32 [N, ceil(K/32)]; scales as in
+    ternary_gemm_triton. The kernel's configs are not tuned yet.
+    """
+    _check_tensor(a, "a", torch.int8, 2)
+    b_pos, b_neg = _check_pair(b_pos, b_neg, ("b_pos", "b_neg"), 2)
+    M, K = a.shape
+    N = b_pos.shape[0]
+    if b_pos.shape[1] != triton.cdiv(K, 32):
+        raise ValueError(f"K words differ: a has K = {K} ({triton.cdiv(K, 32)} words), b has {b_pos.shape[1]}")
+    _check_tensor(a_scale, "a_scale", dim=1)
+    if a_scale.shape != (M,) or not a_scale.is_floating_point():
+        raise ValueError(f"a_scale must be float [{M}], got {a_scale.dtype} {tuple(a_scale.shape)}")
+    ap, an, b = _check_scales(N, alpha_p, alpha_n, bias)
+    _check_device(a, a_scale, b_pos, b_neg, *[t for t in (alpha_p, alpha_n, bias) if t is not None])
+    c = torch.empty((M, N), dtype=torch.float32, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    _need_triton()
+    a = a if a.stride(1) == 1 else a.contiguous()
+    bm, bn, bk = (16, 16, 32) if _INTERPRET else (64, 64, 64)   # 64x64x128 spills with TTQ scales (sm_90)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _int8_ternary_kernel[grid](a, _f32(a_scale), b_pos, b_neg, ap, ap if an is None else an,
+                               ap if b is None else b, c, M, N, K, b_pos.shape[1], a.stride(0), *b_pos.stride(),
+                               *c.stride(), SYMMETRIC=an is None, HAS_BIAS=b is not None,
+                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return c
+
+
 # -----------------------------------------------------------------------------
 # weight quantizer rules (here, not in bt_quant.py, so that TernaryLinearTriton stands alone)
 
@@ -2014,14 +2176,23 @@ def _dense_ternary(a, w, alpha_p, alpha_n, bias):
     return c if bias is None else c + bias.double()
 
 
-def ternary_linear(x, act_delta, weight, alpha_p, alpha_n=None, bias=None):
+def ternary_linear(x, act_delta, weight, alpha_p, alpha_n=None, bias=None, act_bits=None):
     """q(x) @ Weff^T + bias in x's dtype (any leading dimensions), no autograd. weight: prepare_weight's.
+    act_bits=8: x as int8 rows with absmax scales (quantize_rows_int8) on the int8 kernel, act_delta unused.
     Where the kernels do not run (a CPU without TRITON_INTERPRET=1, or without triton) the same integer
     sums and float64 epilogue run in torch ops: the same result."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     ap, an, b = _f32(alpha_p), _f32(alpha_n), _f32(bias)
-    if len(weight) == 1:
+    if act_bits == 8:
+        q, s = quantize_rows_int8(x2)
+        if len(weight) == 1:
+            y = _dense_ternary(q, weight[0], ap, an, None) * s.double()[:, None]
+            y = (y if b is None else y + b.double()).float()
+        else:
+            y = ternary_gemm_int8(q, s, *weight, ap, an, b)
+        y = y.to(x.dtype)
+    elif len(weight) == 1:
         y = _dense_ternary(_ternarize_rows(x2, act_delta), weight[0], ap, an, b).float().to(x.dtype)
     else:
         a_pos, a_neg = _pack_rows(x2, act_delta)
@@ -2044,13 +2215,14 @@ class TernaryGemmFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, alpha_p, alpha_n, bias, thresholds, act_delta, act_clip, weight_clip,
-                prepared=None):
+                prepared=None, act_bits=None):
         if not x.is_floating_point():
             raise TypeError(f"input must be float, got {x.dtype}")
         prepared = prepared or prepare_weight(weight, thresholds)   # compared in the weight's precision
         ctx.save_for_backward(x, weight, alpha_p, alpha_n, thresholds)
         ctx.has_bias, ctx.act_delta, ctx.act_clip, ctx.weight_clip = bias is not None, act_delta, act_clip, weight_clip
-        return ternary_linear(x, act_delta, prepared, alpha_p, alpha_n, bias)
+        ctx.act_bits = act_bits
+        return ternary_linear(x, act_delta, prepared, alpha_p, alpha_n, bias, act_bits)
 
     @staticmethod
     def backward(ctx, gy):
@@ -2058,14 +2230,18 @@ class TernaryGemmFunction(torch.autograd.Function):
         K = weight.shape[1]
         x2 = x.reshape(-1, K)
         g2 = gy.reshape(-1, weight.shape[0]).to(x.dtype)
-        xq = torch.sign(x2) * (x2.abs() > ctx.act_delta)
         pos = weight > thresholds[:, None]
         neg = weight < -thresholds[:, None]
         weff = alpha_p[:, None] * pos - alpha_n[:, None] * neg
-        gx = (g2 @ weff.to(g2.dtype)) * (x2.abs() <= ctx.act_clip)
+        gx = g2 @ weff.to(g2.dtype)
+        if ctx.act_bits == 8:   # 8-bit activations: the dequantized rows, the gradient passed straight through
+            xq = int8_activation(x2.detach())
+        else:
+            xq = torch.sign(x2) * (x2.abs() > ctx.act_delta)
+            gx = gx * (x2.abs() <= ctx.act_clip)
         g_w, g_ap, g_an = weight_ste_grads(g2.T @ xq, weight, alpha_p, alpha_n, thresholds, ctx.weight_clip)
         gb = g2.sum(0) if ctx.has_bias else None
-        return gx.view_as(x), g_w, g_ap, g_an, gb, None, None, None, None, None
+        return gx.view_as(x), g_w, g_ap, g_an, gb, None, None, None, None, None, None
 
 
 class TernaryWeights(nn.Module):
@@ -2122,15 +2298,21 @@ class TernaryLinearTriton(TernaryWeights):
     autograd does not need the weight (eval(), or no_grad), the packed weight is kept and reused until a
     parameter changes (in place too: version counters), the mode or the device; a forward then packs only
     its input. On a CPU without TRITON_INTERPRET=1 the same sums run in torch ops (ternary_linear).
+    act_bits=8: the input is quantized to int8 per row (absmax, quantize_rows_int8) instead of to trits, and
+    runs on the int8 kernel (W1.58A8); act_delta is then unused.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, delta_rule="channel", delta_t=0.7,
-                 delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0):
-        if act_delta is None:
-            raise ValueError("TernaryLinearTriton packs its input as trits: act_delta must be a number >= 0")
+                 delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0, act_bits=None):
+        if act_bits not in (None, 8):
+            raise ValueError(f"act_bits must be None (trits) or 8, got {act_bits!r}")
+        if act_delta is None and act_bits is None:
+            raise ValueError("TernaryLinearTriton packs its input as trits: act_delta must be a number >= 0 "
+                             "(or act_bits=8)")
         self.in_features, self.out_features = in_features, out_features
         super().__init__((out_features, in_features), bias, delta_rule, delta_t, delta, act_delta, act_clip,
                          weight_clip)
+        self.act_bits = act_bits
         self._packed = None
 
     def _packed_weight(self):
@@ -2168,14 +2350,15 @@ class TernaryLinearTriton(TernaryWeights):
         if needs_grad:
             return TernaryGemmFunction.apply(x, self.weight, self.alpha_p, self.alpha_n, self.bias, self.thresholds(),
                                              self.act_delta, self.act_clip, self.weight_clip,
-                                             packed[0] if packed else None)
+                                             packed[0] if packed else None, self.act_bits)
         if packed is None:
             packed = (prepare_weight(self.weight, self.thresholds()), self.alpha_p, self.alpha_n, self.bias)
-        return ternary_linear(x, self.act_delta, *packed)
+        return ternary_linear(x, self.act_delta, *packed, self.act_bits)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"delta_rule={self.delta_rule}, act_delta={self.act_delta}")
+                f"delta_rule={self.delta_rule}, act_delta={self.act_delta}"
+                + (f", act_bits={self.act_bits}" if self.act_bits else ""))
 
 
 # the Triton kernels by kind, for tools that compile or inspect them (bt_bench.py's SASS report)

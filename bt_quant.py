@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bt_kernel import (TernaryLinearTriton, TernaryWeights, weight_ste_grads, initial_alphas,
+from bt_kernel import (TernaryLinearTriton, TernaryWeights, weight_ste_grads, initial_alphas, int8_activation,
                        pack_bitplanes, ternary_thresholds)
 
 __all__ = ["ternarize", "ternary_activation", "ternary_weight", "TernaryActivation", "TernaryLinear",
@@ -120,21 +120,27 @@ class TernaryLinear(TernaryWeights):
     """
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, delta_rule="channel",
-                 delta_t=0.7, delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0):
+                 delta_t=0.7, delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0, act_bits=None):
+        if act_bits not in (None, 8):
+            raise ValueError(f"act_bits must be None (act_delta decides) or 8, got {act_bits!r}")
         self.in_features, self.out_features = in_features, out_features
         super().__init__((out_features, in_features), bias, delta_rule, delta_t, delta, act_delta, act_clip,
                          weight_clip)
+        self.act_bits = act_bits
         _to_factory(self, device, dtype)
 
     def forward(self, x):
-        if self.act_delta is not None:
+        if self.act_bits == 8:   # BitNet b1.58's int8 activations (per-row absmax), act_delta unused
+            x = int8_activation(x)
+        elif self.act_delta is not None:
             x = ternary_activation(x, self.act_delta, self.act_clip)
         w = ternary_weight(self.weight, self.alpha_p, self.alpha_n, self.thresholds(), self.weight_clip)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"delta_rule={self.delta_rule}, act_delta={self.act_delta}")
+                f"delta_rule={self.delta_rule}, act_delta={self.act_delta}"
+                + (f", act_bits={self.act_bits}" if self.act_bits else ""))
 
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -216,7 +222,7 @@ _QUANT_OPTIONS = ("delta_rule", "delta_t", "delta", "act_clip", "weight_clip")
 
 
 def _ternary_options(layer):
-    return {name: getattr(layer, name) for name in _QUANT_OPTIONS + ("act_delta",)}
+    return {name: getattr(layer, name) for name in _QUANT_OPTIONS + ("act_delta", "act_bits")}
 
 
 def _copy_requires_grad(new, old):
@@ -293,7 +299,7 @@ def _ternary_twin(layer, act_delta, quant):
     return new.train(layer.training)
 
 
-def ternarize_model(model, *, keep_float=(), act_delta=0.5, inplace=False, **quant):
+def ternarize_model(model, *, keep_float=(), act_delta=0.5, act_bits=None, inplace=False, **quant):
     """The model with each nn.Linear and nn.Conv2d replaced by a TernaryLinear or TernaryConv2d made from it.
 
     A new layer keeps the float layer's geometry, weight and bias (copied exactly), device, dtype,
@@ -306,6 +312,8 @@ def ternarize_model(model, *, keep_float=(), act_delta=0.5, inplace=False, **qua
         (name, module) -> bool. A name or module that is not in the model raises ValueError.
     act_delta: the dead zone of the converted layers' ternary inputs; None keeps their inputs float
         (ternary weights only, and such linear layers stay on the PyTorch path: use_triton_kernels).
+    act_bits: 8 gives the converted linear layers int8 inputs (per-row absmax, W1.58A8) instead of trits;
+        convs keep act_delta's rule.
     inplace: False converts a deep copy, leaving `model` as it was; True converts `model` itself. Either
         way use the returned model (a bare nn.Linear or nn.Conv2d comes back as a new layer).
     quant: the weight rule and clips of the new layers (delta_rule, delta_t, delta, act_clip, weight_clip);
@@ -313,7 +321,7 @@ def ternarize_model(model, *, keep_float=(), act_delta=0.5, inplace=False, **qua
     """
     unknown = sorted(set(quant) - set(_QUANT_OPTIONS))
     if unknown:
-        raise TypeError(f"ternarize_model got unknown options {unknown}: it takes keep_float, act_delta, inplace, "
+        raise TypeError(f"ternarize_model got unknown options {unknown}: it takes keep_float, act_delta, act_bits, inplace, "
                         f"{', '.join(_QUANT_OPTIONS)}")
     keep = _keep_float_rule(model, keep_float)
     for name, m in model.named_modules():
@@ -323,7 +331,7 @@ def ternarize_model(model, *, keep_float=(), act_delta=0.5, inplace=False, **qua
     def convert(names, m):
         if type(m) not in (nn.Linear, nn.Conv2d) or any(keep(name, m) for name in names):
             return None
-        return _ternary_twin(m, act_delta, quant)
+        return _ternary_twin(m, act_delta, dict(quant, act_bits=act_bits) if type(m) is nn.Linear else quant)
     return _replace_layers(model, convert, inplace)
 
 
@@ -349,7 +357,7 @@ def use_triton_kernels(model, *, inplace=False):
     def swap(names, m):
         if type(m) is not TernaryLinear:
             return None
-        if m.act_delta is None:
+        if m.act_delta is None and m.act_bits is None:
             float_input.append(names[0])
             return None
         return _swap_class(m, TernaryLinearTriton)

@@ -2758,6 +2758,121 @@ torch.save(dict(y=y.detach(), gx=x.grad, gw=layer.weight.grad), r"{tmp_path / 'o
 
 
 # -----------------------------------------------------------------------------
+# 8-bit activations (W1.58A8): the per-row int8 quantizer and the int8 x ternary GEMM, against int64 sums
+
+
+def _int8_reference(x, scale=None):
+    """(q, scale) of BitNet b1.58's per-row quantizer written out in float32 torch ops: scale = absmax / 127
+    (or given), q = round-half-even(x * (1 / scale)) clamped to [-127, 127]; a zero scale gives q = 0."""
+    xf = x.detach().cpu().float()
+    s = xf.abs().max(1).values / 127 if scale is None else scale.cpu().float()
+    inv = torch.tensor([1 / v if v > 0 else 0.0 for v in s.tolist()], dtype=torch.float32)
+    return torch.clamp(torch.round(xf * inv[:, None]), -127, 127).to(torch.int8), s
+
+
+@pytest.mark.parametrize("M,K", [(1, 1), (5, 33), (3, 1030), (4, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_rows_int8_matches_reference(M, K, dtype):
+    g = torch.Generator().manual_seed(M * K)
+    x = (torch.randn(M, K, generator=g) * 4).to(dtype)
+    x[0] = 0                                   # a row of zeros: scale 0, q 0
+    if M > 2:
+        x[1, : min(K, 3)] = 2.5                # ties at the absmax: +127 each
+        x[2, -1] = -x[2].abs().max() * 2       # the extreme: -127
+    q, s = bt_kernel.quantize_rows_int8(x.to(DEVICE))
+    want_q, want_s = _int8_reference(x)
+    assert torch.equal(s.cpu(), want_s) and torch.equal(q.cpu(), want_q)
+    given = torch.rand(M) + 0.01
+    q2, s2 = bt_kernel.quantize_rows_int8(x.to(DEVICE), given.to(DEVICE))
+    assert torch.equal(q2.cpu(), _int8_reference(x, given)[0]) and torch.equal(s2.cpu(), given)
+
+
+def test_quantize_rows_int8_errors():
+    x = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="float"):
+        bt_kernel.quantize_rows_int8(x.to(torch.int8))
+    with pytest.raises(ValueError, match=r"\[3\]"):
+        bt_kernel.quantize_rows_int8(x, torch.ones(2, device=DEVICE))
+    with pytest.raises(ValueError, match=">= 0"):
+        bt_kernel.quantize_rows_int8(x, torch.tensor([1.0, -1.0, 1.0], device=DEVICE))
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 7, 33), (5, 40, 70), (17, 9, 128), (2, 33, 1)])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["ttq", "one-scale"])
+def test_int8_ternary_gemm_exact(M, N, K, symmetric):
+    g = torch.Generator().manual_seed(M + N + K)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
+    a[0, 0], a[-1, -1] = -128, 127             # the extremes of int8
+    if M > 2:
+        a[1] = 0                               # a row of zeros
+    w = torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g)
+    scale = torch.rand(M, generator=g) + 0.5
+    ap, an, bias = torch.rand(N, generator=g) + 0.5, torch.rand(N, generator=g) + 0.5, torch.randn(N, generator=g)
+    wp, wn = pack_bitplanes(w.to(DEVICE))
+    c = bt_kernel.ternary_gemm_int8(a.to(DEVICE), scale.to(DEVICE), wp, wn, ap.to(DEVICE),
+                                    None if symmetric else an.to(DEVICE), bias.to(DEVICE))
+    sp, sn = int_sums(a, w)                    # int64
+    d = ap.double()[None, :] * (sp - sn).double() if symmetric else ap.double() * sp.double() - an.double() * sn.double()
+    want = (d * scale.double()[:, None] + bias.double()).float()
+    assert torch.equal(c.cpu(), want)
+
+
+def test_int8_ternary_gemm_errors():
+    a = torch.zeros(2, 40, dtype=torch.int8, device=DEVICE)
+    wp, wn = pack_bitplanes(torch.zeros(3, 40, dtype=torch.int8, device=DEVICE))
+    one, s = torch.ones(3, device=DEVICE), torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match="K words differ"):
+        bt_kernel.ternary_gemm_int8(a[:, :30], s, wp, wn, one)
+    with pytest.raises(TypeError, match="int8"):
+        bt_kernel.ternary_gemm_int8(a.float(), s, wp, wn, one)
+    with pytest.raises(ValueError, match="a_scale"):
+        bt_kernel.ternary_gemm_int8(a, s[:1], wp, wn, one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_act_bits_8_matches_pytorch_layer_and_reference(dtype):
+    torch.manual_seed(5)
+    ref = TernaryLinear(70, 9, act_bits=8).to(DEVICE)
+    fast = TernaryLinearTriton(70, 9, act_bits=8).to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    x = (torch.randn(2, 3, 70, device=DEVICE) * 3).to(dtype)
+    x[0, 0] = 0
+    # the kernel layer's output, worked out independently: int8 rows, int64 sums, float64 epilogue
+    q, s = _int8_reference(x.reshape(-1, 70))
+    wq = _channel_trits(fast.weight.cpu())
+    sp, sn = int_sums(q, wq)
+    d = fast.alpha_p.detach().cpu().double() * sp.double() - fast.alpha_n.detach().cpu().double() * sn.double()
+    want = (d * s.double()[:, None] + fast.bias.detach().cpu().double()).float().to(dtype).reshape(2, 3, 9)
+    xr, xf = x.float().clone().requires_grad_(), x.clone().requires_grad_()
+    yf = fast(xf)
+    assert yf.dtype == dtype and torch.equal(yf.detach().cpu(), want)
+    with torch.no_grad():
+        assert torch.equal(fast.eval()(x).cpu(), want)
+    fast.train()
+    yr = ref(xr)                                # PyTorch: F.linear of the dequantized rows (float32 sums)
+    torch.testing.assert_close(yf.float(), yr, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.float().backward(g)
+    if dtype == torch.float32:                  # same STE gradients (straight through the quantizer)
+        torch.testing.assert_close(xf.grad, xr.grad)
+        for (name, p), pf in zip(ref.named_parameters(), fast.parameters()):
+            torch.testing.assert_close(pf.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_converter_takes_act_bits_8():
+    model = bt_quant.ternarize_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)),
+                                     act_bits=8)
+    assert model[2].act_bits == 8 and not hasattr(model[0], "act_bits")
+    fast = bt_quant.use_triton_kernels(model)
+    assert type(fast[2]) is TernaryLinearTriton and fast[2].act_bits == 8
+    x = torch.randn(3, 1, 4, 4)
+    torch.testing.assert_close(fast.to(DEVICE)(x.to(DEVICE)).cpu(), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="act_bits"):
+        TernaryLinear(4, 4, act_bits=4)
+
+
+# -----------------------------------------------------------------------------
 # SASS: the popcount compiles to the POPC instruction on sm_90 (no GPU needed: Triton's own ptxas)
 
 
