@@ -287,7 +287,9 @@ def _sass_report(folder):
         floats = ("alpha", "bias") if constexprs.get("PACK_OUT") else ("alpha", "bias", "c_ptr")
         ptr = lambda n: "*fp32" if n.startswith(floats) else "*i32" if n in ("ws_ptr", "lock_ptr") else "*u32"
         scalar = lambda n: "fp32" if n == "threshold" else "i32"
-        return {n: "constexpr" if n in constexprs else ptr(n) if n.endswith("_ptr") else scalar(n) for n in fn.arg_names}
+        own = dict(a_ptr="*i8", scale_ptr="*fp32") if fn is bk.KERNELS["int8"] else {}   # int8 rows, their scales
+        return {n: "constexpr" if n in constexprs else own.get(n) or (ptr(n) if n.endswith("_ptr") else scalar(n))
+                for n in fn.arg_names}
     plain = dict(A_BITS=1, BIT_SERIAL=False, HAS_BIAS=True, IMPLICIT=False, POOL=1, PACK_OUT=False, CSA=False,
                  BLOCK_M=16, GROUP_M=8, SPLIT_K=1)
     # launch specializations: strides equal to 1, and which other strides are 16-divisible
@@ -341,6 +343,11 @@ def _sass_report(folder):
                 ("mma_bitserial8_pool_pack", bk.KERNELS["bitserial_mma"],
                  dict(OH=24, OW=24, BITS=8, SYMMETRIC=False, HAS_BIAS=True, POOL=2, PACK_OUT=True, WARPS=2, N_TILES=4,
                       EMULATE=False), (dict(stride_ax=1, stride_cn=1), ("stride_abit", "stride_ab", "stride_ay")), 2)]
+    # int8 rows by trits on the int8 tensor cores, as launched on a GPU ([64 x 64] tiles, 64 K a step)
+    int8 = dict(HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+    kernels += [(f"int8_{tag}", bk.KERNELS["int8"], dict(int8, SYMMETRIC=sym),
+                 (dict(stride_bk=1, stride_cn=1), ("stride_am", "stride_bn", "stride_cm")), 4)
+                for tag, sym in (("ttq", False), ("one_scale", True))]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs, (ones, div16), warps in kernels:
         constexprs = dict(constexprs, **ones)
@@ -359,7 +366,7 @@ def _sass_report(folder):
         ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass, re.M))
         regs = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
-        keys = ("POPC", "BMMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA",
+        keys = ("POPC", "BMMA", "IGMMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA",
                 "CCTL")
         lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn in (bk.KERNELS["mma"], bk.KERNELS["bitserial_mma"]) else "-"
         print(f"  {tag:25} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
@@ -447,6 +454,79 @@ def bench_modules():
                       f"| {eager}", flush=True)
         del floats, ternaries
         torch.cuda.empty_cache()
+
+
+def _gemlite_a8(w_trits):
+    """gemlite's A8W158 layer (ternary weights, int8 activations quantized in the call) of int8 trits, or None."""
+    gemlite = _gemlite()
+    if gemlite is None:
+        return None
+    layer = gemlite.helper.A8W158_INT_dynamic(device=w_trits.device, dtype=torch.float16).from_weights(
+        w_trits.half(), torch.tensor(1.0, device=w_trits.device))
+    if isinstance(getattr(layer, "scales", None), torch.Tensor):
+        layer.scales.data = layer.scales.data.to(w_trits.device)
+    return layer
+
+
+def _int8_rate():
+    """The int8 tensor cores' measured rate (OP/s): torch._int_mm (cuBLASLt) at 4096^3, the better layout."""
+    a = torch.randint(-128, 128, (4096, 4096), dtype=torch.int8, device="cuda")
+    b = torch.randint(-128, 128, (4096, 4096), dtype=torch.int8, device="cuda")
+    ms = min(do_bench(lambda: torch._int_mm(a, w), return_mode="median") for w in (b, b.t()))
+    return 2 * 4096 ** 3 / (ms * 1e-3)
+
+
+def bench_int8():
+    """W1.58A8: int8 rows (per-row absmax) by packed ternary weights on the int8 tensor cores, against torch
+    bf16 and gemlite's A8W158 and A16W158, CUDA-graph timed; and ternary x ternary on the int8 kernel."""
+    rate = _int8_rate()
+    print(f"ceiling: int8 tensor cores (torch._int_mm, 4096^3) {rate / 1e12:.0f} TOP/s")
+    print("W1.58A8, us per call from CUDA-graph replays (weights rotated beyond L2); a8: the GEMM of int8 rows "
+          "given; q+a8: bf16 rows quantized in the call; gl8 / gl16: gemlite A8W158 / A16W158 (fp16 rows); "
+          "ratios > 1: faster here")
+    hdr = (f"{'M':>5} {'N':>5} {'K':>5} | {'bf16':>8} {'a8':>8} {'q+a8':>8} {'gl8':>8} {'gl16':>8} | "
+           f"{'bf16/(q+a8)':>11} {'gl8/(q+a8)':>10} {'gl16/(q+a8)':>11} {'%int8':>5}")
+    print(hdr)
+    print("-" * len(hdr))
+    for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)):
+        sets = _rotation(N * K // 4)
+        trits = [torch.randint(-1, 2, (N, K), dtype=torch.int8, device="cuda") for _ in range(sets)]
+        planes = [bk.pack_bitplanes(t) for t in trits]
+        ap, an = torch.rand(N, device="cuda") + 0.5, torch.rand(N, device="cuda") + 0.5
+        wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(_rotation(2 * N * K))]
+        peers = {}
+        for name, make in (("gl8", _gemlite_a8), ("gl16", _gemlite_ternary)):
+            try:
+                layers = [make(t) for t in trits]
+                if layers[0] is not None:
+                    peers[name] = layers
+            except Exception as e:
+                print(f"gemlite {name} skipped at {N}x{K}: {type(e).__name__}")
+        for M in (1, 16, 64, 512, 4096):
+            xb = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            xh = xb.half()
+            q, s = bk.quantize_rows_int8(xb)
+            w = lambda i: planes[i % len(planes)]
+            runs = dict(bf16=lambda i: torch.nn.functional.linear(xb, wb[i % len(wb)]),
+                        a8=lambda i: bk.ternary_gemm_int8(q, s, *w(i), ap, an),
+                        **{"q+a8": lambda i: bk.ternary_gemm_int8(*bk.quantize_rows_int8(xb), *w(i), ap, an)})
+            for name, layers in peers.items():
+                runs[name] = lambda i, layers=layers: layers[i % len(layers)](xh)
+            us = {name: _graph_ms(fn) * 1e3 for name, fn in runs.items()}
+            peer = lambda n: f"{us[n]:8.2f}" if n in us else f"{'-':>8}"
+            ratio = lambda n, w: f"{us[n] / us['q+a8']:{w}.2f}" if n in us else f"{'-':>{w}}"
+            print(f"{M:>5} {N:>5} {K:>5} | {us['bf16']:8.2f} {us['a8']:8.2f} {us['q+a8']:8.2f} {peer('gl8')} "
+                  f"{peer('gl16')} | {ratio('bf16', 11)} {ratio('gl8', 10)} {ratio('gl16', 11)} "
+                  f"{100 * 2 * M * N * K / (us['a8'] * 1e-6) / rate:5.0f}", flush=True)
+        torch.cuda.empty_cache()
+    # ternary x ternary at 4096^3: trits as int8 rows (scale 1) on the int8 kernel, against the single-bit MMA
+    a = torch.randint(-1, 2, (4096, 4096), dtype=torch.int8, device="cuda")
+    w = torch.randint(-1, 2, (4096, 4096), dtype=torch.int8, device="cuda")
+    (a_pos, a_neg), (w_pos, w_neg) = bk.pack_bitplanes(a), bk.pack_bitplanes(w)
+    one, ap = torch.ones(4096, device="cuda"), torch.rand(4096, device="cuda") + 0.5
+    mma = _graph_ms(lambda i: bk.ternary_gemm_triton(a_pos, a_neg, w_pos, w_neg, ap, ap)) * 1e3
+    int8 = _graph_ms(lambda i: bk.ternary_gemm_int8(a, one, w_pos, w_neg, ap, ap)) * 1e3
+    print(f"ternary x ternary 4096^3, TTQ scales: single-bit MMA {mma:.1f} us, int8 tensor cores {int8:.1f} us")
 
 
 def float_twin(state):
@@ -579,6 +659,7 @@ def main(argv=None):
     parser.add_argument("--data", default="data", metavar="DIR", help="dataset root for --infer (default: data)")
     parser.add_argument("--quick", action="store_true", help="fewer GEMM shapes (default: off)")
     parser.add_argument("--modules", action="store_true", help="only the layer table (default: off)")
+    parser.add_argument("--int8", action="store_true", help="only the W1.58A8 tables (default: off)")
     args = parser.parse_args(argv)
     if args.sass:   # compiles for sm_90 without a GPU
         _sass_report(args.sass)
@@ -595,9 +676,12 @@ def main(argv=None):
         bench_inference(args.infer, args.data)
     elif args.modules:
         bench_modules()
+    elif args.int8:
+        bench_int8()
     else:
         bench_kernels(args.quick)
         bench_modules()
+        bench_int8()
 
 
 if __name__ == "__main__":

@@ -2363,4 +2363,4 @@ class TernaryLinearTriton(TernaryWeights):
 
 # the Triton kernels by kind, for tools that compile or inspect them (bt_bench.py's SASS report)
 KERNELS = dict(tile=_ternary_gemm_kernel, gemv=_ternary_gemv_kernel, mma=_ternary_mma_kernel,
-               bitserial_mma=_bitserial_mma_kernel)
+               bitserial_mma=_bitserial_mma_kernel, int8=_int8_ternary_kernel)

@@ -2922,6 +2922,10 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     assert counts["mma_2popc_kwarps"]["CCTL"] >= 4 and "CCTL.E.PF2" in sass, counts["mma_2popc_kwarps"]
     assert sass.index("CCTL.E.PF2") < sass.index("ACQBULK"), "the prefetch should come before the PDL wait"
     assert counts["mma_3popc"]["CCTL"] == 0 and "ACQBULK" not in (tmp_path / "mma_3popc.sass").read_text()
+    # int8 rows by trits: the int8 wgmma (IGMMA), 2 dots a K step with TTQ scales, 1 with one scale; no spills
+    for name, dots in (("int8_ttq", 2), ("int8_one_scale", 1)):
+        c = counts[name]
+        assert c["IGMMA"] >= 2 * dots and c["POPC"] == 0 and c["STL"] == 0 and c["LDL"] == 0, (name, c)
     # no kernel spills to local memory
     for name, c in counts.items():
         assert c["STL"] == 0 and c["LDL"] == 0, f"{name} spills to local memory: {c}"
