@@ -18,7 +18,7 @@ On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 be
 Contents, in the order data flows: popcount helpers; pack kernels; GEMM kernels (tile, GEMV, MMA,
 bit-serial MMA; int8 rows by trits on the int8 tensor cores, and the int8 row quantizer); dispatch (choose_kernel); launch (one launcher for every GEMM kernel, the pack
 launchers); the public API; the weight quantizer rules; the layer's forward (the custom operators
-bt_kernel::pack_rows and bt_kernel::gemm that torch.compile places in its graphs, and the same sums in
+bt_kernel::pack_rows, ::gemm, ::quantize_rows_int8 and ::gemm_int8 that torch.compile places in its graphs, and the same sums in
 torch ops for CPUs without the kernels); autograd and TernaryLinearTriton. Without triton installed the
 file still imports: the layer runs its torch path on the CPU and a kernel launch raises.
 
@@ -2146,6 +2146,30 @@ def _(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, out_dtype):
     return a_pos.new_empty((a_pos.shape[0], b_pos.shape[0]), dtype=out_dtype)
 
 
+def _quantize_rows_impl(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows_int8(x)
+
+
+def _gemm_int8_impl(a: torch.Tensor, a_scale: torch.Tensor, b_pos: torch.Tensor, b_neg: torch.Tensor,
+                    alpha_p: torch.Tensor, alpha_n: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return ternary_gemm_int8(a, a_scale, b_pos, b_neg, alpha_p, alpha_n, bias)
+
+
+_quantize_rows_op = torch.library.custom_op("bt_kernel::quantize_rows_int8", _quantize_rows_impl, mutates_args=())
+_gemm_int8_op = torch.library.custom_op("bt_kernel::gemm_int8", _gemm_int8_impl, mutates_args=())
+
+
+@_quantize_rows_op.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+@_gemm_int8_op.register_fake
+def _(a, a_scale, b_pos, b_neg, alpha_p, alpha_n, bias):
+    return a.new_empty((a.shape[0], b_pos.shape[0]), dtype=torch.float32)
+
+
 def _kernel_path(device):
     """True where the layers run the Triton kernels: CUDA, or the CPU under TRITON_INTERPRET=1."""
     return _NO_TRITON is None and (device.type == "cuda" or (_INTERPRET and device.type == "cpu"))
@@ -2185,12 +2209,13 @@ def ternary_linear(x, act_delta, weight, alpha_p, alpha_n=None, bias=None, act_b
     x2 = x.reshape(-1, K)
     ap, an, b = _f32(alpha_p), _f32(alpha_n), _f32(bias)
     if act_bits == 8:
-        q, s = quantize_rows_int8(x2)
+        compiling = torch.compiler.is_compiling()
+        q, s = (_quantize_rows_op if compiling else quantize_rows_int8)(x2)
         if len(weight) == 1:
             y = _dense_ternary(q, weight[0], ap, an, None) * s.double()[:, None]
             y = (y if b is None else y + b.double()).float()
         else:
-            y = ternary_gemm_int8(q, s, *weight, ap, an, b)
+            y = (_gemm_int8_op if compiling else ternary_gemm_int8)(q, s, *weight, ap, an, b)
         y = y.to(x.dtype)
     elif len(weight) == 1:
         y = _dense_ternary(_ternarize_rows(x2, act_delta), weight[0], ap, an, b).float().to(x.dtype)

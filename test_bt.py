@@ -2662,9 +2662,10 @@ def test_linear_output_in_input_dtype(dtype, train):
     assert layer(x[:, :0]).shape == (2, 0, 11)                        # no rows
 
 
-def _compile_net():
+def _compile_net(act_bits=None):
     return nn.Sequential(TernaryConv2d(1, 4, 3, act_delta=None), nn.BatchNorm2d(4), nn.Flatten(),
-                         TernaryLinearTriton(4 * 6 * 6, 16), nn.BatchNorm1d(16), TernaryLinear(16, 5))
+                         TernaryLinearTriton(4 * 6 * 6, 16, act_bits=act_bits), nn.BatchNorm1d(16),
+                         TernaryLinear(16, 5, act_bits=act_bits))
 
 
 COMPILE_MODES = [pytest.param(dict(backend="aot_eager"), id="aot_eager"),
@@ -2672,13 +2673,14 @@ COMPILE_MODES = [pytest.param(dict(backend="aot_eager"), id="aot_eager"),
                  pytest.param(dict(mode="reduce-overhead"), marks=GPU_ONLY, id="cudagraphs")]
 
 
+@pytest.mark.parametrize("act_bits", [None, 8], ids=["trits", "int8"])
 @pytest.mark.parametrize("options", COMPILE_MODES)
-def test_compiled_model_matches_eager(options):
+def test_compiled_model_matches_eager(options, act_bits):
     """fullgraph: the custom ops take the kernels into the graph; train and eval, forward and backward.
     On the CPU aot_eager runs the same float ops as eager (equal); on CUDA it decomposes BatchNorm (cuDNN's
     fused kernel in eager), and inductor fuses its sums: equal within rounding."""
     torch.manual_seed(3)
-    eager = _compile_net().to(DEVICE)
+    eager = _compile_net(act_bits).to(DEVICE)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, fullgraph=True, **options)
     exact = options.get("backend") == "aot_eager" and DEVICE == "cpu"
