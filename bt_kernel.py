@@ -16,11 +16,12 @@ sm_80 and later, the single-bit MMA of the tensor cores; 1 to 3 rows, the GEMV o
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
 
 Contents, in the order data flows: popcount helpers; pack kernels; GEMM kernels (tile, GEMV, MMA,
-bit-serial MMA; int8 rows by trits on the int8 tensor cores, and the int8 row quantizer); dispatch (choose_kernel); launch (one launcher for every GEMM kernel, the pack
-launchers); the public API; the weight quantizer rules; the layer's forward (the custom operators
-bt_kernel::pack_rows, ::gemm, ::quantize_rows_int8 and ::gemm_int8 that torch.compile places in its graphs, and the same sums in
-torch ops for CPUs without the kernels); autograd and TernaryLinearTriton. Without triton installed the
-file still imports: the layer runs its torch path on the CPU and a kernel launch raises.
+bit-serial MMA; int8 rows by trits on the int8 tensor cores, and the int8 row quantizer); dispatch
+(choose_kernel); launch (one launcher for every popcount GEMM kernel, the pack launchers); the public
+API; the weight quantizer rules; the layer's forward (custom operators bt_kernel::pack_rows, ::gemm,
+::quantize_rows_int8 and ::gemm_int8 that torch.compile places in its graphs, and the same sums in torch
+ops for CPUs without the kernels); autograd and TernaryLinearTriton. Without triton installed the file
+still imports: the layer runs its torch path on the CPU and a kernel launch raises.
 
 Packed layout
 -------------
