@@ -146,12 +146,13 @@ def _gemlite():
         return None
 
 
-def _gemlite_ternary(w_trits):
-    """gemlite's A16W158 layer (ternary weights, fp16 activations) of int8 trits [N, K], or None."""
+def _gemlite_ternary(w_trits, kind="A16W158_INT"):
+    """gemlite's ternary layer of int8 trits [N, K], or None: A16W158_INT (fp16 activations) or
+    A8W158_INT_dynamic (int8 activations, quantized in the call)."""
     gemlite = _gemlite()
     if gemlite is None:
         return None
-    layer = gemlite.helper.A16W158_INT(device=w_trits.device, dtype=torch.float16).from_weights(
+    layer = getattr(gemlite.helper, kind)(device=w_trits.device, dtype=torch.float16).from_weights(
         w_trits.half(), torch.tensor(1.0, device=w_trits.device))
     if isinstance(getattr(layer, "scales", None), torch.Tensor):   # gemlite 0.6 leaves them on the CPU
         layer.scales.data = layer.scales.data.to(w_trits.device)
@@ -456,18 +457,6 @@ def bench_modules():
         torch.cuda.empty_cache()
 
 
-def _gemlite_a8(w_trits):
-    """gemlite's A8W158 layer (ternary weights, int8 activations quantized in the call) of int8 trits, or None."""
-    gemlite = _gemlite()
-    if gemlite is None:
-        return None
-    layer = gemlite.helper.A8W158_INT_dynamic(device=w_trits.device, dtype=torch.float16).from_weights(
-        w_trits.half(), torch.tensor(1.0, device=w_trits.device))
-    if isinstance(getattr(layer, "scales", None), torch.Tensor):
-        layer.scales.data = layer.scales.data.to(w_trits.device)
-    return layer
-
-
 def _int8_rate():
     """The int8 tensor cores' measured rate (OP/s): torch._int_mm (cuBLASLt) at 4096^3, the better layout."""
     a = torch.randint(-128, 128, (4096, 4096), dtype=torch.int8, device="cuda")
@@ -495,9 +484,9 @@ def bench_int8():
         ap, an = torch.rand(N, device="cuda") + 0.5, torch.rand(N, device="cuda") + 0.5
         wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(_rotation(2 * N * K))]
         peers = {}
-        for name, make in (("gl8", _gemlite_a8), ("gl16", _gemlite_ternary)):
+        for name, kind in (("gl8", "A8W158_INT_dynamic"), ("gl16", "A16W158_INT")):
             try:
-                layers = [make(t) for t in trits]
+                layers = [_gemlite_ternary(t, kind) for t in trits]
                 if layers[0] is not None:
                     peers[name] = layers
             except Exception as e:

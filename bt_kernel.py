@@ -1784,7 +1784,7 @@ def pack_bitplanes(x, threshold=None, k_major=False):
     else:
         raise TypeError(f"x must be int8 trits or a float tensor, got {x.dtype}")
     _check_device(x, allow_cpu=True)
-    if x.device.type == "cpu" and not _INTERPRET:   # no Triton on the CPU: the same words through torch ops
+    if not _kernel_path(x.device):   # no Triton on the CPU: the same words through torch ops
         pos, neg = _pack_torch(x if x.dtype == torch.int8 else _ternarize_rows(x, threshold))
         return (pos.t().contiguous().t(), neg.t().contiguous().t()) if k_major else (pos, neg)
     return launch_pack(x, threshold, k_major)
@@ -1991,6 +1991,13 @@ def ternary_gemm_reference(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bi
     return C + bias.double() if bias is not None else C
 
 
+def _check_row_scales(t, name, rows):
+    """A float tensor [rows]: one scale per row of int8 activations."""
+    _check_tensor(t, name, dim=1)
+    if t.shape != (rows,) or not t.is_floating_point():
+        raise ValueError(f"{name} must be float [{rows}] (one per row), got {t.dtype} {tuple(t.shape)}")
+
+
 def _int8_rows_torch(x, scale=None):
     """quantize_rows_int8 in torch ops (the same float32 operations as the kernel)."""
     xf = x.float()
@@ -2019,9 +2026,7 @@ def quantize_rows_int8(x, scale=None):
         raise TypeError(f"x must be a float tensor, got {x.dtype}")
     M, K = x.shape
     if scale is not None:
-        _check_tensor(scale, "scale", dim=1)
-        if scale.shape != (M,) or not scale.is_floating_point():
-            raise ValueError(f"scale must be float [{M}] (one per row), got {scale.dtype} {tuple(scale.shape)}")
+        _check_row_scales(scale, "scale", M)
         if M and not bool((scale >= 0).all()):
             raise ValueError("scales must be >= 0 and not NaN")
         _check_device(x, scale, allow_cpu=True)
@@ -2050,19 +2055,23 @@ def ternary_gemm_int8(a, a_scale, b_pos, b_neg, alpha_p, alpha_n=None, bias=None
     N = b_pos.shape[0]
     if b_pos.shape[1] != triton.cdiv(K, 32):
         raise ValueError(f"K words differ: a has K = {K} ({triton.cdiv(K, 32)} words), b has {b_pos.shape[1]}")
-    _check_tensor(a_scale, "a_scale", dim=1)
-    if a_scale.shape != (M,) or not a_scale.is_floating_point():
-        raise ValueError(f"a_scale must be float [{M}], got {a_scale.dtype} {tuple(a_scale.shape)}")
-    ap, an, b = _check_scales(N, alpha_p, alpha_n, bias)
+    _check_row_scales(a_scale, "a_scale", M)
+    scales = _check_scales(N, alpha_p, alpha_n, bias)
     _check_device(a, a_scale, b_pos, b_neg, *[t for t in (alpha_p, alpha_n, bias) if t is not None])
+    return _launch_int8(a if a.stride(1) == 1 else a.contiguous(), _f32(a_scale), b_pos, b_neg, *scales)
+
+
+def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b):
+    """ternary_gemm_int8 without its checks: a int8 [M, K] with unit K stride, scales float32 contiguous."""
+    M, K = a.shape
+    N = b_pos.shape[0]
     c = torch.empty((M, N), dtype=torch.float32, device=a.device)
     if M == 0 or N == 0:
         return c
     _need_triton()
-    a = a if a.stride(1) == 1 else a.contiguous()
     bm, bn, bk = (16, 16, 32) if _INTERPRET else (64, 64, 64)   # 64x64x128 spills with TTQ scales (sm_90)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _int8_ternary_kernel[grid](a, _f32(a_scale), b_pos, b_neg, ap, ap if an is None else an,
+    _int8_ternary_kernel[grid](a, a_scale, b_pos, b_neg, ap, ap if an is None else an,
                                ap if b is None else b, c, M, N, K, b_pos.shape[1], a.stride(0), *b_pos.stride(),
                                *c.stride(), SYMMETRIC=an is None, HAS_BIAS=b is not None,
                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
@@ -2216,7 +2225,7 @@ def ternary_linear(x, act_delta, weight, alpha_p, alpha_n=None, bias=None, act_b
             y = _dense_ternary(q, weight[0], ap, an, None) * s.double()[:, None]
             y = (y if b is None else y + b.double()).float()
         else:
-            y = (_gemm_int8_op if compiling else ternary_gemm_int8)(q, s, *weight, ap, an, b)
+            y = (_gemm_int8_op if compiling else _launch_int8)(q, s, *weight, ap, an, b)
         y = y.to(x.dtype)
     elif len(weight) == 1:
         y = _dense_ternary(_ternarize_rows(x2, act_delta), weight[0], ap, an, b).float().to(x.dtype)
