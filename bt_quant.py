@@ -230,6 +230,14 @@ def _copy_requires_grad(new, old):
         getattr(new, name).requires_grad_(p.requires_grad)
 
 
+def _names_by_module(model):
+    """{id(module): (module, [its names in model.named_modules(), shared modules under each])}."""
+    names_of = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), (module, []))[1].append(name)
+    return names_of
+
+
 def _replace_layers(model, replacement, inplace):
     """model (or a deep copy of it) with each module m swapped for replacement(names, m) where that is not None.
 
@@ -237,12 +245,8 @@ def _replace_layers(model, replacement, inplace):
     an error leaves the model as it was; a module registered under several names stays shared.
     """
     model = model if inplace else copy.deepcopy(model)
-    named = list(model.named_modules(remove_duplicate=False))
-    names_of = {}
-    for name, module in named:
-        names_of.setdefault(id(module), (module, []))[1].append(name)
-    new = {key: replacement(names, module) for key, (module, names) in names_of.items()}
-    for name, module in named:
+    new = {key: replacement(names, module) for key, (module, names) in _names_by_module(model).items()}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if name and new[id(module)] is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new[id(module)])
@@ -255,9 +259,7 @@ def _keep_float_rule(model, keep_float):
         rules = []
     else:
         rules = list(keep_float) if isinstance(keep_float, (list, tuple, set)) else [keep_float]
-    names_of = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        names_of.setdefault(id(m), []).append(name)
+    names_of = {key: names for key, (_, names) in _names_by_module(model).items()}
     prefixes, predicates = [], []
     for rule in rules:
         if isinstance(rule, nn.Module):   # before callable: a module is callable too
