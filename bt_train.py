@@ -460,8 +460,8 @@ def make_parser():
     p.add_argument("--wd", type=float, default=5e-4, help="AdamW weight decay on latent weights (default: 5e-4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device (default: cuda; cpu if none)")
-    p.add_argument("--use-triton-linear", action="store_true", help="run the fc layers on the popcount kernels; a CPU runs the same sums in torch ops "
-                   "(default: off)")
+    p.add_argument("--use-triton-linear", action="store_true",
+                   help="run the fc layers on the popcount kernels; a CPU runs the same sums in torch ops (default: off)")
     p.add_argument("--export", default="bt_mnist_export.pt", help="packed export written at the end (default: bt_mnist_export.pt)")
     p.add_argument("--checkpoint", default="bt_mnist_ckpt.pt", help="checkpoint written after every epoch (default: bt_mnist_ckpt.pt)")
     p.add_argument("--resume", metavar="CKPT",
@@ -789,7 +789,8 @@ def set_up(argv, progress):
         log(f"resumed from {args.resume} after epoch {start_epoch}{longer}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{args.dataset}: {len(train_x)} train images per process x {world} / {len(test_x)} test on {device}; "
-        f"model {args.channels}, {n_params} parameters, {'Triton' if args.use_triton_linear else 'PyTorch'} linear layers{', compiled' if args.compile else ''}")
+        f"model {args.channels}, {n_params} parameters, {'Triton' if args.use_triton_linear else 'PyTorch'} "
+        f"linear layers{', compiled' if args.compile else ''}")
     tg_state = TernGradState(clip=args.terngrad_clip, seed=args.seed) if args.terngrad else None
     net = torch.compile(model, fullgraph=True) if args.compile else model
     if world > 1:
