@@ -1163,8 +1163,20 @@ def _bitserial_mma_kernel(
 
 @triton.jit
 def _round_even(x):
-    # round half to even in float32 for |x| < 2^22: adding 1.5 * 2^23 leaves no fraction bits
+    # round half to even in float32 for |x| < 2^22: adding 1.5 * 2^23 leaves no fraction bits (launched with
+    # enable_fp_fusion=False, so that x * inv + c is not contracted into one FMA, which rounds once)
     return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _to_int8(x, inv):
+    # q = round(x * inv), clamped to [-127, 127]: BitNet b1.58's activation quantizer, float32
+    return tl.minimum(tl.maximum(_round_even(x.to(tl.float32) * inv), -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _inverse(scale):
+    return tl.where(scale > 0, tl.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
 
 
 @triton.jit
@@ -1180,57 +1192,81 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, given_ptr, K, stride_xm, stri
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_ptr + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = tl.max(amax, axis=0) / 127.0
-    inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
+        scale = tl.div_rn(tl.max(amax, axis=0), 127.0)
+    inv = _inverse(scale)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
-        q = tl.minimum(tl.maximum(_round_even(x.to(tl.float32) * inv), -127.0), 127.0)
-        tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, _to_int8(x, inv), mask=k0 + offs < K)
     tl.store(scale_ptr + row, scale)
 
 
 @triton.jit
-def _unpack_int8(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # uint32 [BLOCK_N, BLOCK_K / 32] -> int8 0/1 [BLOCK_N, BLOCK_K]: bit j of word w is column 32 w + j
-    bits = tl.arange(0, 32).to(tl.uint32)
-    b = (words[:, :, None] >> bits[None, None, :]) & 1
-    return tl.reshape(b, (BLOCK_N, BLOCK_K)).to(tl.int8)
+def _split_bits(x, S: tl.constexpr, MASK: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    # [R, C] -> [R, 2C]: column 2c holds the low S bits of column c, column 2c + 1 the S bits above them
+    return tl.reshape(tl.join(x & MASK, (x >> S) & MASK), (R, 2 * C))
+
+
+@triton.jit
+def _unpack_bits(words, R: tl.constexpr, W: tl.constexpr):
+    # uint32 [R, W] -> 0/1 [R, 32 W]: column 32 w + j holds bit j of word w. Halving the words five times
+    # with tl.join keeps each word's bits in the thread that loaded it (join adds an in-thread dimension):
+    # about 2 instructions a bit, and the tile reaches shared memory in 16-byte stores (a shift by a
+    # per-column amount instead spreads each word over 32 threads and stores single bytes)
+    x = _split_bits(words, 16, 0xFFFF, R, W)
+    x = _split_bits(x, 8, 0xFF, R, 2 * W)
+    x = _split_bits(x, 4, 0xF, R, 4 * W)
+    x = _split_bits(x, 2, 0x3, R, 8 * W)
+    return _split_bits(x, 1, 0x1, R, 16 * W)
 
 
 @triton.jit
 def _int8_ternary_kernel(
-    a_ptr, scale_ptr,             # int8 [M, K] rows, float32 [M] their scales
+    a_ptr,                        # int8 [M, K] rows; QUANTIZE > 0: float [M, K] rows, quantized here
+    scale_ptr,                    # float32 [M]: the rows' scales (QUANTIZE 0 or 2), unused with QUANTIZE 1
     b_pos_ptr, b_neg_ptr,         # uint32 planes [N, KW]
     alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr,
-    M, N, K, KW, stride_am, stride_bn, stride_bk, stride_cm, stride_cn,
+    M, N, K, KW, stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QUANTIZE: tl.constexpr,       # 0: int8 rows given; 1: float rows, per-row absmax; 2: float rows, scales given
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
+    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+    if QUANTIZE == 1:             # few rows: every program finds its rows' absmax (the rows stay in L2)
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        scale = tl.div_rn(amax, 127.0)
+    else:
+        scale = tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0)
+    inv = _inverse(scale)
     acc_p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc_n = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :],
-                    mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
+        a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
+        if QUANTIZE > 0:
+            a = _to_int8(a, inv[:, None])
         offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         w_off = offs_n[:, None].to(tl.int64) * stride_bn + offs_w[None, :] * stride_bk
         w_ok = n_ok[:, None] & (offs_w[None, :] < KW)
-        wp = _unpack_int8(tl.load(b_pos_ptr + w_off, mask=w_ok, other=0), BLOCK_N, BLOCK_K)
-        wn = _unpack_int8(tl.load(b_neg_ptr + w_off, mask=w_ok, other=0), BLOCK_N, BLOCK_K)
+        wp = _unpack_bits(tl.load(b_pos_ptr + w_off, mask=w_ok, other=0), BLOCK_N, BLOCK_K // 32)
+        wn = _unpack_bits(tl.load(b_neg_ptr + w_off, mask=w_ok, other=0), BLOCK_N, BLOCK_K // 32)
         if SYMMETRIC:
-            acc_p += tl.dot(a, tl.trans(wp - wn), out_dtype=tl.int32)
+            acc_p += tl.dot(a, tl.trans((wp - wn).to(tl.int8)), out_dtype=tl.int32)
         else:
-            acc_p += tl.dot(a, tl.trans(wp), out_dtype=tl.int32)
-            acc_n += tl.dot(a, tl.trans(wn), out_dtype=tl.int32)
-    # float64 epilogue: (alpha_p Sp - alpha_n Sn) times the row's scale, plus bias, rounded once to float32
+            acc_p += tl.dot(a, tl.trans(wp.to(tl.int8)), out_dtype=tl.int32)
+            acc_n += tl.dot(a, tl.trans(wn.to(tl.int8)), out_dtype=tl.int32)
+    # float64 epilogue: (alpha_p Sp - alpha_n Sn) times the row's scale, plus bias, rounded once
     c = tl.load(alpha_p_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :] * acc_p.to(tl.float64)
     if not SYMMETRIC:
         c -= tl.load(alpha_n_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :] * acc_n.to(tl.float64)
-    c = c * tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float64)[:, None]
+    c = c * scale.to(tl.float64)[:, None]
     if HAS_BIAS:
         c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :]
     tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn, c.to(tl.float32),
@@ -1253,6 +1289,7 @@ class GpuSpec(NamedTuple):
 
 
 INTERPRETER = GpuSpec(capability=0, sms=4, interpret=True)
+INT8_FUSED_ROWS = 16           # up to this many float rows, the int8 kernel quantizes them itself
 MMA_MIN_ROWS = 4               # from this many rows up, trits go to the MMA kernel where the GPU has it
 MMA_CHUNK_TILES = 65535        # row tiles of the MMA kernel a launch: the most a grid's second dimension holds
 _SPECS = {}
@@ -1323,6 +1360,23 @@ def choose_kernel(M, N, KW, gpu, *, bit_serial=False, row_major_weights=True, sy
     min_k = 2 * meta.get("BLOCK_K", 16) * (3 if kind == "gemv" and meta.get("CSA") else 1)
     meta["SPLIT_K"] = _split_k(programs, KW, sms, per_sm, min_k)
     return kind, meta
+
+
+def choose_int8_kernel(M, N, K, gpu, symmetric=False):
+    """Meta-parameters of the int8 kernel (_int8_ternary_kernel) for int8 [M, K] rows by trits [N, K].
+
+    FUSE_QUANTIZER: float rows are quantized inside the GEMM (every program finds its rows' absmax) rather
+    than by a pass of their own. From config sweeps on an H100 (PERFORMANCE.md, "8-bit activations").
+    """
+    if gpu.interpret:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, FUSE_QUANTIZER=M <= 16)
+    if M <= INT8_FUSED_ROWS:   # a weight stream: narrow column blocks for many programs, long K steps
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, FUSE_QUANTIZER=True)
+    if M <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, FUSE_QUANTIZER=False)
+    if M < 1024 or not symmetric:   # two accumulators (TTQ scales) leave no registers for 256 x 128 tiles
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, FUSE_QUANTIZER=False)
+    return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, FUSE_QUANTIZER=False)
 
 
 def _choose_conv_kernel(M, N, KW, gpu, bit_serial, symmetric):
@@ -1538,6 +1592,12 @@ def _kernel_for(M, N, KW, gpu, bit_serial, row_major_weights, symmetric):
     """choose_kernel, remembered: a layer asks for the same shapes every call (_launch copies the meta)."""
     return choose_kernel(M, N, KW, gpu, bit_serial=bit_serial, row_major_weights=row_major_weights,
                          symmetric=symmetric)
+
+
+@functools.lru_cache(maxsize=256)
+def _int8_kernel_for(M, N, K, gpu, symmetric):
+    """choose_int8_kernel, remembered (_launch_int8 copies the meta)."""
+    return choose_int8_kernel(M, N, K, gpu, symmetric)
 
 
 def _row_words(kw):
@@ -2038,43 +2098,56 @@ def quantize_rows_int8(x, scale=None):
     if M:
         given = _f32(scale) if scale is not None else s
         _quantize_rows_kernel[(M,)](x, q, s, given, K, x.stride(0), x.stride(1), q.stride(0),
-                                    GIVEN=scale is not None, BLOCK_K=min(1024, triton.next_power_of_2(K)))
+                                    GIVEN=scale is not None, BLOCK_K=min(1024, triton.next_power_of_2(K)),
+                                    enable_fp_fusion=False)
     return q, s
 
 
 def ternary_gemm_int8(a, a_scale, b_pos, b_neg, alpha_p, alpha_n=None, bias=None):
-    """C = (a * a_scale) @ Weff^T + bias, float32 [M, N], for int8 activations (quantize_rows_int8) and
-    packed ternary weights: exact int32 sums on the int8 tensor cores, float64 epilogue rounded once.
+    """C = (q * scale) @ Weff^T + bias, float32 [M, N], for 8-bit activations and packed ternary weights:
+    exact int32 sums on the int8 tensor cores, float64 epilogue rounded once.
 
-    a: int8 [M, K]; a_scale: float [M]; b_pos, b_neg: uint32 [N, ceil(K/32)]; scales as in
-    ternary_gemm_triton. The kernel's configs are not tuned yet.
+    a: int8 [M, K] rows q with their float [M] scales a_scale (quantize_rows_int8's); or float [M, K] rows,
+    quantized in the call as quantize_rows_int8 would (a_scale None: per-row absmax; else the scales given),
+    inside the GEMM kernel for few rows. b_pos, b_neg: uint32 [N, ceil(K/32)]; scales as in
+    ternary_gemm_triton.
     """
-    _check_tensor(a, "a", torch.int8, 2)
+    _check_tensor(a, "a", dim=2)
+    if a.dtype != torch.int8 and not a.is_floating_point():
+        raise TypeError(f"a must be int8 rows or float rows, got {a.dtype}")
     b_pos, b_neg = _check_pair(b_pos, b_neg, ("b_pos", "b_neg"), 2)
     M, K = a.shape
     N = b_pos.shape[0]
     if b_pos.shape[1] != triton.cdiv(K, 32):
         raise ValueError(f"K words differ: a has K = {K} ({triton.cdiv(K, 32)} words), b has {b_pos.shape[1]}")
-    _check_row_scales(a_scale, "a_scale", M)
+    if a.dtype == torch.int8 or a_scale is not None:
+        _check_row_scales(a_scale, "a_scale", M)
     scales = _check_scales(N, alpha_p, alpha_n, bias)
-    _check_device(a, a_scale, b_pos, b_neg, *[t for t in (alpha_p, alpha_n, bias) if t is not None])
-    return _launch_int8(a if a.stride(1) == 1 else a.contiguous(), _f32(a_scale), b_pos, b_neg, *scales)
+    _check_device(a, b_pos, b_neg, *[t for t in (a_scale, alpha_p, alpha_n, bias) if t is not None])
+    if a.dtype != torch.int8 and a_scale is not None and M and not bool((a_scale >= 0).all()):
+        raise ValueError("scales must be >= 0 and not NaN")
+    return _launch_int8(a if a.stride(1) == 1 else a.contiguous(), None if a_scale is None else _f32(a_scale),
+                        b_pos, b_neg, *scales)
 
 
 def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b):
-    """ternary_gemm_int8 without its checks: a int8 [M, K] with unit K stride, scales float32 contiguous."""
+    """ternary_gemm_int8 without its checks: a with unit K stride, scales float32 contiguous."""
     M, K = a.shape
     N = b_pos.shape[0]
     c = torch.empty((M, N), dtype=torch.float32, device=a.device)
     if M == 0 or N == 0:
         return c
     _need_triton()
-    bm, bn, bk = (16, 16, 32) if _INTERPRET else (64, 64, 64)   # 64x64x128 spills with TTQ scales (sm_90)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _int8_ternary_kernel[grid](a, a_scale, b_pos, b_neg, ap, ap if an is None else an,
-                               ap if b is None else b, c, M, N, K, b_pos.shape[1], a.stride(0), *b_pos.stride(),
-                               *c.stride(), SYMMETRIC=an is None, HAS_BIAS=b is not None,
-                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    meta = dict(_int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))
+    quantize = 0 if a.dtype == torch.int8 else 1 if a_scale is None else 2
+    if meta.pop("FUSE_QUANTIZER") is False and quantize:   # many rows: one pass of the quantizer first
+        a, a_scale = quantize_rows_int8(a, a_scale)
+        quantize = 0
+    grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+    _int8_ternary_kernel[grid](a, c if a_scale is None else a_scale, b_pos, b_neg, ap, ap if an is None else an,
+                               ap if b is None else b, c, M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(),
+                               *c.stride(), SYMMETRIC=an is None, HAS_BIAS=b is not None, QUANTIZE=quantize,
+                               enable_fp_fusion=False, **meta)
     return c
 
 
@@ -2219,13 +2292,14 @@ def ternary_linear(x, act_delta, weight, alpha_p, alpha_n=None, bias=None, act_b
     x2 = x.reshape(-1, K)
     ap, an, b = _f32(alpha_p), _f32(alpha_n), _f32(bias)
     if act_bits == 8:
-        compiling = torch.compiler.is_compiling()
-        q, s = (_quantize_rows_op if compiling else quantize_rows_int8)(x2)
         if len(weight) == 1:
+            q, s = quantize_rows_int8(x2)
             y = _dense_ternary(q, weight[0], ap, an, None) * s.double()[:, None]
             y = (y if b is None else y + b.double()).float()
-        else:
-            y = (_gemm_int8_op if compiling else _launch_int8)(q, s, *weight, ap, an, b)
+        elif torch.compiler.is_compiling():
+            y = _gemm_int8_op(*_quantize_rows_op(x2), *weight, ap, an, b)
+        else:   # the float rows go in: few rows are quantized inside the GEMM
+            y = _launch_int8(x2 if x2.stride(-1) == 1 else x2.contiguous(), None, *weight, ap, an, b)
         y = y.to(x.dtype)
     elif len(weight) == 1:
         y = _dense_ternary(_ternarize_rows(x2, act_delta), weight[0], ap, an, b).float().to(x.dtype)

@@ -2819,14 +2819,30 @@ def test_int8_ternary_gemm_exact(M, N, K, symmetric):
     assert torch.equal(c.cpu(), want)
 
 
+@pytest.mark.parametrize("M", [3, 20])         # float rows quantized inside the GEMM (few rows) or by a pass first
+@pytest.mark.parametrize("given", [False, True], ids=["absmax", "given-scale"])
+def test_int8_gemm_of_float_rows_equals_quantize_then_gemm(M, given):
+    g = torch.Generator().manual_seed(M)
+    x = (torch.randn(M, 70, generator=g) * 3).to(DEVICE)
+    x[1] = 0
+    x[2, :4] = x[2].abs().max()                # absmax ties
+    scale = (torch.rand(M, generator=g) + 0.01).to(DEVICE) if given else None
+    w = torch.randint(-1, 2, (9, 70), dtype=torch.int8, generator=g).to(DEVICE)
+    wp, wn = pack_bitplanes(w)
+    ap, an, bias = (torch.rand(9, generator=g).to(DEVICE) + 0.5 for _ in range(3))
+    q, s = _int8_reference(x, scale)
+    want = bt_kernel.ternary_gemm_int8(q.to(DEVICE), s.to(DEVICE), wp, wn, ap, an, bias)
+    assert torch.equal(bt_kernel.ternary_gemm_int8(x, scale, wp, wn, ap, an, bias), want)
+
+
 def test_int8_ternary_gemm_errors():
     a = torch.zeros(2, 40, dtype=torch.int8, device=DEVICE)
     wp, wn = pack_bitplanes(torch.zeros(3, 40, dtype=torch.int8, device=DEVICE))
     one, s = torch.ones(3, device=DEVICE), torch.ones(2, device=DEVICE)
     with pytest.raises(ValueError, match="K words differ"):
         bt_kernel.ternary_gemm_int8(a[:, :30], s, wp, wn, one)
-    with pytest.raises(TypeError, match="int8"):
-        bt_kernel.ternary_gemm_int8(a.float(), s, wp, wn, one)
+    with pytest.raises(TypeError, match="int8 rows or float"):
+        bt_kernel.ternary_gemm_int8(a.int(), s, wp, wn, one)
     with pytest.raises(ValueError, match="a_scale"):
         bt_kernel.ternary_gemm_int8(a, s[:1], wp, wn, one)
 
