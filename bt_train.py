@@ -3,6 +3,7 @@
     python bt_train.py                          # MNIST, PyTorch path, writes bt_mnist_export.pt
     python bt_train.py --use-triton-linear      # fc layers on the popcount kernels (needs a GPU)
     python bt_train.py --dataset fashion --epochs 30
+    python bt_train.py --act-bits 8             # int8 activations after the first layer (W1.58A8)
     python bt_train.py --resume bt_mnist_ckpt.pt   # continue after a crash or Ctrl-C, with the run's own flags
     python bt_train.py --resume bt_mnist_ckpt.pt --epochs 40   # the same run, trained longer
     torchrun --nproc_per_node=2 bt_train.py --terngrad   # data parallel with ternary gradients
