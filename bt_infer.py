@@ -12,8 +12,13 @@
 The export (bt_quant.export_ternary_state) holds every conv and linear layer as two uint32 bitplanes and
 three float32 vectors with BatchNorm and the pixel scale folded in. Both paths compute the exact integer
 sums Sp, Sn with AND + popcount on those very planes, then out = float32((f64(alpha_p) Sp - f64(alpha_n) Sn)
-+ f64(bias)): the products are exact, so the two agree bit for bit. Nothing on either path multiplies
-activations by weights: no float matmul, no float conv.
++ f64(bias)): the products are exact, so the two agree bit for bit. On trit and pixel inputs nothing on
+either path multiplies activations by weights; no path runs a float matmul or a float conv.
+
+A layer with int8 inputs (input "int8", act_bits=8 in training) quantizes its input per image (scale =
+absmax / 127, q = round(x / scale)); Triton runs the int8 GEMM on the ternary planes (int8 tensor cores),
+numpy the same sums bit-serially (q + 128 as 8 bitplanes, the offset taken off); both then compute
+float32((f64(alpha_p) Sp - f64(alpha_n) Sn) * f64(scale) + f64(bias)). Such exports run layer by layer.
 """
 import argparse
 import math
@@ -169,13 +174,15 @@ def _check_ternary(rec, where, index_of_ternary, data):
     if not (_is_int(K) and _is_int(N)):
         raise ExportError(f"{where}: in_features and out_features must be ints >= 1, got {K!r} and {N!r}")
     kind = rec.get("input")
-    if kind not in ("pixels", "trits"):
-        raise ExportError(f"{where}: input must be 'pixels' or 'trits', got {kind!r}")
-    if kind == "pixels":
-        if index_of_ternary != 0:
-            raise ExportError(f"{where}: input 'pixels' is only allowed for the first ternary layer")
+    if kind not in ("pixels", "trits", "int8"):
+        raise ExportError(f"{where}: input must be 'pixels', 'trits' or 'int8', got {kind!r}")
+    if kind == "pixels" and index_of_ternary != 0:
+        raise ExportError(f"{where}: input 'pixels' is only allowed for the first ternary layer")
+    if kind == "int8" and index_of_ternary == 0:
+        raise ExportError(f"{where}: input 'int8' is not allowed for the first ternary layer (it takes the pixels)")
+    if kind in ("pixels", "int8"):
         if rec.get("act_delta") is not None:
-            raise ExportError(f"{where}: input 'pixels' takes no act_delta, got {rec.get('act_delta')!r}")
+            raise ExportError(f"{where}: input '{kind}' takes no act_delta, got {rec.get('act_delta')!r}")
     elif not (_is_number(rec.get("act_delta")) and rec["act_delta"] >= 0):
         raise ExportError(f"{where}: act_delta must be a finite number >= 0, got {rec.get('act_delta')!r}")
     KW = (K + 31) // 32
@@ -293,7 +300,9 @@ def validate_export(state, data=True):
 
 def _summary(state):
     n = sum(l["type"] in ("conv", "linear") for l in state["layers"])
-    return f"{state.get('dataset', 'unknown dataset')}, {n} ternary layers"
+    n8 = sum(l.get("input") == "int8" for l in state["layers"])
+    int8 = f" ({n8} with int8 inputs)" if n8 else ""
+    return f"{state.get('dataset', 'unknown dataset')}, {n} ternary layers{int8}"
 
 
 # -----------------------------------------------------------------------------
@@ -319,6 +328,36 @@ def _layers_to(state, device):
             for rec in state["layers"]]
 
 
+def _packed_rows(rec, x, thr):
+    """(planes, (OH, OW)) of a trit- or pixel-input layer: thr None packs x's 8-bit pixels bit-serially, else
+    x ternarized at thr; a conv's patches by im2col, rows (b, oy, ox). A flat input: (None, None)."""
+    if rec["type"] == "conv" or x.dim() == 4:
+        if rec["type"] == "conv":
+            ks, s, p = tuple(rec["kernel_size"]), rec["stride"], rec["padding"]
+        else:   # flatten(1) of an NCHW map has K order (c, y, x): the im2col order of a conv with the map's size
+            ks, s, p = tuple(x.shape[2:]), 1, 0
+        return bt_kernel.pack_im2col(x, ks, s, p, threshold=thr)
+    if thr is None:   # flat raw pixels: bit-serial through the 1x1 im2col
+        return bt_kernel.pack_im2col(x[:, :, None, None], 1, 1, 0, threshold=None)[0], (None, None)
+    return bt_kernel.pack_bitplanes(x, thr), (None, None)
+
+
+def _int8_rows(rec, x):
+    """(int8 rows [M, K], float32 scales [M], (OH, OW)) of an int8-input layer: x quantized with one absmax
+    scale per image, then for a conv its patches (im2col of the int8 values, zero padding: a zero stays
+    zero), rows (b, oy, ox) each with its image's scale. A linear layer: one row an image, (None, None)."""
+    B = x.shape[0]
+    q, scale = bt_kernel.quantize_rows_int8(x.reshape(B, -1))   # (c, y, x): flatten's order, the export's K order
+    if rec["type"] != "conv":
+        return q, scale, (None, None)
+    (kh, kw), s, p = rec["kernel_size"], rec["stride"], rec["padding"]
+    q = F.pad(q.view(x.shape), (p, p, p, p)) if p else q.view(x.shape)
+    patches = q.unfold(2, kh, s).unfold(3, kw, s)   # a view [B, C, OH, OW, kh, kw]
+    OH, OW = patches.shape[2:4]
+    rows = patches.permute(0, 2, 3, 1, 4, 5).reshape(B * OH * OW, -1)   # columns (c, ky, kx): F.unfold's order
+    return rows, scale.repeat_interleave(OH * OW), (OH, OW)
+
+
 def _forward_triton(layers, x, input_scale):
     # x: uint8 [B, C, H, W] or [B, K]; raw pixels until the first ternary layer
     pixels = True
@@ -334,21 +373,15 @@ def _forward_triton(layers, x, input_scale):
             x = x.float() * torch.tensor(input_scale, dtype=torch.float32, device=x.device)
         thr = None if rec["input"] == "pixels" else rec["act_delta"]
         pixels = False
-        if kind == "conv" or x.dim() == 4:
-            if kind == "conv":
-                ks, s, p = tuple(rec["kernel_size"]), rec["stride"], rec["padding"]
-            else:   # flatten(1) of an NCHW map has K order (c, y, x): the im2col order of a conv with the map's size
-                ks, s, p = tuple(x.shape[2:]), 1, 0
-            planes, (OH, OW) = bt_kernel.pack_im2col(x, ks, s, p, threshold=thr)
+        if rec["input"] == "int8":   # never the first layer: x is the float32 output of the one before
+            q, scale, (OH, OW) = _int8_rows(rec, x)
+            y = bt_kernel.ternary_gemm_int8(q, scale, rec["pos"], rec["neg"], rec["alpha_p"], rec["alpha_n"],
+                                            rec["bias"])
         else:
-            OH = OW = None
-            if thr is None:   # flat raw pixels: bit-serial through the 1x1 im2col
-                planes, _ = bt_kernel.pack_im2col(x[:, :, None, None], 1, 1, 0, threshold=None)
-            else:
-                planes = bt_kernel.pack_bitplanes(x, thr)
-        a_pos, a_neg = (planes, None) if thr is None else planes
-        y = bt_kernel.ternary_gemm_triton(a_pos, a_neg, rec["pos"], rec["neg"], rec["alpha_p"], rec["alpha_n"],
-                                          rec["bias"])
+            planes, (OH, OW) = _packed_rows(rec, x, thr)
+            a_pos, a_neg = (planes, None) if thr is None else planes
+            y = bt_kernel.ternary_gemm_triton(a_pos, a_neg, rec["pos"], rec["neg"], rec["alpha_p"], rec["alpha_n"],
+                                              rec["bias"])
         B, N = x.shape[0], y.shape[1]
         if kind == "conv":
             # rows are (b, oy, ox): an NHWC buffer, seen as NCHW without a copy
@@ -360,9 +393,10 @@ def _forward_triton(layers, x, input_scale):
 
 def _fused_plan(layers, input_shape):
     """Steps of the fused engine, one ternary_conv_packed call per conv/linear layer, or None for a network it
-    does not cover (it needs raw pixels into the first layer, no padding after it, and 2x2/2 max-pools)."""
+    does not cover (it needs raw pixels into the first layer, trits into the others, no padding after the
+    first, and 2x2/2 max-pools)."""
     ternary = [r for r in layers if r["type"] in ("conv", "linear")]
-    if ternary[0]["input"] != "pixels":
+    if ternary[0]["input"] != "pixels" or any(r["input"] == "int8" for r in ternary):
         return None
     steps = []
     H, W = (input_shape[1], input_shape[2]) if len(input_shape) == 3 else (1, 1)
@@ -518,19 +552,23 @@ def _np_maxpool(x, k, s):
 
 
 def _np_layer(rec):
-    """Per-layer constants, once per run: weight words (pos columns, then neg) and float64 scales."""
+    """Per-layer constants, once per run: weight words (pos columns, then neg), each output's count of +1 and
+    of -1 weights (int64 [2N], the same order), and float64 scales."""
     wcat = np.concatenate([rec["pos"].detach().cpu().numpy(), rec["neg"].detach().cpu().numpy()], axis=0)
     return dict(w=_np_word_major(wcat), N=rec["out_features"], K=rec["in_features"],
+                counts=np.bitwise_count(wcat).sum(axis=1, dtype=np.int64),
                 alpha_p=rec["alpha_p"].detach().cpu().numpy().astype(np.float64),
                 alpha_n=rec["alpha_n"].detach().cpu().numpy().astype(np.float64),
                 bias=rec["bias"].detach().cpu().numpy().astype(np.float64))
 
 
-def _np_gemm(planes, L, bit_serial, rows=None):
+def _np_gemm(planes, L, bit_serial, rows=None, offset=0, row_scale=None):
     """Popcount GEMM and the kernels' epilogue: float32 [M, N].
 
     planes: word-major activation planes [P, KWw, M]: P = 2 (pos, neg trits) or the bit-serial bitplanes of
     unsigned ints (bit 0 first). Sums are exact integers; the epilogue is the float64 one of bt_kernel.
+    offset: the unsigned ints are the values + offset (int8 as uint8: offset 128), taken off each sum
+    exactly (offset times the count of +1 or -1 weights); row_scale: float64 [M], the int8 epilogue's.
     """
     w, N, K = L["w"], L["N"], L["K"]
     P, KWw, M = planes.shape
@@ -567,10 +605,15 @@ def _np_gemm(planes, L, bit_serial, rows=None):
                 np.bitwise_count(t, out=c)
                 np.subtract(a, c, out=a)
             S = a.view(np.int16 if acc_t is np.uint16 else np.int32)
+        if offset:
+            S = S.astype(np.int64) - offset * L["counts"]
         Sp, Sn = S[:, :N].astype(np.float64), S[:, N:].astype(np.float64)
-        # the order of bt_kernel._epilogue: (alpha_p Sp - alpha_n Sn) + bias, products exact, one rounding to f32
+        # the order of bt_kernel._epilogue: (alpha_p Sp - alpha_n Sn) + bias, products exact, one rounding to f32;
+        # int8 rows (_int8_ternary_kernel): (alpha_p Sp - alpha_n Sn) times the row's scale, then + bias
         y = L["alpha_p"] * Sp
         y -= L["alpha_n"] * Sn
+        if row_scale is not None:
+            y *= row_scale[r0:r1, None]
         y += L["bias"]
         out[r0:r1] = y
     return out
@@ -587,6 +630,34 @@ def _np_pixel_planes(x2d, K):
     return np.stack([_np_word_major(_np_pack(np.bitwise_and(x2d, np.uint8(1 << b)), K)) for b in range(8)])
 
 
+def _np_int8_rows(x2d):
+    """bt_kernel.quantize_rows_int8 in numpy, the same float32 operations in the same order: scale = absmax /
+    127, inv = 1 / scale (0 where the scale is 0), q = x * inv rounded half to even, clipped to [-127, 127]."""
+    x = x2d.astype(np.float32, copy=False)
+    scale = np.abs(x).max(axis=1) / np.float32(127)
+    inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, np.float32(1)), np.float32(0))
+    q = np.clip(np.rint(x * inv.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def _np_int8_layer(rec, L, x):
+    """An int8-input layer, multiply-free: x (float32 NHWC map or [B, K]) quantized per image, the int8 values
+    offset to uint8 (+128) as 8 bit-serial planes, the offset taken off the sums exactly, the int8 epilogue."""
+    B = x.shape[0]
+    q, scale = _np_int8_rows(x.reshape(B, -1))   # the absmax and q = round(x / scale) do not depend on the order
+    q = q.reshape(x.shape)
+    if x.ndim == 4:
+        if rec["type"] == "conv":
+            (kh, kw), s, p = rec["kernel_size"], rec["stride"], rec["padding"]
+        else:   # flatten: (c, y, x) order, as nn.Flatten of NCHW
+            kh, kw, s, p = x.shape[1], x.shape[2], 1, 0
+        q, (OH, OW) = _np_im2col(q, kh, kw, s, p)   # zero padding: an int8 zero, offset below like any value
+        scale = np.repeat(scale, OH * OW)
+    u = (q.astype(np.int16) + 128).astype(np.uint8)
+    y = _np_gemm(_np_pixel_planes(u, L["K"]), L, True, offset=128, row_scale=scale.astype(np.float64))
+    return y.reshape(B, OH, OW, L["N"]) if rec["type"] == "conv" else y
+
+
 def _np_forward(layers, consts, x, input_scale):
     # x: uint8 [B, H, W, C] (NHWC: the GEMM's rows (b, oy, ox) need no transpose) or [B, K]
     pixels = True
@@ -597,6 +668,9 @@ def _np_forward(layers, consts, x, input_scale):
             continue
         if kind == "flatten":
             continue   # a map stays NHWC; the next linear layer reads it as one whole-map conv patch
+        if rec["input"] == "int8":   # never the first layer: x is the float32 output of the one before
+            x = _np_int8_layer(rec, L, x)
+            continue
         if pixels and rec["input"] == "trits":
             x = x.astype(np.float32) * np.float32(input_scale)
         bit_serial = rec["input"] == "pixels"

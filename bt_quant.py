@@ -161,12 +161,16 @@ class TernaryConv2d(TernaryWeights):
     Same signature, defaults, attributes and parameters as nn.Conv2d (stride, padding, 'same'/'valid',
     dilation, groups, bias, padding_mode), plus alpha_p/alpha_n and the keyword-only ternary options.
     The input is ternarized with dead zone act_delta first; act_delta=None keeps it as it is (raw
-    pixels). The export (export_ternary_state) takes a subset: see there.
+    pixels); act_bits=8 quantizes it to int8 with one absmax scale per image (over C, H, W: BitNet b1.58's
+    quantizer, gradient straight through), act_delta unused then. The export (export_ternary_state) takes
+    a subset: see there.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
                  padding_mode="zeros", device=None, dtype=None, *, delta_rule="channel", delta_t=0.7, delta=0.02,
-                 act_delta=0.5, act_clip=1.0, weight_clip=1.0):
+                 act_delta=0.5, act_clip=1.0, weight_clip=1.0, act_bits=None):
+        if act_bits not in (None, 8):
+            raise ValueError(f"act_bits must be None (act_delta decides) or 8, got {act_bits!r}")
         self.kernel_size = _int_pair(kernel_size, "kernel_size", 1)
         self.stride = _int_pair(stride, "stride", 1)
         self.dilation = _int_pair(dilation, "dilation", 1)
@@ -184,6 +188,7 @@ class TernaryConv2d(TernaryWeights):
         self.groups, self.padding_mode = groups, padding_mode
         super().__init__((out_channels, in_channels // groups, *self.kernel_size), bias, delta_rule, delta_t, delta,
                          act_delta, act_clip, weight_clip)
+        self.act_bits = act_bits
         _to_factory(self, device, dtype)
 
     def side_padding(self):
@@ -197,7 +202,10 @@ class TernaryConv2d(TernaryWeights):
         return (pw, pw, ph, ph)
 
     def forward(self, x):
-        if self.act_delta is not None:   # padding after ternarizing: a padded value is 0 or a copy of one
+        # padding after quantizing: a padded value is 0 or a copy of a quantized one
+        if self.act_bits == 8:   # one scale per image: its [C, H, W] values are one row of the quantizer
+            x = int8_activation(x.flatten(-3)).reshape(x.shape)
+        elif self.act_delta is not None:
             x = ternary_activation(x, self.act_delta, self.act_clip)
         w = ternary_weight(self.weight, self.alpha_p, self.alpha_n, self.thresholds(), self.weight_clip)
         b = None if self.bias is None else self.bias.to(x.dtype)
@@ -212,7 +220,8 @@ class TernaryConv2d(TernaryWeights):
         for name, default in (("padding", (0, 0)), ("dilation", (1, 1)), ("groups", 1), ("padding_mode", "zeros")):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)!r}"
-        return s + f", bias={self.bias is not None}, act_delta={self.act_delta}"
+        return (s + f", bias={self.bias is not None}, act_delta={self.act_delta}"
+                + (f", act_bits={self.act_bits}" if self.act_bits else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -314,8 +323,8 @@ def ternarize_model(model, *, keep_float=(), act_delta=0.5, act_bits=None, inpla
         (name, module) -> bool. A name or module that is not in the model raises ValueError.
     act_delta: the dead zone of the converted layers' ternary inputs; None keeps their inputs float
         (ternary weights only, and such linear layers stay on the PyTorch path: use_triton_kernels).
-    act_bits: 8 gives the converted linear layers int8 inputs (per-row absmax, W1.58A8) instead of trits;
-        convs keep act_delta's rule.
+    act_bits: 8 gives the converted layers int8 inputs instead of trits (W1.58A8): absmax per row of a
+        linear layer's input, per image of a conv's; act_delta is then unused.
     inplace: False converts a deep copy, leaving `model` as it was; True converts `model` itself. Either
         way use the returned model (a bare nn.Linear or nn.Conv2d comes back as a new layer).
     quant: the weight rule and clips of the new layers (delta_rule, delta_t, delta, act_clip, weight_clip);
@@ -333,7 +342,7 @@ def ternarize_model(model, *, keep_float=(), act_delta=0.5, act_bits=None, inpla
     def convert(names, m):
         if type(m) not in (nn.Linear, nn.Conv2d) or any(keep(name, m) for name in names):
             return None
-        return _ternary_twin(m, act_delta, dict(quant, act_bits=act_bits) if type(m) is nn.Linear else quant)
+        return _ternary_twin(m, act_delta, dict(quant, act_bits=act_bits))
     return _replace_layers(model, convert, inplace)
 
 
@@ -391,6 +400,13 @@ def _fold_batchnorm(alpha_p, alpha_n, bias, bn):
     return alpha_p * s, alpha_n * s, bias * s + t
 
 
+def _input_kind(layer):
+    """What a ternary layer takes in the export: 'int8' (act_bits=8), 'pixels' (act_delta=None) or 'trits'."""
+    if getattr(layer, "act_bits", None) == 8:
+        return "int8"
+    return "pixels" if layer.act_delta is None else "trits"
+
+
 def _export_conv_geometry(conv, where):
     """kernel_size [kh, kw], stride and padding as ints: the convs the inference engine runs, else ValueError."""
     unsupported = []
@@ -418,9 +434,12 @@ def export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, **
     (else ValueError naming the layer and the setting).
 
     Each ternary layer becomes {type, geometry, input kind, pos/neg uint32 planes [N, KW] (2 bits per
-    weight), alpha_p, alpha_n, bias (float32, BatchNorm folded in)}. The first layer may take raw
-    pixels (act_delta=None): their scale input_scale is folded into its alphas, so inference feeds
-    exact integers. `meta` (dataset, classes, arch, ...) is stored as it is.
+    weight, K in F.unfold's (c, ky, kx) order), alpha_p, alpha_n, bias (float32, BatchNorm folded in)}.
+    The first layer may take raw pixels (act_delta=None): their scale input_scale is folded into its
+    alphas, so inference feeds exact integers. A layer after it with act_bits=8 takes int8 input
+    ("int8": absmax per row of a linear layer, per image of a conv; the scale multiplies the integer
+    sums before BatchNorm's affine map, so the folding is the same). `meta` (dataset, classes, arch, ...)
+    is stored as it is.
     """
     layers = []
     mods = list(model.children()) if isinstance(model, nn.Sequential) else list(model.modules())[1:]
@@ -429,21 +448,24 @@ def export_ternary_state(model, input_shape=(1, 28, 28), input_scale=1 / 255, **
         m = mods[i]
         if isinstance(m, (TernaryConv2d, TernaryLinear, TernaryLinearTriton)):
             first = not any(l["type"] in ("conv", "linear") for l in layers)
-            if m.act_delta is None and not first:
+            kind = _input_kind(m)
+            if kind == "pixels" and not first:
                 raise ValueError(f"layer {i} ({type(m).__name__}) takes float input: only the first layer may")
+            if kind == "int8" and first:
+                raise ValueError(f"layer {i} ({type(m).__name__}) has act_bits=8: the first layer takes the pixels "
+                                 f"(act_delta=None) or trits, int8 inputs are for the layers after it")
             trits = m.ternary_weight().flatten(1)
             pos, neg = (p.contiguous() for p in pack_bitplanes(trits.cpu()))   # no row padding in the file
             ap, an = m.alpha_p.double().cpu(), m.alpha_n.double().cpu()
             b = torch.zeros_like(ap) if m.bias is None else m.bias.double().cpu()
-            if m.act_delta is None:
+            if kind == "pixels":
                 ap, an = ap * input_scale, an * input_scale
             if i + 1 < len(mods) and isinstance(mods[i + 1], (nn.BatchNorm1d, nn.BatchNorm2d)):
                 ap, an, b = _fold_batchnorm(ap, an, b, mods[i + 1].cpu())
                 i += 1
             rec = dict(type="conv" if isinstance(m, TernaryConv2d) else "linear",
                        in_features=trits.shape[1], out_features=trits.shape[0],
-                       input="pixels" if m.act_delta is None else "trits",
-                       act_delta=None if m.act_delta is None else float(m.act_delta),
+                       input=kind, act_delta=float(m.act_delta) if kind == "trits" else None,
                        pos=pos.contiguous(), neg=neg.contiguous(),
                        alpha_p=ap.float(), alpha_n=an.float(), bias=b.float())
             if isinstance(m, TernaryConv2d):

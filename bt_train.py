@@ -3,6 +3,7 @@
     python bt_train.py                          # MNIST, PyTorch path, writes bt_mnist_export.pt
     python bt_train.py --use-triton-linear      # fc layers on the popcount kernels (needs a GPU)
     python bt_train.py --dataset fashion --epochs 30
+    python bt_train.py --act-bits 8             # int8 activations after the first layer (W1.58A8)
     python bt_train.py --resume bt_mnist_ckpt.pt   # continue after a crash or Ctrl-C, with the run's own flags
     python bt_train.py --resume bt_mnist_ckpt.pt --epochs 40   # the same run, trained longer
     torchrun --nproc_per_node=2 bt_train.py --terngrad   # data parallel with ternary gradients
@@ -192,23 +193,24 @@ def load_dataset(name="mnist", root="data"):
 # -----------------------------------------------------------------------------
 # model
 
-def build_model(channels=(64, 128, 512), classes=10, act_delta=0.5, triton_linear=False, **quant):
+def build_model(channels=(64, 128, 512), classes=10, act_delta=0.5, triton_linear=False, act_bits=None, **quant):
     """LeNet-style: conv5x5 c1, pool, conv5x5 c2, pool, fc c3, fc classes; ternary weights everywhere.
 
     Every layer but the first ternarizes its input (act_delta, after BatchNorm and pooling: q is
-    monotone, so pooling then ternarizing equals ternarizing then pooling); the first takes raw pixels
-    in [0, 1] and the last returns float logits.
+    monotone, so pooling then ternarizing equals ternarizing then pooling), or with act_bits=8 quantizes
+    it to int8 (absmax per image); the first takes raw pixels in [0, 1] and the last returns float logits.
     """
     c1, c2, c3 = channels
     Linear = TernaryLinearTriton if triton_linear else TernaryLinear
+    act = dict(quant, act_delta=act_delta, act_bits=act_bits)
     return nn.Sequential(
         TernaryConv2d(1, c1, 5, bias=False, act_delta=None, **quant),
         nn.BatchNorm2d(c1), nn.MaxPool2d(2),
-        TernaryConv2d(c1, c2, 5, bias=False, act_delta=act_delta, **quant),
+        TernaryConv2d(c1, c2, 5, bias=False, **act),
         nn.BatchNorm2d(c2), nn.MaxPool2d(2), nn.Flatten(),
-        Linear(c2 * 16, c3, bias=False, act_delta=act_delta, **quant),
+        Linear(c2 * 16, c3, bias=False, **act),
         nn.BatchNorm1d(c3),
-        Linear(c3, classes, act_delta=act_delta, **quant),
+        Linear(c3, classes, **act),
     )
 
 
@@ -470,6 +472,9 @@ def make_parser():
                         "(default: none)")
     p.add_argument("--channels", default="64,128,512", help="conv1,conv2,fc1 widths (default: 64,128,512)")
     p.add_argument("--act-delta", type=float, default=0.5, help="dead zone of the ternary activations, after BatchNorm (default: 0.5)")
+    p.add_argument("--act-bits", type=int, choices=[8], default=None,
+                   help="8: every layer after the first takes int8 inputs (absmax per image, BitNet b1.58's "
+                        "quantizer) instead of trits; --act-delta is then unused (default: trits)")
     p.add_argument("--delta-rule", default="channel", choices=["channel", "global"],
                    help="weight threshold: per channel t*mean|W_c| or one global delta (default: channel)")
     p.add_argument("--delta-t", type=float, default=0.7, help="t of the per-channel rule (default: 0.7)")
@@ -519,8 +524,8 @@ def read_checkpoint(path):
 
 def _flag(name, value):
     flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool):   # a switch: given means on
-        return flag if value else f"run without {flag}"
+    if isinstance(value, bool) or value is None:   # a switch (given means on), or an option left unset
+        return flag if value is True else f"run without {flag}"
     return f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
 
 
@@ -528,6 +533,8 @@ def resume_args(args, given, stored):
     """args with the run's own settings from the checkpoint's stored arguments; CheckpointError where a flag
     given on the command line contradicts one (a larger --epochs is allowed: it extends the run)."""
     clashes = []
+    # a checkpoint that stores no act_bits ran with ternary activations: given --act-bits 8 contradicts it
+    stored = dict(dict(act_bits=None), **stored)
     for name, value in stored.items():
         if name in RUNTIME_ARGS or not hasattr(args, name):
             continue
@@ -778,7 +785,7 @@ def set_up(argv, progress):
     if steps == 0:
         sys.exit(f"bt_train.py: error: --batch {args.batch} is larger than the {len(train_x)} training images")
     quant = dict(delta_rule=args.delta_rule, delta_t=args.delta_t, delta=args.delta)
-    model = build_model(args.channels, 10, args.act_delta, args.use_triton_linear, **quant).to(device)
+    model = build_model(args.channels, 10, args.act_delta, args.use_triton_linear, args.act_bits, **quant).to(device)
     opt, lr, graphed = make_optimizer(model, args, device, world > 1)
     start_epoch = 0
     if ck:
@@ -790,7 +797,7 @@ def set_up(argv, progress):
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{args.dataset}: {len(train_x)} train images per process x {world} / {len(test_x)} test on {device}; "
         f"model {args.channels}, {n_params} parameters, {'Triton' if args.use_triton_linear else 'PyTorch'} "
-        f"linear layers{', compiled' if args.compile else ''}")
+        f"linear layers{', int8 activations' if args.act_bits == 8 else ''}{', compiled' if args.compile else ''}")
     tg_state = TernGradState(clip=args.terngrad_clip, seed=args.seed) if args.terngrad else None
     net = torch.compile(model, fullgraph=True) if args.compile else model
     if world > 1:
@@ -864,9 +871,10 @@ def export_model(run, t_start, progress):
     """Fold BatchNorm (statistics re-estimated before), pack the weights, write --export and report (rank 0)."""
     args = run.args
     acc, preds = test(run.model, run.test_x, run.test_y)
+    arch = dict(channels=list(args.channels), act_delta=args.act_delta, act_bits=args.act_bits)
     state = export_ternary_state(run.model, input_shape=(1, 28, 28), input_scale=1 / 255, dataset=args.dataset,
-                                 classes=10, arch=dict(channels=list(args.channels), act_delta=args.act_delta),
-                                 test_accuracy=acc, reference_predictions=preds.to(torch.uint8).cpu())
+                                 classes=10, arch=arch, test_accuracy=acc,
+                                 reference_predictions=preds.to(torch.uint8).cpu())
     save_export(state, args.export)
     progress.exported = args.export
     print(f"final test accuracy {acc:.2f}% (PyTorch model); wrote {args.export}")

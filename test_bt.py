@@ -1499,6 +1499,9 @@ BAD_STATES = {
     "chain of shapes": (lambda s: s["layers"].pop(4), "needs a flat input"),   # drop the flatten
     "linear K": (lambda s: s["layers"].pop(3), "in_features is 32, but its input has 200"),   # drop a maxpool
     "second pixels layer": (lambda s: s["layers"][2].update(input="pixels", act_delta=None), "first ternary layer"),
+    "int8 first layer": (lambda s: s["layers"][0].update(input="int8"), "input 'int8' is not allowed for the first"),
+    "int8 with act_delta": (lambda s: s["layers"][5].update(input="int8"), "input 'int8' takes no act_delta, got 0.5"),
+    "unknown input": (lambda s: s["layers"][5].update(input="int4"), "input must be 'pixels', 'trits' or 'int8'"),
     "unknown layer": (lambda s: s["layers"].insert(2, dict(type="relu")), "unknown type 'relu'"),
     "classes": (lambda s: s.update(classes=12), "classes is 12"),
 }
@@ -1979,7 +1982,8 @@ def test_mma_chain_of_packed_layers(symmetric):
     (["--epochs", "0"], "--epochs must be >= 1"), (["--batch", "-3"], "--batch must be >= 1"),
     (["--dataset", "cifar"], "invalid choice"), (["--device", "tpu"], "invalid choice"),
     (["--resume", "missing.pt"], "no such file"), (["--channels", "4,8"], "--channels"),
-    (["--export", "/nonexistent/dir/e.pt"], "folder does not exist"), (["--lr", "nan"], "--lr")])
+    (["--export", "/nonexistent/dir/e.pt"], "folder does not exist"), (["--lr", "nan"], "--lr"),
+    (["--act-bits", "4"], "argument --act-bits: invalid choice: 4")])
 def test_train_cli_errors_exit_2(args, message):
     r = subprocess.run([sys.executable, os.path.join(HERE, "bt_train.py"), *args], capture_output=True, text=True)
     assert r.returncode == 2
@@ -2881,13 +2885,119 @@ def test_linear_act_bits_8_matches_pytorch_layer_and_reference(dtype):
 def test_converter_takes_act_bits_8():
     model = bt_quant.ternarize_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)),
                                      act_bits=8)
-    assert model[2].act_bits == 8 and not hasattr(model[0], "act_bits")
+    assert model[2].act_bits == 8 and model[0].act_bits == 8
     fast = bt_quant.use_triton_kernels(model)
     assert type(fast[2]) is TernaryLinearTriton and fast[2].act_bits == 8
     x = torch.randn(3, 1, 4, 4)
     torch.testing.assert_close(fast.to(DEVICE)(x.to(DEVICE)).cpu(), model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="act_bits"):
         TernaryLinear(4, 4, act_bits=4)
+
+
+def _conv_int8_reference(x, trits, alpha_p, alpha_n, bias, stride, padding):
+    """TernaryConv2d with act_bits=8 written out in float64: each image quantized as one row (_int8_reference),
+    dequantized, zero-padded, then the sum over kernel offsets; the input's gradient straight through the
+    quantizer (x + (xq - x).detach()). alpha_p, alpha_n, bias: float64 leaves, their gradients by autograd."""
+    B, C, H, W = x.shape
+    q, s = _int8_reference(x.reshape(B, -1))
+    xq = (q.double() * s.double()[:, None]).view(x.shape)
+    xs = x + (xq - x).detach()
+    xp = F.pad(xs, (padding,) * 4)
+    N, _, kh, kw = trits.shape
+    weff = alpha_p.view(-1, 1, 1, 1) * (trits > 0) - alpha_n.view(-1, 1, 1, 1) * (trits < 0)
+    OH, OW = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    y = bias.view(1, -1, 1, 1).expand(B, N, OH, OW).clone()
+    for ky in range(kh):
+        for kx in range(kw):
+            patch = xp[:, :, ky:ky + stride * (OH - 1) + 1:stride, kx:kx + stride * (OW - 1) + 1:stride]
+            y = y + torch.einsum("bchw,nc->bnhw", patch, weff[:, :, ky, kx])
+    return y
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+def test_conv_act_bits_8_matches_float64_reference_and_ste(stride, padding):
+    torch.manual_seed(11)
+    conv = TernaryConv2d(3, 5, 3, stride=stride, padding=padding, act_bits=8)
+    assert "act_bits=8" in repr(conv)
+    x = torch.randn(3, 3, 6, 7) * 2
+    x[1] = 0                                    # an image of zeros: scale 0, the output is the bias
+    x[2, 0, 0, :2] = x[2].abs().max() * 3       # ties at the absmax: +127 each
+    xr = x.double().requires_grad_()
+    leaves = [t.detach().double().requires_grad_() for t in (conv.alpha_p, conv.alpha_n, conv.bias)]
+    want = _conv_int8_reference(xr, _channel_trits(conv.weight), *leaves, stride, padding)
+    xf = x.clone().requires_grad_()
+    y = conv(xf)
+    torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[1].detach(), conv.bias.detach().view(-1, 1, 1).expand_as(y[1]))
+    torch.testing.assert_close(conv(x[0]), y[0])   # unbatched [C, H, W]: one image, the same scale
+    g = torch.randn_like(y)
+    y.backward(g)
+    want.backward(g.double())
+    torch.testing.assert_close(xf.grad, xr.grad.float(), rtol=1e-5, atol=1e-5)
+    for name, p, ref in zip(("alpha_p", "alpha_n", "bias"), (conv.alpha_p, conv.alpha_n, conv.bias), leaves):
+        torch.testing.assert_close(p.grad, ref.grad.float(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_act_bits_values_and_where_they_go():
+    for bad in (4, 16, "8", True):
+        for make in (lambda: TernaryConv2d(2, 3, 3, act_bits=bad), lambda: TernaryLinear(4, 3, act_bits=bad),
+                     lambda: bt_train.build_model((2, 3, 4), act_bits=bad)):
+            with pytest.raises(ValueError, match="act_bits must be None"):
+                make()
+    model = bt_train.build_model((2, 3, 4), act_bits=8)
+    ternary = [m for m in model if isinstance(m, (TernaryConv2d, TernaryLinear))]
+    assert [m.act_bits for m in ternary] == [None, 8, 8, 8] and ternary[0].act_delta is None
+    first_int8 = nn.Sequential(TernaryConv2d(1, 2, 3, act_bits=8), nn.Flatten(), TernaryLinear(8, 3))
+    with pytest.raises(ValueError, match=r"layer 0 \(TernaryConv2d\) has act_bits=8: the first layer"):
+        export_ternary_state(first_int8, input_shape=(1, 4, 4))
+
+
+def small_lenet_int8(seed=0):
+    """bt_train's LeNet at channels 4, 8, 16 with int8 inputs after the first layer, BatchNorm calibrated."""
+    torch.manual_seed(seed)
+    return _calibrate(bt_train.build_model((4, 8, 16), act_bits=8), _images(64, 28, seed=200 + seed))
+
+
+def test_int8_export_serves_identically_on_both_engines(tmp_path):
+    model = small_lenet_int8()
+    images = _images(5, 28, seed=3)
+    with torch.no_grad():
+        ref = model(images.float() / 255)
+    state = _export(model, size=28, reference_predictions=ref.argmax(1).to(torch.uint8))
+    ternary = [l for l in state["layers"] if l["type"] in ("conv", "linear")]
+    assert [(l["input"], l["act_delta"]) for l in ternary] == [("pixels", None)] + [("int8", None)] * 3
+    conv2 = model[3]                           # planes of the trits, K in F.unfold's (c, ky, kx) order
+    pos, neg = pack_bitplanes(_channel_trits(conv2.weight).flatten(1).to(torch.int8))
+    assert torch.equal(ternary[1]["pos"], pos) and torch.equal(ternary[1]["neg"], neg)
+    state = load_export(_good_file(state, tmp_path))   # validated after a round trip
+    assert bt_infer.prepare_triton(state, DEVICE)["fused_steps"] is None   # int8 layers run layer by layer
+    logits = run_triton(state, images.to(DEVICE), batch_size=3).cpu()    # 2 batches, the last one short
+    logits_np = run_numpy(state, images.numpy(), chunk=2)
+    assert np.array_equal(logits.numpy().view(np.uint32), logits_np.view(np.uint32))   # bit for bit
+    assert torch.equal(logits.argmax(1), ref.argmax(1))
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_train_cli_act_bits_8_trains_exports_and_serves(tiny, tmp_path, monkeypatch, capsys):
+    assert _train_tiny(tmp_path, "--act-bits", "8", "--epochs", "1") == 0
+    assert "linear layers, int8 activations" in capsys.readouterr().out
+    export = tmp_path / "e.pt"
+    bt_infer.main(["--export", str(export), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "mnist, 4 ternary layers (3 with int8 inputs)" in out
+    agreement = re.search(r"agreement with PyTorch model ([\d.]+)% \((\d+)/64\)", out)
+    assert agreement and float(agreement.group(1)) >= 95, out
+    state = load_export(export)
+    assert state["arch"]["act_bits"] == 8
+    images = _tiny_tensors()[2][:2, None]
+    assert np.array_equal(run_triton(state, images.to(DEVICE)).cpu().numpy(), run_numpy(state, images.numpy()))
+    # --resume takes act_bits from the checkpoint; a checkpoint that stores none ran on trits
+    ck = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ck["args"]["act_bits"] == 8
+    del ck["args"]["act_bits"]
+    torch.save(ck, tmp_path / "trits.pt")
+    assert _main_tiny(["--resume", tmp_path / "trits.pt", "--device", "cpu", "--act-bits", "8"]) == 2
+    assert "--act-bits 8 contradicts the checkpoint's run without --act-bits" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
