@@ -466,15 +466,18 @@ def _int8_rate():
 
 
 def bench_int8():
-    """W1.58A8: int8 rows (per-row absmax) by packed ternary weights on the int8 tensor cores, against torch
-    bf16 and gemlite's A8W158 and A16W158, CUDA-graph timed; and ternary x ternary on the int8 kernel."""
+    """W1.58A8: float rows quantized per row to int8 (absmax) by packed ternary weights on the int8 tensor
+    cores, against torch bf16 and gemlite's A8W158 and A16W158, CUDA-graph timed; and ternary x ternary
+    on the int8 kernel against the single-bit MMA."""
     rate = _int8_rate()
+    gpu = bk.gpu_spec(torch.device("cuda"))
     print(f"ceiling: int8 tensor cores (torch._int_mm, 4096^3) {rate / 1e12:.0f} TOP/s")
-    print("W1.58A8, us per call from CUDA-graph replays (weights rotated beyond L2); a8: the GEMM of int8 rows "
-          "given; q+a8: bf16 rows quantized in the call; gl8 / gl16: gemlite A8W158 / A16W158 (fp16 rows); "
-          "ratios > 1: faster here")
-    hdr = (f"{'M':>5} {'N':>5} {'K':>5} | {'bf16':>8} {'a8':>8} {'q+a8':>8} {'gl8':>8} {'gl16':>8} | "
-           f"{'bf16/(q+a8)':>11} {'gl8/(q+a8)':>10} {'gl16/(q+a8)':>11} {'%int8':>5}")
+    print("W1.58A8, us per call from CUDA-graph replays (weights rotated beyond L2). ttq: alpha_p/alpha_n a "
+          "channel (2 int8 dots); one: one scale a channel, BitNet's (1 dot). a8: int8 rows given; q+a8: bf16 rows "
+          "in, quantized in the call (inside the GEMM up to 16 rows). gl8 / gl16: gemlite A8W158 / A16W158 (fp16 "
+          "rows). x: bf16 (or gemlite) time over q+a8; %int8: the one-scale a8 GEMM's rate over the ceiling")
+    hdr = (f"{'M':>5} {'N':>5} {'K':>5} | {'bf16':>7} {'a8 ttq':>7} {'q+a8':>7} {'a8 one':>7} {'q+a8':>7} "
+           f"{'gl8':>7} {'gl16':>7} | {'x ttq':>5} {'x one':>5} {'x gl8':>5} {'x gl16':>6} {'%int8':>5} | tile")
     print(hdr)
     print("-" * len(hdr))
     for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)):
@@ -496,26 +499,37 @@ def bench_int8():
             xh = xb.half()
             q, s = bk.quantize_rows_int8(xb)
             w = lambda i: planes[i % len(planes)]
-            runs = dict(bf16=lambda i: torch.nn.functional.linear(xb, wb[i % len(wb)]),
-                        a8=lambda i: bk.ternary_gemm_int8(q, s, *w(i), ap, an),
-                        **{"q+a8": lambda i: bk.ternary_gemm_int8(*bk.quantize_rows_int8(xb), *w(i), ap, an)})
+            runs = {"bf16": lambda i: torch.nn.functional.linear(xb, wb[i % len(wb)]),
+                    "a8 ttq": lambda i: bk.ternary_gemm_int8(q, s, *w(i), ap, an),
+                    "q+a8 ttq": lambda i: bk.ternary_gemm_int8(xb, None, *w(i), ap, an),
+                    "a8 one": lambda i: bk.ternary_gemm_int8(q, s, *w(i), ap),
+                    "q+a8 one": lambda i: bk.ternary_gemm_int8(xb, None, *w(i), ap)}
             for name, layers in peers.items():
                 runs[name] = lambda i, layers=layers: layers[i % len(layers)](xh)
             us = {name: _graph_ms(fn) * 1e3 for name, fn in runs.items()}
-            peer = lambda n: f"{us[n]:8.2f}" if n in us else f"{'-':>8}"
-            ratio = lambda n, w: f"{us[n] / us['q+a8']:{w}.2f}" if n in us else f"{'-':>{w}}"
-            print(f"{M:>5} {N:>5} {K:>5} | {us['bf16']:8.2f} {us['a8']:8.2f} {us['q+a8']:8.2f} {peer('gl8')} "
-                  f"{peer('gl16')} | {ratio('bf16', 11)} {ratio('gl8', 10)} {ratio('gl16', 11)} "
-                  f"{100 * 2 * M * N * K / (us['a8'] * 1e-6) / rate:5.0f}", flush=True)
+            col = lambda n: f"{us[n]:7.2f}" if n in us else f"{'-':>7}"
+            x = lambda n, d, w: f"{us[n] / us[d]:{w}.2f}" if n in us else f"{'-':>{w}}"
+            meta = bk.choose_int8_kernel(M, N, K, gpu, symmetric=True)
+            tile = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}" + (" fused" if meta["FUSE_QUANTIZER"] else "")
+            print(f"{M:>5} {N:>5} {K:>5} | {us['bf16']:7.2f} {us['a8 ttq']:7.2f} {us['q+a8 ttq']:7.2f} "
+                  f"{us['a8 one']:7.2f} {us['q+a8 one']:7.2f} {col('gl8')} {col('gl16')} | {x('bf16', 'q+a8 ttq', 5)} "
+                  f"{x('bf16', 'q+a8 one', 5)} {x('gl8', 'q+a8 ttq', 5)} {x('gl16', 'q+a8 ttq', 6)} "
+                  f"{100 * 2 * M * N * K / (us['a8 one'] * 1e-6) / rate:5.0f} | {tile}", flush=True)
         torch.cuda.empty_cache()
     # ternary x ternary at 4096^3: trits as int8 rows (scale 1) on the int8 kernel, against the single-bit MMA
     a = torch.randint(-1, 2, (4096, 4096), dtype=torch.int8, device="cuda")
     w = torch.randint(-1, 2, (4096, 4096), dtype=torch.int8, device="cuda")
     (a_pos, a_neg), (w_pos, w_neg) = bk.pack_bitplanes(a), bk.pack_bitplanes(w)
     one, ap = torch.ones(4096, device="cuda"), torch.rand(4096, device="cuda") + 0.5
-    mma = _graph_ms(lambda i: bk.ternary_gemm_triton(a_pos, a_neg, w_pos, w_neg, ap, ap)) * 1e3
-    int8 = _graph_ms(lambda i: bk.ternary_gemm_int8(a, one, w_pos, w_neg, ap, ap)) * 1e3
-    print(f"ternary x ternary 4096^3, TTQ scales: single-bit MMA {mma:.1f} us, int8 tensor cores {int8:.1f} us")
+    wb = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    xb = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    bf16 = _graph_ms(lambda i: torch.nn.functional.linear(xb, wb)) * 1e3
+    for tag, an in (("TTQ scales", ap.flip(0)), ("one scale", None)):
+        mma = _graph_ms(lambda i: bk.ternary_gemm_triton(a_pos, a_neg, w_pos, w_neg, ap, an)) * 1e3
+        int8 = _graph_ms(lambda i: bk.ternary_gemm_int8(a, one, w_pos, w_neg, ap, an)) * 1e3
+        print(f"ternary x ternary 4096^3, {tag}: bf16 {bf16:.1f} us, single-bit MMA {mma:.1f} us ({bf16 / mma:.2f}x "
+              f"bf16), int8 tensor cores {int8:.1f} us ({bf16 / int8:.2f}x); the dispatch keeps the "
+              f"{'MMA' if mma <= int8 else 'int8 kernel (faster here: choose_kernel should be revisited)'}")
 
 
 def float_twin(state):
