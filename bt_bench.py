@@ -288,7 +288,9 @@ def _sass_report(folder):
         floats = ("alpha", "bias") if constexprs.get("PACK_OUT") else ("alpha", "bias", "c_ptr")
         ptr = lambda n: "*fp32" if n.startswith(floats) else "*i32" if n in ("ws_ptr", "lock_ptr") else "*u32"
         scalar = lambda n: "fp32" if n == "threshold" else "i32"
-        own = dict(a_ptr="*i8", scale_ptr="*fp32") if fn is bk.KERNELS["int8"] else {}   # int8 rows, their scales
+        own = {}
+        if fn is bk.KERNELS["int8"]:   # int8 rows (or bf16 rows quantized in the kernel), their scales
+            own = dict(a_ptr="*bf16" if constexprs["QUANTIZE"] else "*i8", scale_ptr="*fp32")
         return {n: "constexpr" if n in constexprs else own.get(n) or (ptr(n) if n.endswith("_ptr") else scalar(n))
                 for n in fn.arg_names}
     plain = dict(A_BITS=1, BIT_SERIAL=False, HAS_BIAS=True, IMPLICIT=False, POOL=1, PACK_OUT=False, CSA=False,
@@ -344,11 +346,17 @@ def _sass_report(folder):
                 ("mma_bitserial8_pool_pack", bk.KERNELS["bitserial_mma"],
                  dict(OH=24, OW=24, BITS=8, SYMMETRIC=False, HAS_BIAS=True, POOL=2, PACK_OUT=True, WARPS=2, N_TILES=4,
                       EMULATE=False), (dict(stride_ax=1, stride_cn=1), ("stride_abit", "stride_ab", "stride_ay")), 2)]
-    # int8 rows by trits on the int8 tensor cores, as launched on a GPU ([64 x 64] tiles, 64 K a step)
-    int8 = dict(HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
-    kernels += [(f"int8_{tag}", bk.KERNELS["int8"], dict(int8, SYMMETRIC=sym),
-                 (dict(stride_bk=1, stride_cn=1), ("stride_am", "stride_bn", "stride_cm")), 4)
-                for tag, sym in (("ttq", False), ("one_scale", True))]
+    # int8 rows by trits on the int8 tensor cores, with the dispatch's tiles: 4096 rows (one scale, TTQ scales),
+    # and 1 to 16 bf16 rows quantized inside the GEMM
+    gpu = bk.GpuSpec(capability=9, sms=132)
+    int8_rows = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("K", "stride_am", "stride_bn", "stride_cm"))
+    for tag, M, sym, quantize in (("int8_ttq", 4096, False, 0), ("int8_one_scale", 4096, True, 0),
+                                  ("int8_fused_quantizer", 1, False, 1)):
+        meta = bk.choose_int8_kernel(M, 4096, 4096, gpu, symmetric=sym)
+        warps = meta.pop("num_warps")
+        meta.pop("num_stages"), meta.pop("FUSE_QUANTIZER")
+        kernels.append((tag, bk.KERNELS["int8"], dict(meta, HAS_BIAS=True, SYMMETRIC=sym, QUANTIZE=quantize),
+                        int8_rows, warps))
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs, (ones, div16), warps in kernels:
         constexprs = dict(constexprs, **ones)
@@ -367,7 +375,7 @@ def _sass_report(folder):
         ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass, re.M))
         regs = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
-        keys = ("POPC", "BMMA", "IGMMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA",
+        keys = ("POPC", "BMMA", "IGMMA", "IMMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA",
                 "CCTL")
         lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn in (bk.KERNELS["mma"], bk.KERNELS["bitserial_mma"]) else "-"
         print(f"  {tag:25} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
