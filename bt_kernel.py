@@ -1369,14 +1369,16 @@ def choose_int8_kernel(M, N, K, gpu, symmetric=False):
     than by a pass of their own. From config sweeps on an H100 (PERFORMANCE.md, "8-bit activations").
     """
     if gpu.interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, FUSE_QUANTIZER=M <= 16)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, FUSE_QUANTIZER=M <= INT8_FUSED_ROWS)
     if M <= INT8_FUSED_ROWS:   # a weight stream: narrow column blocks for many programs, long K steps
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, FUSE_QUANTIZER=True)
     if M <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, FUSE_QUANTIZER=False)
-    if M < 1024 or not symmetric:   # two accumulators (TTQ scales) leave no registers for 256 x 128 tiles
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, FUSE_QUANTIZER=False)
-    return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, FUSE_QUANTIZER=False)
+    # 256-row tiles unpack each weight tile for more rows, where they still give about one tile an SM; two
+    # accumulators (TTQ scales) leave them no registers
+    if symmetric and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= 0.9 * gpu.sms:
+        return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, FUSE_QUANTIZER=False)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, FUSE_QUANTIZER=False)
 
 
 def _choose_conv_kernel(M, N, KW, gpu, bit_serial, symmetric):
