@@ -281,7 +281,8 @@ def _sass_report(folder):
     sizes, the default GEMV configs for M = 1 (row-major and K-word-major weights), M = 16 (row-major
     weights: four rows per program, the K loop pipelined; K-word-major weights: two rows per program and
     carry-save adders; TTQ scales and one scale) and the 3D kernel (row-major weights, 33 to 256 rows), the
-    thin carry-save tiles of large M, and the conv layers of the inference engine (trits, bit-serial pixels)."""
+    thin carry-save tiles of large M, the conv layers of the inference engine (trits, bit-serial pixels), and the
+    int8 kernels and row quantizer as launched (EXACT_ROUNDING: PTXFMA, the PTX's float32 FMAs, must be 0)."""
     os.makedirs(folder, exist_ok=True)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     def signature(fn, constexprs):
@@ -291,6 +292,8 @@ def _sass_report(folder):
         own = {}
         if fn is bk.KERNELS["int8"]:   # int8 rows (or bf16 rows quantized in the kernel), their scales
             own = dict(a_ptr="*bf16" if constexprs["QUANTIZE"] else "*i8", scale_ptr="*fp32")
+        if fn is bk.KERNELS["quantize_rows"]:
+            own = dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32", given_ptr="*fp32")
         return {n: "constexpr" if n in constexprs else own.get(n) or (ptr(n) if n.endswith("_ptr") else scalar(n))
                 for n in fn.arg_names}
     plain = dict(A_BITS=1, BIT_SERIAL=False, HAS_BIAS=True, IMPLICIT=False, POOL=1, PACK_OUT=False, CSA=False,
@@ -357,6 +360,8 @@ def _sass_report(folder):
         meta.pop("num_stages"), meta.pop("FUSE_QUANTIZER")
         kernels.append((tag, bk.KERNELS["int8"], dict(meta, HAS_BIAS=True, SYMMETRIC=sym, QUANTIZE=quantize),
                         int8_rows, warps))
+    kernels.append(("quantize_rows", bk.KERNELS["quantize_rows"], dict(GIVEN=False, BLOCK_K=1024),
+                    (dict(stride_xk=1), ("stride_xm", "stride_qm")), 4))
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs, (ones, div16), warps in kernels:
         constexprs = dict(constexprs, **ones)
@@ -364,7 +369,8 @@ def _sass_report(folder):
                    (n.endswith("_ptr") or n in ("N", "KW") + div16)]
         k = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs,
                                      attrs={i: [["tt.divisibility", 16]] for i in aligned}),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **(
+                               bk.EXACT_ROUNDING if fn in (bk.KERNELS["int8"], bk.KERNELS["quantize_rows"]) else {})))
         cubin = os.path.join(folder, tag + ".cubin")
         with open(cubin, "wb") as f:
             f.write(k.asm["cubin"])
@@ -375,7 +381,8 @@ def _sass_report(folder):
         ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass, re.M))
         regs = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
-        keys = ("POPC", "BMMA", "IGMMA", "IMMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA",
+        ops["PTXFMA"] = k.asm["ptx"].count("fma.rn.f32")   # before ptxas, whose IEEE division adds FFMAs
+        keys = ("POPC", "BMMA", "IGMMA", "IMMA", "PTXFMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA",
                 "CCTL")
         lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn in (bk.KERNELS["mma"], bk.KERNELS["bitserial_mma"]) else "-"
         print(f"  {tag:25} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "

@@ -1164,7 +1164,7 @@ def _bitserial_mma_kernel(
 @triton.jit
 def _round_even(x):
     # round half to even in float32 for |x| < 2^22: adding 1.5 * 2^23 leaves no fraction bits (launched with
-    # enable_fp_fusion=False, so that x * inv + c is not contracted into one FMA, which rounds once)
+    # EXACT_ROUNDING, so that x * inv + c is not contracted into one FMA, which rounds once)
     return (x + 12582912.0) - 12582912.0
 
 
@@ -1289,6 +1289,8 @@ class GpuSpec(NamedTuple):
 
 
 INTERPRETER = GpuSpec(capability=0, sms=4, interpret=True)
+EXACT_ROUNDING = dict(enable_fp_fusion=False)   # launch option of the quantizing kernels: x * inv + c
+                                                # not contracted into one FMA, which would round once
 INT8_FUSED_ROWS = 16           # up to this many float rows, the int8 kernel quantizes them itself
 MMA_MIN_ROWS = 4               # from this many rows up, trits go to the MMA kernel where the GPU has it
 MMA_CHUNK_TILES = 65535        # row tiles of the MMA kernel a launch: the most a grid's second dimension holds
@@ -2101,7 +2103,7 @@ def quantize_rows_int8(x, scale=None):
         given = _f32(scale) if scale is not None else s
         _quantize_rows_kernel[(M,)](x, q, s, given, K, x.stride(0), x.stride(1), q.stride(0),
                                     GIVEN=scale is not None, BLOCK_K=min(1024, triton.next_power_of_2(K)),
-                                    enable_fp_fusion=False)
+                                    **EXACT_ROUNDING)
     return q, s
 
 
@@ -2149,7 +2151,7 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b):
     _int8_ternary_kernel[grid](a, c if a_scale is None else a_scale, b_pos, b_neg, ap, ap if an is None else an,
                                ap if b is None else b, c, M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(),
                                *c.stride(), SYMMETRIC=an is None, HAS_BIAS=b is not None, QUANTIZE=quantize,
-                               enable_fp_fusion=False, **meta)
+                               **EXACT_ROUNDING, **meta)
     return c
 
 
@@ -2474,4 +2476,4 @@ class TernaryLinearTriton(TernaryWeights):
 
 # the Triton kernels by kind, for tools that compile or inspect them (bt_bench.py's SASS report)
 KERNELS = dict(tile=_ternary_gemm_kernel, gemv=_ternary_gemv_kernel, mma=_ternary_mma_kernel,
-               bitserial_mma=_bitserial_mma_kernel, int8=_int8_ternary_kernel)
+               bitserial_mma=_bitserial_mma_kernel, int8=_int8_ternary_kernel, quantize_rows=_quantize_rows_kernel)

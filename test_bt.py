@@ -3056,6 +3056,11 @@ def test_sass_has_popc_and_no_spills(tmp_path):
         c = counts[name]
         assert c["IGMMA"] >= 2 * 4 * dots and c["POPC"] == 0, (name, c)
     assert counts["int8_fused_quantizer"]["IGMMA"] + counts["int8_fused_quantizer"]["IMMA"] >= 2 * 8
+    # the quantizers round x * inv to an integer by adding 1.5 * 2^23: only right if the product is rounded
+    # first, not contracted into one FMA (which the GPU did, one q off the reference, until launched with
+    # bt_kernel.EXACT_ROUNDING)
+    for name in ("quantize_rows", "int8_fused_quantizer"):
+        assert counts[name]["PTXFMA"] == 0, (name, counts[name])
     # no kernel spills to local memory; the int8 kernels' float64 epilogue of large tiles may, once a tile,
     # but not their K loop
     for name, c in counts.items():
