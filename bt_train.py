@@ -421,16 +421,22 @@ class Trainer:
 
 
 @torch.no_grad()
-def test(model, x, y, batch=2000):
-    """(accuracy %, predictions) of the model in eval mode on uint8 images [N, 28, 28]."""
+def test(model, x, y, batch=2000, progress=None):
+    """(accuracy %, predictions) of the model in eval mode on uint8 images [N, 28, 28]; progress(batches
+    done) after each batch (a ProgressLine's update)."""
     model.eval()
-    preds = torch.cat([model(x[i:i + batch].unsqueeze(1).float().div_(255)).argmax(1) for i in range(0, len(x), batch)])
+    preds = []
+    for i in range(0, len(x), batch):
+        preds.append(model(x[i:i + batch].unsqueeze(1).float().div_(255)).argmax(1))
+        if progress:
+            progress(len(preds))
     model.train()
+    preds = torch.cat(preds)
     return 100.0 * (preds == y).float().mean().item(), preds
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model, x, batches=20, batch=1000):
+def recalibrate_batchnorm(model, x, batches=20, batch=1000, progress=None):
     """Re-estimate BatchNorm running statistics with the final (frozen) weights, as a plain average.
 
     The running averages lag behind while weights cross their ternary thresholds during training;
@@ -443,9 +449,11 @@ def recalibrate_batchnorm(model, x, batches=20, batch=1000):
         m.momentum = None
     model.train()
     g = torch.Generator().manual_seed(0)
-    for _ in range(batches):
+    for done in range(1, batches + 1):
         idx = torch.randint(len(x), (batch,), generator=g).to(x.device)
         model(x[idx].unsqueeze(1).float().div_(255))
+        if progress:
+            progress(done)
     for m, mom in zip(bns, saved):
         m.momentum = mom
 
@@ -843,9 +851,17 @@ def train_epoch(run, epoch):
     return loss
 
 
+def _phase_line(run, total, label, per_step, prefix):
+    """A ProgressLine for the work between epochs (evaluation, BatchNorm re-estimation; rank 0)."""
+    return ProgressLine(total, label, prefix, per_step=per_step, tty=run.tty, enabled=run.rank == 0)
+
+
 def evaluate(run, epoch, loss, t0, sent0):
     """Test accuracy after an epoch, printed with its loss, time and TernGrad traffic (rank 0)."""
-    acc, _ = test(run.model, run.test_x, run.test_y)
+    run.progress_line.clear()   # the epoch's line; the evaluation's takes its place on a terminal
+    run.progress_line = _phase_line(run, math.ceil(len(run.test_x) / 2000), "test batch", 2000,
+                                    f"epoch {epoch + 1:3d}/{run.args.epochs}  ")
+    acc, _ = test(run.model, run.test_x, run.test_y, progress=run.progress_line.update)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
@@ -853,7 +869,7 @@ def evaluate(run, epoch, loss, t0, sent0):
     if run.tg_state:
         per_step = (run.tg_state.bytes_sent - sent0) / run.steps
         comm = f"  terngrad {per_step / 1e3:.1f} kB/step/worker ({4 * run.n_params / per_step:.1f}x < float32)"
-    run.progress_line.clear()   # the epoch line takes the progress line's place on a terminal
+    run.progress_line.clear()   # the epoch line takes the evaluation line's place on a terminal
     print(("\r" if run.tty else "") + f"epoch {epoch + 1:3d}/{run.args.epochs}  loss {loss:.4f}  test {acc:6.2f}%  "
           f"{dt:6.2f} s{comm}")
 
@@ -870,7 +886,9 @@ def save_epoch(run, epoch):
 def export_model(run, t_start, progress):
     """Fold BatchNorm (statistics re-estimated before), pack the weights, write --export and report (rank 0)."""
     args = run.args
-    acc, preds = test(run.model, run.test_x, run.test_y)
+    line = _phase_line(run, math.ceil(len(run.test_x) / 2000), "test batch", 2000, "final test: ")
+    acc, preds = test(run.model, run.test_x, run.test_y, progress=line.update)
+    line.clear()
     arch = dict(channels=list(args.channels), act_delta=args.act_delta, act_bits=args.act_bits)
     state = export_ternary_state(run.model, input_shape=(1, 28, 28), input_scale=1 / 255, dataset=args.dataset,
                                  classes=10, arch=arch, test_accuracy=acc,
@@ -907,7 +925,9 @@ def train(run, progress, t_start):
             progress.saved(run.args.checkpoint, epoch + 1)
     if run.rank == 0:   # export: refresh BatchNorm statistics, fold them, pack the weights
         progress.phase = "the BatchNorm re-estimation"
-        recalibrate_batchnorm(run.model, run.train_x)
+        line = _phase_line(run, 20, "batch", 1000, "BatchNorm re-estimation: ")
+        recalibrate_batchnorm(run.model, run.train_x, batches=20, batch=1000, progress=line.update)
+        line.clear()
         progress.phase = "the export"
         export_model(run, t_start, progress)
 

@@ -2532,7 +2532,7 @@ def test_progress_line_rate_and_time_left(monkeypatch):
 @pytest.mark.parametrize("terminal", [False, True], ids=["log", "terminal"])
 def test_train_cli_shows_progress_of_slow_epochs(tiny, tmp_path, monkeypatch, capsys, terminal):
     # every clock reading 40 s later: each epoch's first step (of 2) is slow enough for a line
-    monkeypatch.setattr(bt_train, "recalibrate_batchnorm", lambda model, x: None)
+    monkeypatch.setattr(bt_train, "recalibrate_batchnorm", lambda model, x, **kw: None)
     monkeypatch.setenv("COLUMNS", "200")
     if terminal:
         monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
@@ -2546,6 +2546,22 @@ def test_train_cli_shows_progress_of_slow_epochs(tiny, tmp_path, monkeypatch, ca
     else:
         assert len(re.findall(rf"^{progress}\n{epoch}$", out, re.M)) == 2, out
         assert "\r" not in out
+
+
+def test_evaluation_and_batchnorm_reestimation_report_batches():
+    # the work between epochs feeds a progress line too: one call a batch, the results unchanged
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.BatchNorm1d(10))
+    x, y = torch.randint(0, 256, (4500, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (4500,))
+    seen = []
+    acc, preds = bt_train.test(model, x, y, progress=seen.append)
+    assert seen == [1, 2, 3] and model.training
+    with torch.no_grad():
+        want = model.eval()(x.unsqueeze(1).float() / 255).argmax(1)
+    assert torch.equal(preds, want) and acc == pytest.approx(100.0 * (want == y).float().mean().item())
+    seen = []
+    bt_train.recalibrate_batchnorm(model, x, batches=3, batch=100, progress=seen.append)
+    assert seen == [1, 2, 3]
 
 
 def test_run_numpy_reports_images_done_in_order(small, monkeypatch):
