@@ -926,7 +926,7 @@ def train(run, progress, t_start):
     if run.rank == 0:   # export: refresh BatchNorm statistics, fold them, pack the weights
         progress.phase = "the BatchNorm re-estimation"
         line = _phase_line(run, 20, "batch", 1000, "BatchNorm re-estimation: ")
-        recalibrate_batchnorm(run.model, run.train_x, batches=20, batch=1000, progress=line.update)
+        recalibrate_batchnorm(run.model, run.train_x, progress=line.update)
         line.clear()
         progress.phase = "the export"
         export_model(run, t_start, progress)

@@ -2041,7 +2041,7 @@ def _ctrl_c(*args, **kwargs):
 def _checkpoint(tmp_path, *extra):
     """The checkpoint of a finished run, quickly: without the BatchNorm re-estimation's forward passes."""
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(bt_train, "recalibrate_batchnorm", lambda model, x: None)
+        m.setattr(bt_train, "recalibrate_batchnorm", lambda model, x, **kw: None)
         assert _train_tiny(tmp_path, *extra) == 0
     (tmp_path / "e.pt").unlink()
     return tmp_path / "c.pt"
