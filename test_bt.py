@@ -1094,6 +1094,30 @@ def test_property_gemm_matches_dense(M, N, K, seed, symmetric, bias, row_major):
 
 
 @PROPERTY
+@given(M=st.integers(1, 24), N=st.integers(1, 40), K=st.integers(1, 150), seed=st.integers(0, 2 ** 31 - 1),
+       symmetric=st.booleans(), bias=st.booleans(), rows=st.sampled_from(["int8", "float", "float-given-scale"]),
+       step=st.integers(1, 2))
+def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, rows, step):
+    # int8 rows given, or float rows quantized in the call (inside the GEMM up to 16 rows); strided rows
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K * step, generator=g)[:, ::step] * 3
+    scale = torch.rand(M, generator=g) + 0.01 if rows == "float-given-scale" else None
+    q, s = _int8_reference(x, scale)
+    w = torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g)
+    ap, an = torch.rand(N, generator=g) + 0.5, torch.rand(N, generator=g) + 0.5
+    b = torch.randn(N, generator=g) if bias else None
+    wp, wn = pack_bitplanes(w.to(DEVICE))
+    a, a_scale = (q, s) if rows == "int8" else (x, scale)
+    out = bt_kernel.ternary_gemm_int8(a.to(DEVICE), None if a_scale is None else a_scale.to(DEVICE), wp, wn,
+                                      ap.to(DEVICE), None if symmetric else an.to(DEVICE),
+                                      None if b is None else b.to(DEVICE))
+    sp, sn = int_sums(q, w)
+    d = ap.double() * (sp - sn).double() if symmetric else ap.double() * sp.double() - an.double() * sn.double()
+    want = (d * s.double()[:, None] + (b.double() if bias else 0)).float()
+    assert torch.equal(out.cpu(), want)
+
+
+@PROPERTY
 @given(case=st.sampled_from(["dtype", "dims", "k", "values", "shape", "scale_shape", "scale_dtype", "device"]),
        K=st.integers(1, 100))
 def test_property_invalid_inputs_raise(case, K):
