@@ -282,7 +282,7 @@ def _sass_report(folder):
     weights: four rows per program, the K loop pipelined; K-word-major weights: two rows per program and
     carry-save adders; TTQ scales and one scale) and the 3D kernel (row-major weights, 33 to 256 rows), the
     thin carry-save tiles of large M, the conv layers of the inference engine (trits, bit-serial pixels), and the
-    int8 kernels and row quantizer as launched (EXACT_ROUNDING: PTXFMA, the PTX's float32 FMAs, must be 0)."""
+    int8 kernels and row quantizer as launched (EXACT_ROUNDING: PTXFMA, the PTX's float FMAs, must be 0)."""
     os.makedirs(folder, exist_ok=True)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     def signature(fn, constexprs):
@@ -290,8 +290,8 @@ def _sass_report(folder):
         ptr = lambda n: "*fp32" if n.startswith(floats) else "*i32" if n in ("ws_ptr", "lock_ptr") else "*u32"
         scalar = lambda n: "fp32" if n == "threshold" else "i32"
         own = {}
-        if fn is bk.KERNELS["int8"]:   # int8 rows (or bf16 rows quantized in the kernel), their scales
-            own = dict(a_ptr="*bf16" if constexprs["QUANTIZE"] else "*i8", scale_ptr="*fp32")
+        if fn is bk.KERNELS["int8"]:   # int8 rows, their scales
+            own = dict(a_ptr="*i8", scale_ptr="*fp32")
         if fn is bk.KERNELS["quantize_rows"]:
             own = dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32", given_ptr="*fp32")
         return {n: "constexpr" if n in constexprs else own.get(n) or (ptr(n) if n.endswith("_ptr") else scalar(n))
@@ -349,16 +349,15 @@ def _sass_report(folder):
                 ("mma_bitserial8_pool_pack", bk.KERNELS["bitserial_mma"],
                  dict(OH=24, OW=24, BITS=8, SYMMETRIC=False, HAS_BIAS=True, POOL=2, PACK_OUT=True, WARPS=2, N_TILES=4,
                       EMULATE=False), (dict(stride_ax=1, stride_cn=1), ("stride_abit", "stride_ab", "stride_ay")), 2)]
-    # int8 rows by trits on the int8 tensor cores, with the dispatch's tiles: 4096 rows (one scale, TTQ scales),
-    # and 1 to 16 bf16 rows quantized inside the GEMM
+    # int8 rows by trits on the int8 tensor cores, with the dispatch's tiles: 4096 rows (one scale, TTQ scales)
+    # and 1 row; the row quantizer
     gpu = bk.GpuSpec(capability=9, sms=132)
     int8_rows = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("K", "stride_am", "stride_bn", "stride_cm"))
-    for tag, M, sym, quantize in (("int8_ttq", 4096, False, 0), ("int8_one_scale", 4096, True, 0),
-                                  ("int8_fused_quantizer", 1, False, 1)):
+    for tag, M, sym in (("int8_ttq", 4096, False), ("int8_one_scale", 4096, True), ("int8_one_row", 1, False)):
         meta = bk.choose_int8_kernel(M, 4096, 4096, gpu, symmetric=sym)
         warps = meta.pop("num_warps")
-        meta.pop("num_stages"), meta.pop("FUSE_QUANTIZER")
-        kernels.append((tag, bk.KERNELS["int8"], dict(meta, HAS_BIAS=True, SYMMETRIC=sym, QUANTIZE=quantize),
+        meta.pop("num_stages")
+        kernels.append((tag, bk.KERNELS["int8"], dict(meta, HAS_BIAS=True, SYMMETRIC=sym),
                         int8_rows, warps))
     kernels.append(("quantize_rows", bk.KERNELS["quantize_rows"], dict(GIVEN=False, BLOCK_K=1024),
                     (dict(stride_xk=1), ("stride_xm", "stride_qm")), 4))
@@ -381,7 +380,7 @@ def _sass_report(folder):
         ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", sass, re.M))
         regs = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
-        ops["PTXFMA"] = k.asm["ptx"].count("fma.rn.f32")   # before ptxas, whose IEEE division adds FFMAs
+        ops["PTXFMA"] = len(re.findall(r"fma\.rn\.f(32|64)", k.asm["ptx"]))   # before ptxas (IEEE division adds FFMAs)
         keys = ("POPC", "BMMA", "IGMMA", "IMMA", "PTXFMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA",
                 "CCTL")
         lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn in (bk.KERNELS["mma"], bk.KERNELS["bitserial_mma"]) else "-"
@@ -489,8 +488,8 @@ def bench_int8():
     print(f"ceiling: int8 tensor cores (torch._int_mm, 4096^3) {rate / 1e12:.0f} TOP/s")
     print("W1.58A8, us per call from CUDA-graph replays (weights rotated beyond L2). ttq: alpha_p/alpha_n a "
           "channel (2 int8 dots); one: one scale a channel, BitNet's (1 dot). a8: int8 rows given; q+a8: bf16 rows "
-          "in, quantized in the call (inside the GEMM up to 16 rows). gl8 / gl16: gemlite A8W158 / A16W158 (fp16 "
-          "rows). x: bf16 (or gemlite) time over q+a8; %int8: the one-scale a8 GEMM's rate over the ceiling")
+          "in, quantized in the call. gl8 / gl16: gemlite A8W158 / A16W158 (fp16 rows). x: bf16 (or gemlite) time "
+          "over q+a8; %int8: the one-scale a8 GEMM's rate over the ceiling")
     hdr = (f"{'M':>5} {'N':>5} {'K':>5} | {'bf16':>7} {'a8 ttq':>7} {'q+a8':>7} {'a8 one':>7} {'q+a8':>7} "
            f"{'gl8':>7} {'gl16':>7} | {'x ttq':>5} {'x one':>5} {'x gl8':>5} {'x gl16':>6} {'%int8':>5} | tile")
     print(hdr)
@@ -525,7 +524,7 @@ def bench_int8():
             col = lambda n: f"{us[n]:7.2f}" if n in us else f"{'-':>7}"
             x = lambda n, d, w: f"{us[n] / us[d]:{w}.2f}" if n in us else f"{'-':>{w}}"
             meta = bk.choose_int8_kernel(M, N, K, gpu, symmetric=True)
-            tile = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}" + (" fused" if meta["FUSE_QUANTIZER"] else "")
+            tile = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
             print(f"{M:>5} {N:>5} {K:>5} | {us['bf16']:7.2f} {us['a8 ttq']:7.2f} {us['q+a8 ttq']:7.2f} "
                   f"{us['a8 one']:7.2f} {us['q+a8 one']:7.2f} {col('gl8')} {col('gl16')} | {x('bf16', 'q+a8 ttq', 5)} "
                   f"{x('bf16', 'q+a8 one', 5)} {x('gl8', 'q+a8 ttq', 5)} {x('gl16', 'q+a8 ttq', 6)} "

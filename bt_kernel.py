@@ -1169,17 +1169,6 @@ def _round_even(x):
 
 
 @triton.jit
-def _to_int8(x, inv):
-    # q = round(x * inv), clamped to [-127, 127]: BitNet b1.58's activation quantizer, float32
-    return tl.minimum(tl.maximum(_round_even(x.to(tl.float32) * inv), -127.0), 127.0).to(tl.int8)
-
-
-@triton.jit
-def _inverse(scale):
-    return tl.where(scale > 0, tl.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
-
-
-@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, given_ptr, K, stride_xm, stride_xk, stride_qm,
                           GIVEN: tl.constexpr, BLOCK_K: tl.constexpr):
     # one row a program: its absmax (unless the scale is given), then q = round(x / scale) in [-127, 127]
@@ -1193,10 +1182,11 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, given_ptr, K, stride_xm, stri
             x = tl.load(x_ptr + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
         scale = tl.div_rn(tl.max(amax, axis=0), 127.0)
-    inv = _inverse(scale)
+    inv = tl.where(scale > 0, tl.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
-        tl.store(q_ptr + row * stride_qm + k0 + offs, _to_int8(x, inv), mask=k0 + offs < K)
+        q = tl.minimum(tl.maximum(_round_even(x.to(tl.float32) * inv), -127.0), 127.0)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
     tl.store(scale_ptr + row, scale)
 
 
@@ -1221,13 +1211,11 @@ def _unpack_bits(words, R: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _int8_ternary_kernel(
-    a_ptr,                        # int8 [M, K] rows; QUANTIZE > 0: float [M, K] rows, quantized here
-    scale_ptr,                    # float32 [M]: the rows' scales (QUANTIZE 0 or 2), unused with QUANTIZE 1
+    a_ptr, scale_ptr,             # int8 [M, K] rows, float32 [M] their scales
     b_pos_ptr, b_neg_ptr,         # uint32 planes [N, KW]
     alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr,
     M, N, K, KW, stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    QUANTIZE: tl.constexpr,       # 0: int8 rows given; 1: float rows, per-row absmax; 2: float rows, scales given
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -1235,23 +1223,11 @@ def _int8_ternary_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
-    if QUANTIZE == 1:             # few rows: every program finds its rows' absmax (the rows stay in L2)
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        scale = tl.div_rn(amax, 127.0)
-    else:
-        scale = tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0)
-    inv = _inverse(scale)
     acc_p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc_n = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
-        if QUANTIZE > 0:
-            a = _to_int8(a, inv[:, None])
         offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         w_off = offs_n[:, None].to(tl.int64) * stride_bn + offs_w[None, :] * stride_bk
         w_ok = n_ok[:, None] & (offs_w[None, :] < KW)
@@ -1262,11 +1238,13 @@ def _int8_ternary_kernel(
         else:
             acc_p += tl.dot(a, tl.trans(wp.to(tl.int8)), out_dtype=tl.int32)
             acc_n += tl.dot(a, tl.trans(wn.to(tl.int8)), out_dtype=tl.int32)
-    # float64 epilogue: (alpha_p Sp - alpha_n Sn) times the row's scale, plus bias, rounded once
+    # float64 epilogue: (alpha_p Sp - alpha_n Sn) (exact products) times the row's scale, plus bias, rounded
+    # once to float32; launched with EXACT_ROUNDING, as the scale's product is not exact and an FMA of it
+    # and the bias would round differently from the same steps in numpy or torch
     c = tl.load(alpha_p_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :] * acc_p.to(tl.float64)
     if not SYMMETRIC:
         c -= tl.load(alpha_n_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :] * acc_n.to(tl.float64)
-    c = c * scale.to(tl.float64)[:, None]
+    c = c * tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float64)[:, None]
     if HAS_BIAS:
         c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :]
     tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn, c.to(tl.float32),
@@ -1289,9 +1267,8 @@ class GpuSpec(NamedTuple):
 
 
 INTERPRETER = GpuSpec(capability=0, sms=4, interpret=True)
-EXACT_ROUNDING = dict(enable_fp_fusion=False)   # launch option of the quantizing kernels: x * inv + c
-                                                # not contracted into one FMA, which would round once
-INT8_FUSED_ROWS = 16           # up to this many float rows, the int8 kernel quantizes them itself
+EXACT_ROUNDING = dict(enable_fp_fusion=False)   # launch option of the int8 quantizer and GEMM: no multiply
+                                                # and add contracted into one FMA, which rounds once
 MMA_MIN_ROWS = 4               # from this many rows up, trits go to the MMA kernel where the GPU has it
 MMA_CHUNK_TILES = 65535        # row tiles of the MMA kernel a launch: the most a grid's second dimension holds
 _SPECS = {}
@@ -1365,22 +1342,19 @@ def choose_kernel(M, N, KW, gpu, *, bit_serial=False, row_major_weights=True, sy
 
 
 def choose_int8_kernel(M, N, K, gpu, symmetric=False):
-    """Meta-parameters of the int8 kernel (_int8_ternary_kernel) for int8 [M, K] rows by trits [N, K].
-
-    FUSE_QUANTIZER: float rows are quantized inside the GEMM (every program finds its rows' absmax) rather
-    than by a pass of their own. From config sweeps on an H100 (PERFORMANCE.md, "8-bit activations").
-    """
+    """Meta-parameters of the int8 kernel (_int8_ternary_kernel) for int8 [M, K] rows by trits [N, K]: the
+    best tiles of a sweep on an H100 (PERFORMANCE.md, "8-bit activations")."""
     if gpu.interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, FUSE_QUANTIZER=M <= INT8_FUSED_ROWS)
-    if M <= INT8_FUSED_ROWS:   # a weight stream: narrow column blocks for many programs, long K steps
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, FUSE_QUANTIZER=True)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
+    if M <= 16:                # a weight stream: 16 rows is mma.sync's least, long K steps
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3)
     if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, FUSE_QUANTIZER=False)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     # 256-row tiles unpack each weight tile for more rows, where they still give about one tile an SM; two
     # accumulators (TTQ scales) leave them no registers
     if symmetric and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= 0.9 * gpu.sms:
-        return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, FUSE_QUANTIZER=False)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, FUSE_QUANTIZER=False)
+        return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
 def _choose_conv_kernel(M, N, KW, gpu, bit_serial, symmetric):
@@ -2112,9 +2086,8 @@ def ternary_gemm_int8(a, a_scale, b_pos, b_neg, alpha_p, alpha_n=None, bias=None
     exact int32 sums on the int8 tensor cores, float64 epilogue rounded once.
 
     a: int8 [M, K] rows q with their float [M] scales a_scale (quantize_rows_int8's); or float [M, K] rows,
-    quantized in the call as quantize_rows_int8 would (a_scale None: per-row absmax; else the scales given),
-    inside the GEMM kernel for few rows. b_pos, b_neg: uint32 [N, ceil(K/32)]; scales as in
-    ternary_gemm_triton.
+    quantized first by quantize_rows_int8 (a_scale None: per-row absmax; else the scales given). b_pos,
+    b_neg: uint32 [N, ceil(K/32)]; scales as in ternary_gemm_triton.
     """
     _check_tensor(a, "a", dim=2)
     if a.dtype != torch.int8 and not a.is_floating_point():
@@ -2142,16 +2115,13 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b):
     if M == 0 or N == 0:
         return c
     _need_triton()
-    meta = dict(_int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))
-    quantize = 0 if a.dtype == torch.int8 else 1 if a_scale is None else 2
-    if meta.pop("FUSE_QUANTIZER") is False and quantize:   # many rows: one pass of the quantizer first
+    if a.dtype != torch.int8:
         a, a_scale = quantize_rows_int8(a, a_scale)
-        quantize = 0
+    meta = dict(_int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))
     grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-    _int8_ternary_kernel[grid](a, c if a_scale is None else a_scale, b_pos, b_neg, ap, ap if an is None else an,
-                               ap if b is None else b, c, M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(),
-                               *c.stride(), SYMMETRIC=an is None, HAS_BIAS=b is not None, QUANTIZE=quantize,
-                               **EXACT_ROUNDING, **meta)
+    _int8_ternary_kernel[grid](a, a_scale, b_pos, b_neg, ap, ap if an is None else an, ap if b is None else b, c,
+                               M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(), *c.stride(),
+                               SYMMETRIC=an is None, HAS_BIAS=b is not None, **EXACT_ROUNDING, **meta)
     return c
 
 
@@ -2302,7 +2272,7 @@ def ternary_linear(x, act_delta, weight, alpha_p, alpha_n=None, bias=None, act_b
             y = (y if b is None else y + b.double()).float()
         elif torch.compiler.is_compiling():
             y = _gemm_int8_op(*_quantize_rows_op(x2), *weight, ap, an, b)
-        else:   # the float rows go in: few rows are quantized inside the GEMM
+        else:
             y = _launch_int8(x2 if x2.stride(-1) == 1 else x2.contiguous(), None, *weight, ap, an, b)
         y = y.to(x.dtype)
     elif len(weight) == 1:

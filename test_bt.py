@@ -1098,7 +1098,7 @@ def test_property_gemm_matches_dense(M, N, K, seed, symmetric, bias, row_major):
        symmetric=st.booleans(), bias=st.booleans(), rows=st.sampled_from(["int8", "float", "float-given-scale"]),
        step=st.integers(1, 2))
 def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, rows, step):
-    # int8 rows given, or float rows quantized in the call (inside the GEMM up to 16 rows); strided rows
+    # int8 rows given, or float rows quantized in the call; strided rows
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K * step, generator=g)[:, ::step] * 3
     scale = torch.rand(M, generator=g) + 0.01 if rows == "float-given-scale" else None
@@ -2863,7 +2863,7 @@ def test_int8_ternary_gemm_exact(M, N, K, symmetric):
     assert torch.equal(c.cpu(), want)
 
 
-@pytest.mark.parametrize("M", [3, 20])         # float rows quantized inside the GEMM (few rows) or by a pass first
+@pytest.mark.parametrize("M", [3, 20])
 @pytest.mark.parametrize("given", [False, True], ids=["absmax", "given-scale"])
 def test_int8_gemm_of_float_rows_equals_quantize_then_gemm(M, given):
     g = torch.Generator().manual_seed(M)
@@ -3091,15 +3091,15 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     assert sass.index("CCTL.E.PF2") < sass.index("ACQBULK"), "the prefetch should come before the PDL wait"
     assert counts["mma_3popc"]["CCTL"] == 0 and "ACQBULK" not in (tmp_path / "mma_3popc.sass").read_text()
     # int8 rows by trits: the int8 wgmma (IGMMA), 2 dots a K step with TTQ scales, 1 with one scale, on 128-row
-    # tiles (2 wgmma of 64 rows a warpgroup and 32 K); few rows, quantized in the kernel: the mma.sync (IMMA)
+    # tiles (2 wgmma of 64 rows a warpgroup and 32 K); one row (a 16-row tile): the mma.sync (IMMA)
     for name, dots in (("int8_ttq", 2), ("int8_one_scale", 1)):
         c = counts[name]
         assert c["IGMMA"] >= 2 * 4 * dots and c["POPC"] == 0, (name, c)
-    assert counts["int8_fused_quantizer"]["IGMMA"] + counts["int8_fused_quantizer"]["IMMA"] >= 2 * 8
-    # the quantizers round x * inv to an integer by adding 1.5 * 2^23: only right if the product is rounded
-    # first, not contracted into one FMA (which the GPU did, one q off the reference, until launched with
-    # bt_kernel.EXACT_ROUNDING)
-    for name in ("quantize_rows", "int8_fused_quantizer"):
+    assert counts["int8_one_row"]["IGMMA"] + counts["int8_one_row"]["IMMA"] >= 2 * 8
+    # the quantizer rounds x * inv to an integer by adding 1.5 * 2^23, and the int8 epilogue multiplies by the
+    # row's scale then adds the bias: both only as the references do if no multiply and add are contracted
+    # into one FMA (the GPU's q was one off until launched with bt_kernel.EXACT_ROUNDING)
+    for name in ("quantize_rows", "int8_ttq", "int8_one_scale", "int8_one_row"):
         assert counts[name]["PTXFMA"] == 0, (name, counts[name])
     # no kernel spills to local memory; the int8 kernels' float64 epilogue of large tiles may, once a tile,
     # but not their K loop
