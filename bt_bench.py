@@ -257,6 +257,46 @@ def _tune(shapes):
         print(f"{M:>6} {N:>6} {K:>6}  default {default} -> {_graph_ms(fn) * 1e3:9.2f} us", flush=True)
 
 
+# int8 kernel tiles: 16-row tiles (mma.sync) for few rows, wgmma tiles from 64 rows
+INT8_TUNE_CONFIGS = {
+    "few": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+            for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (2, 4) for st in (2, 3, 4)],
+    "many": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+             for bm in (64, 128, 256) for bn in (64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)
+             if not (bm == 256 and w == 4)],
+}
+
+
+def _tune_int8(shapes):
+    """The int8 kernel's tiles at each shape and scale kind, int8 rows given: the five fastest, each checked
+    against the default's output (the same exact sums), then the default."""
+    print(f"{'M':>6} {'N':>6} {'K':>6}  scales  config -> us (int8 rows given, graph replay)")
+    for M, N, K in shapes:
+        planes = [bk.pack_bitplanes(torch.randint(-1, 2, (N, K), dtype=torch.int8, device="cuda"))
+                  for _ in range(_rotation(N * K // 4))]
+        q, s = bk.quantize_rows_int8(torch.randn(M, K, device="cuda"))
+        ap, an = torch.rand(N, device="cuda") + 0.5, torch.rand(N, device="cuda") + 0.5
+        for tag, alpha_n in (("ttq", an), ("one", None)):
+            want = bk.ternary_gemm_int8(q, s, *planes[0], ap, alpha_n)
+            results = []
+            for meta in INT8_TUNE_CONFIGS["few" if M <= 16 else "many"]:
+                fn = lambda i: bk.ternary_gemm_int8(q, s, *planes[i % len(planes)], ap, alpha_n, config=meta)
+                try:
+                    exact = torch.equal(fn(0), want)
+                    us = _graph_ms(fn, rep=25) * 1e3
+                except Exception:   # out of resources etc.
+                    us, exact = float("inf"), False
+                results.append((us, meta, exact))
+            results.sort(key=lambda r: r[0])
+            for us, meta, exact in results[:5]:
+                print(f"{M:>6} {N:>6} {K:>6}  {tag:6}  {meta} -> {us:9.2f} us{'' if exact else '  WRONG SUMS'}")
+            wrong = sum(not exact for us, _, exact in results if us < float("inf"))
+            default = bk.choose_int8_kernel(M, N, K, bk.gpu_spec(q.device), symmetric=alpha_n is None)
+            fn = lambda i: bk.ternary_gemm_int8(q, s, *planes[i % len(planes)], ap, alpha_n)
+            print(f"{M:>6} {N:>6} {K:>6}  {tag:6}  default {default} -> {_graph_ms(fn) * 1e3:9.2f} us; "
+                  f"{wrong} configs with wrong sums", flush=True)
+
+
 def _mma_lanes_ok(ttgir, warps):
     """"ok" if every operand of the inline MMA has the layout the fragments assume: one element a thread,
     element i in lane i % 32 of warp i // 32 (else what Triton chose)."""
@@ -667,7 +707,8 @@ def bench_inference(path, data="data", batch=10000):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark the popcount kernels against torch (needs a CUDA GPU).")
-    parser.add_argument("--tune", action="store_true", help="sweep kernel configs on a few shapes (default: off)")
+    parser.add_argument("--tune", action="store_true",
+                        help="sweep kernel configs on a few shapes; with --int8 the int8 kernel's (default: off)")
     parser.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+", metavar="MxNxK",
                         help="--tune only these shapes, e.g. 16x8192x8192 (default: six shapes)")
     parser.add_argument("--sass", metavar="DIR",
@@ -686,7 +727,9 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, {props.multi_processor_count} SMs | torch {torch.__version__} | triton {triton.__version__} "
           f"| {datetime.date.today()}")
-    if args.tune:
+    if args.tune and args.int8:
+        _tune_int8(args.shapes or [(1, 4096, 4096), (16, 8192, 8192), (512, 4096, 4096), (4096, 4096, 4096)])
+    elif args.tune:
         _tune(args.shapes or [(1, 8192, 8192), (16, 8192, 8192), (128, 4096, 4096), (4096, 4096, 4096),
                               (128, 256, 1024), (8192, 64, 800)])
     elif args.infer:

@@ -2081,13 +2081,14 @@ def quantize_rows_int8(x, scale=None):
     return q, s
 
 
-def ternary_gemm_int8(a, a_scale, b_pos, b_neg, alpha_p, alpha_n=None, bias=None):
+def ternary_gemm_int8(a, a_scale, b_pos, b_neg, alpha_p, alpha_n=None, bias=None, *, config=None):
     """C = (q * scale) @ Weff^T + bias, float32 [M, N], for 8-bit activations and packed ternary weights:
     exact int32 sums on the int8 tensor cores, float64 epilogue rounded once.
 
     a: int8 [M, K] rows q with their float [M] scales a_scale (quantize_rows_int8's); or float [M, K] rows,
     quantized first by quantize_rows_int8 (a_scale None: per-row absmax; else the scales given). b_pos,
-    b_neg: uint32 [N, ceil(K/32)]; scales as in ternary_gemm_triton.
+    b_neg: uint32 [N, ceil(K/32)]; scales as in ternary_gemm_triton. config: meta-parameters as
+    choose_int8_kernel gives them (a tuning sweep's), None to choose.
     """
     _check_tensor(a, "a", dim=2)
     if a.dtype != torch.int8 and not a.is_floating_point():
@@ -2104,10 +2105,10 @@ def ternary_gemm_int8(a, a_scale, b_pos, b_neg, alpha_p, alpha_n=None, bias=None
     if a.dtype != torch.int8 and a_scale is not None and M and not bool((a_scale >= 0).all()):
         raise ValueError("scales must be >= 0 and not NaN")
     return _launch_int8(a if a.stride(1) == 1 else a.contiguous(), None if a_scale is None else _f32(a_scale),
-                        b_pos, b_neg, *scales)
+                        b_pos, b_neg, *scales, config=config)
 
 
-def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b):
+def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b, config=None):
     """ternary_gemm_int8 without its checks: a with unit K stride, scales float32 contiguous."""
     M, K = a.shape
     N = b_pos.shape[0]
@@ -2117,7 +2118,7 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b):
     _need_triton()
     if a.dtype != torch.int8:
         a, a_scale = quantize_rows_int8(a, a_scale)
-    meta = dict(_int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))
+    meta = dict(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))
     grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
     _int8_ternary_kernel[grid](a, a_scale, b_pos, b_neg, ap, ap if an is None else an, ap if b is None else b, c,
                                M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(), *c.stride(),

@@ -2861,6 +2861,10 @@ def test_int8_ternary_gemm_exact(M, N, K, symmetric):
     d = ap.double()[None, :] * (sp - sn).double() if symmetric else ap.double() * sp.double() - an.double() * sn.double()
     want = (d * scale.double()[:, None] + bias.double()).float()
     assert torch.equal(c.cpu(), want)
+    other = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)   # a tuning sweep's tile
+    c2 = bt_kernel.ternary_gemm_int8(a.to(DEVICE), scale.to(DEVICE), wp, wn, ap.to(DEVICE),
+                                     None if symmetric else an.to(DEVICE), bias.to(DEVICE), config=other)
+    assert torch.equal(c2.cpu(), want)
 
 
 @pytest.mark.parametrize("M", [3, 20])
