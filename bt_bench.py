@@ -257,13 +257,14 @@ def _tune(shapes):
         print(f"{M:>6} {N:>6} {K:>6}  default {default} -> {_graph_ms(fn) * 1e3:9.2f} us", flush=True)
 
 
-# int8 kernel tiles: 16-row tiles (mma.sync) for few rows, wgmma tiles from 64 rows
+# int8 kernel tiles: 16-row tiles (mma.sync) for few rows, wgmma tiles from 64 rows; the weight's bits
+# unpacked by tensor ops (UNPACK 0) or inline PTX (1)
 INT8_TUNE_CONFIGS = {
-    "few": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-            for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (2, 4) for st in (2, 3, 4)],
-    "many": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-             for bm in (64, 128, 256) for bn in (64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)
-             if not (bm == 256 and w == 4)],
+    "few": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, UNPACK=u)
+            for bn in (32, 64, 128) for bk in (128, 256) for st in (2, 3, 4) for u in (0, 1)],
+    "many": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, UNPACK=u)
+             for bm in (128, 256) for bn in (64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)
+             for u in (0, 1) if not (bm == 256 and w == 4)],
 }
 
 
@@ -309,6 +310,26 @@ def _mma_lanes_ok(ttgir, warps):
             seen.update(re.findall(r"tensor<\d+xi32, (#\w+)>", line))
     bad = sorted(layouts.get(name, name) for name in seen if layouts.get(name) != want)
     return "ok" if seen and not bad else (bad[0] if bad else "none")
+
+
+def _asm_groups_ok(ttgir):
+    """"ok" if every packed inline asm (pack > 1: the int8 kernel's unpack) gets its elements as it assumes:
+    each group of `pack` consecutive elements of a thread is consecutive along the last dimension (a layout
+    whose last dimension is the fastest, in-thread runs a multiple of pack); else the first layout that is
+    not; "none" without such asm."""
+    blocked = r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\].*order = \[([\d, ]+)\]\}>$"
+    layouts = {name: (size, order) for name, size, order in re.findall(blocked, ttgir, re.M)}
+    groups = [(int(pack), enc) for pack, enc in re.findall(
+        r"tt\.elementwise_inline_asm .*packed_element = (\d+) .*-> tensor<[\dx]+xi8, (#\w+)>", ttgir)]
+    for pack, enc in groups:
+        if pack == 1:
+            continue
+        if enc not in layouts:
+            return enc
+        size, order = ([int(v) for v in t.split(",")] for t in layouts[enc])
+        if order[0] != len(size) - 1 or size[-1] % pack:
+            return f"{enc} {layouts[enc]}"
+    return "ok" if any(pack > 1 for pack, _ in groups) else "none"
 
 
 def _sass_report(folder):
@@ -393,11 +414,13 @@ def _sass_report(folder):
     # and 1 row; the row quantizer
     gpu = bk.GpuSpec(capability=9, sms=132)
     int8_rows = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("K", "stride_am", "stride_bn", "stride_cm"))
-    for tag, M, sym in (("int8_ttq", 4096, False), ("int8_one_scale", 4096, True), ("int8_one_row", 1, False)):
+    for tag, M, sym, unpack in (("int8_ttq", 4096, False, 0), ("int8_one_scale", 4096, True, 0),
+                                ("int8_one_row", 1, False, 0), ("int8_prmt_ttq", 4096, False, 1),
+                                ("int8_prmt_one_scale", 4096, True, 1), ("int8_prmt_one_row", 1, False, 1)):
         meta = bk.choose_int8_kernel(M, 4096, 4096, gpu, symmetric=sym)
         warps = meta.pop("num_warps")
         meta.pop("num_stages")
-        kernels.append((tag, bk.KERNELS["int8"], dict(meta, HAS_BIAS=True, SYMMETRIC=sym),
+        kernels.append((tag, bk.KERNELS["int8"], dict(meta, HAS_BIAS=True, SYMMETRIC=sym, UNPACK=unpack, EMULATE=False),
                         int8_rows, warps))
     kernels.append(("quantize_rows", bk.KERNELS["quantize_rows"], dict(GIVEN=False, BLOCK_K=1024),
                     (dict(stride_xk=1), ("stride_xm", "stride_qm")), 4))
@@ -423,7 +446,8 @@ def _sass_report(folder):
         ops["PTXFMA"] = len(re.findall(r"fma\.rn\.f(32|64)", k.asm["ptx"]))   # before ptxas (IEEE division adds FFMAs)
         keys = ("POPC", "BMMA", "IGMMA", "IMMA", "PTXFMA", "LOP3", "IADD3", "IMAD", "SHF", "LDG", "BAR", "LDS", "STL", "LDL", "ATOMG", "DFMA",
                 "CCTL")
-        lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn in (bk.KERNELS["mma"], bk.KERNELS["bitserial_mma"]) else "-"
+        lanes = _mma_lanes_ok(k.asm["ttgir"], warps) if fn in (bk.KERNELS["mma"], bk.KERNELS["bitserial_mma"]) else \
+            _asm_groups_ok(k.asm["ttgir"]) if fn is bk.KERNELS["int8"] else "-"
         print(f"  {tag:25} regs {regs.group(1) if regs else '?':>3} stack {stack.group(1) if stack else '?':>3}  "
               + "  ".join(f"{o} {ops.get(o, 0)}" for o in keys) + f"  lanes {lanes}")
 

@@ -1210,6 +1210,52 @@ def _unpack_bits(words, R: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _dup(x, R: tl.constexpr, C: tl.constexpr):
+    # [R, C] -> [R, 2C], each value twice side by side (tl.join: the copy stays in its thread)
+    return tl.reshape(tl.join(x, x), (R, 2 * C))
+
+
+@triton.jit
+def _negated_bits_prmt(words, R: tl.constexpr, W: tl.constexpr, EMULATE: tl.constexpr):
+    # uint32 [R, W] -> int8 [R, 32 W] of 0 / -1: minus bit j of word w at column 32 w + j, in under one
+    # instruction a bit. Shifting a word left by 7 - j puts its bits j, 8 + j, 16 + j, 24 + j at the tops of
+    # its 4 bytes; prmt with sign-replicate selectors (nibble 8 + byte) turns byte tops into 0x00 / 0xFF and,
+    # in two stages, transposes the bytes of the 8 shifted copies so that output register q holds columns
+    # 4q .. 4q + 3 (byte b: column 4q + b). One asm call takes 32 consecutive columns, all copies of one
+    # word ($8 is the first): _dup keeps them in one thread, which Triton does not promise; the SASS report
+    # checks the layout it gives the call. EMULATE: the same values from tensor ops.
+    if EMULATE:
+        return (-_unpack_bits(words, R, W)).to(tl.int8)
+    x = words.to(tl.int32, bitcast=True)
+    x = _dup(_dup(_dup(_dup(_dup(x, R, W), R, 2 * W), R, 4 * W), R, 8 * W), R, 16 * W)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 x<8>, s<8>;\n"
+        "shl.b32 x0, $8, 7; shl.b32 x1, $8, 6; shl.b32 x2, $8, 5; shl.b32 x3, $8, 4;\n"
+        "shl.b32 x4, $8, 3; shl.b32 x5, $8, 2; shl.b32 x6, $8, 1; mov.b32 x7, $8;\n"
+        # stage 1, pairs (a, b): [a.b0, b.b0, a.b1, b.b1] and [a.b2, b.b2, a.b3, b.b3], sign-replicated
+        "prmt.b32 s0, x0, x1, 0xD9C8; prmt.b32 s1, x0, x1, 0xFBEA;\n"
+        "prmt.b32 s2, x2, x3, 0xD9C8; prmt.b32 s3, x2, x3, 0xFBEA;\n"
+        "prmt.b32 s4, x4, x5, 0xD9C8; prmt.b32 s5, x4, x5, 0xFBEA;\n"
+        "prmt.b32 s6, x6, x7, 0xD9C8; prmt.b32 s7, x6, x7, 0xFBEA;\n"
+        # stage 2: register 2 i + g = byte i of copies 4 g .. 4 g + 3 = columns 8 i + 4 g .. 8 i + 4 g + 3
+        "prmt.b32 $0, s0, s2, 0x5410; prmt.b32 $2, s0, s2, 0x7632;\n"
+        "prmt.b32 $4, s1, s3, 0x5410; prmt.b32 $6, s1, s3, 0x7632;\n"
+        "prmt.b32 $1, s4, s6, 0x5410; prmt.b32 $3, s4, s6, 0x7632;\n"
+        "prmt.b32 $5, s5, s7, 0x5410; prmt.b32 $7, s5, s7, 0x7632; }",
+        "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [x], dtype=tl.int8, is_pure=True, pack=32)
+
+
+@triton.jit
+def _trits_of_negated(p, n, EMULATE: tl.constexpr):
+    # int8 0 / -1 planes (disjoint) -> trits: (p & 1) | n is +1, -1 or 0, four bytes an instruction
+    if EMULATE:
+        return (n - p).to(tl.int8)
+    return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x01010101, $2, 0xEA;", "=r,r,r", [p, n], dtype=tl.int8,
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
 def _int8_ternary_kernel(
     a_ptr, scale_ptr,             # int8 [M, K] rows, float32 [M] their scales
     b_pos_ptr, b_neg_ptr,         # uint32 planes [N, KW]
@@ -1217,6 +1263,8 @@ def _int8_ternary_kernel(
     M, N, K, KW, stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UNPACK: tl.constexpr,         # 0: _unpack_bits (tensor ops); 1: _negated_bits_prmt (inline PTX)
+    EMULATE: tl.constexpr,        # the interpreter: UNPACK 1 from tensor ops
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1231,13 +1279,26 @@ def _int8_ternary_kernel(
         offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         w_off = offs_n[:, None].to(tl.int64) * stride_bn + offs_w[None, :] * stride_bk
         w_ok = n_ok[:, None] & (offs_w[None, :] < KW)
-        wp = _unpack_bits(tl.load(b_pos_ptr + w_off, mask=w_ok, other=0), BLOCK_N, BLOCK_K // 32)
-        wn = _unpack_bits(tl.load(b_neg_ptr + w_off, mask=w_ok, other=0), BLOCK_N, BLOCK_K // 32)
-        if SYMMETRIC:
-            acc_p += tl.dot(a, tl.trans((wp - wn).to(tl.int8)), out_dtype=tl.int32)
+        words_p = tl.load(b_pos_ptr + w_off, mask=w_ok, other=0)
+        words_n = tl.load(b_neg_ptr + w_off, mask=w_ok, other=0)
+        if UNPACK == 1:           # minus the bits: -Sp and -Sn, or the trits themselves
+            wp = _negated_bits_prmt(words_p, BLOCK_N, BLOCK_K // 32, EMULATE)
+            wn = _negated_bits_prmt(words_n, BLOCK_N, BLOCK_K // 32, EMULATE)
+            if SYMMETRIC:
+                acc_p += tl.dot(a, tl.trans(_trits_of_negated(wp, wn, EMULATE)), out_dtype=tl.int32)
+            else:
+                acc_p += tl.dot(a, tl.trans(wp), out_dtype=tl.int32)
+                acc_n += tl.dot(a, tl.trans(wn), out_dtype=tl.int32)
         else:
-            acc_p += tl.dot(a, tl.trans(wp.to(tl.int8)), out_dtype=tl.int32)
-            acc_n += tl.dot(a, tl.trans(wn.to(tl.int8)), out_dtype=tl.int32)
+            wp = _unpack_bits(words_p, BLOCK_N, BLOCK_K // 32)
+            wn = _unpack_bits(words_n, BLOCK_N, BLOCK_K // 32)
+            if SYMMETRIC:
+                acc_p += tl.dot(a, tl.trans((wp - wn).to(tl.int8)), out_dtype=tl.int32)
+            else:
+                acc_p += tl.dot(a, tl.trans(wp.to(tl.int8)), out_dtype=tl.int32)
+                acc_n += tl.dot(a, tl.trans(wn.to(tl.int8)), out_dtype=tl.int32)
+    if UNPACK == 1 and not SYMMETRIC:
+        acc_p, acc_n = -acc_p, -acc_n
     # float64 epilogue: (alpha_p Sp - alpha_n Sn) (exact products) times the row's scale, plus bias, rounded
     # once to float32; launched with EXACT_ROUNDING, as the scale's product is not exact and an FMA of it
     # and the bias would round differently from the same steps in numpy or torch
@@ -1343,18 +1404,19 @@ def choose_kernel(M, N, KW, gpu, *, bit_serial=False, row_major_weights=True, sy
 
 def choose_int8_kernel(M, N, K, gpu, symmetric=False):
     """Meta-parameters of the int8 kernel (_int8_ternary_kernel) for int8 [M, K] rows by trits [N, K]: the
-    best tiles of a sweep on an H100 (PERFORMANCE.md, "8-bit activations")."""
+    best tiles of a sweep on an H100 (PERFORMANCE.md, "8-bit activations"). UNPACK 1 (inline PTX, about half
+    the K loop's instructions) is a candidate of `bt_bench.py --tune --int8`, not yet timed on a GPU."""
     if gpu.interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, UNPACK=0)
     if M <= 16:                # a weight stream: 16 rows is mma.sync's least, long K steps
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3, UNPACK=0)
     if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, UNPACK=0)
     # 256-row tiles unpack each weight tile for more rows, where they still give about one tile an SM; two
     # accumulators (TTQ scales) leave them no registers
     if symmetric and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= 0.9 * gpu.sms:
-        return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, UNPACK=0)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, UNPACK=0)
 
 
 def _choose_conv_kernel(M, N, KW, gpu, bit_serial, symmetric):
@@ -2118,11 +2180,12 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b, config=None):
     _need_triton()
     if a.dtype != torch.int8:
         a, a_scale = quantize_rows_int8(a, a_scale)
-    meta = dict(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))
+    meta = {"UNPACK": 0, **(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))}
     grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
     _int8_ternary_kernel[grid](a, a_scale, b_pos, b_neg, ap, ap if an is None else an, ap if b is None else b, c,
                                M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(), *c.stride(),
-                               SYMMETRIC=an is None, HAS_BIAS=b is not None, **EXACT_ROUNDING, **meta)
+                               SYMMETRIC=an is None, HAS_BIAS=b is not None, EMULATE=_INTERPRET, **EXACT_ROUNDING,
+                               **meta)
     return c
 
 

@@ -1096,9 +1096,10 @@ def test_property_gemm_matches_dense(M, N, K, seed, symmetric, bias, row_major):
 @PROPERTY
 @given(M=st.integers(1, 24), N=st.integers(1, 40), K=st.integers(1, 150), seed=st.integers(0, 2 ** 31 - 1),
        symmetric=st.booleans(), bias=st.booleans(), rows=st.sampled_from(["int8", "float", "float-given-scale"]),
-       step=st.integers(1, 2))
-def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, rows, step):
-    # int8 rows given, or float rows quantized in the call; strided rows
+       step=st.integers(1, 2), unpack=st.sampled_from([0, 1]))
+def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, rows, step, unpack):
+    # int8 rows given, or float rows quantized in the call; strided rows; the weight's bits unpacked by
+    # tensor ops or by inline PTX (on a GPU; its twin in the interpreter), at the tile the dispatch picks
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K * step, generator=g)[:, ::step] * 3
     scale = torch.rand(M, generator=g) + 0.01 if rows == "float-given-scale" else None
@@ -1108,9 +1109,11 @@ def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, r
     b = torch.randn(N, generator=g) if bias else None
     wp, wn = pack_bitplanes(w.to(DEVICE))
     a, a_scale = (q, s) if rows == "int8" else (x, scale)
+    config = dict(bt_kernel.choose_int8_kernel(M, N, K, bt_kernel.gpu_spec(torch.device(DEVICE)), symmetric),
+                  UNPACK=unpack)
     out = bt_kernel.ternary_gemm_int8(a.to(DEVICE), None if a_scale is None else a_scale.to(DEVICE), wp, wn,
                                       ap.to(DEVICE), None if symmetric else an.to(DEVICE),
-                                      None if b is None else b.to(DEVICE))
+                                      None if b is None else b.to(DEVICE), config=config)
     sp, sn = int_sums(q, w)
     d = ap.double() * (sp - sn).double() if symmetric else ap.double() * sp.double() - an.double() * sn.double()
     want = (d * s.double()[:, None] + (b.double() if bias else 0)).float()
@@ -2861,7 +2864,9 @@ def test_int8_ternary_gemm_exact(M, N, K, symmetric):
     d = ap.double()[None, :] * (sp - sn).double() if symmetric else ap.double() * sp.double() - an.double() * sn.double()
     want = (d * scale.double()[:, None] + bias.double()).float()
     assert torch.equal(c.cpu(), want)
-    other = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)   # a tuning sweep's tile
+    # a tuning sweep's tile, with the inline-PTX unpack (in the interpreter its tensor-op twin: minus the bits,
+    # trits from them, the sums negated back)
+    other = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1, UNPACK=1)
     c2 = bt_kernel.ternary_gemm_int8(a.to(DEVICE), scale.to(DEVICE), wp, wn, ap.to(DEVICE),
                                      None if symmetric else an.to(DEVICE), bias.to(DEVICE), config=other)
     assert torch.equal(c2.cpu(), want)
@@ -3096,10 +3101,19 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     assert counts["mma_3popc"]["CCTL"] == 0 and "ACQBULK" not in (tmp_path / "mma_3popc.sass").read_text()
     # int8 rows by trits: the int8 wgmma (IGMMA), 2 dots a K step with TTQ scales, 1 with one scale, on 128-row
     # tiles (2 wgmma of 64 rows a warpgroup and 32 K); one row (a 16-row tile): the mma.sync (IMMA)
-    for name, dots in (("int8_ttq", 2), ("int8_one_scale", 1)):
+    for name, dots in (("int8_ttq", 2), ("int8_one_scale", 1), ("int8_prmt_ttq", 2), ("int8_prmt_one_scale", 1)):
         c = counts[name]
         assert c["IGMMA"] >= 2 * 4 * dots and c["POPC"] == 0, (name, c)
-    assert counts["int8_one_row"]["IGMMA"] + counts["int8_one_row"]["IMMA"] >= 2 * 8
+    for name in ("int8_one_row", "int8_prmt_one_row"):
+        assert counts[name]["IGMMA"] + counts[name]["IMMA"] >= 2 * 8, (name, counts[name])
+    # the inline-PTX unpack takes 32 consecutive columns of one word a call: the layout Triton gives it must
+    # hold them in one thread, or the sums are wrong; and it should need at most 2/3 of the K loop's
+    # instructions of the tensor-op unpack at the same tile (2 instructions a weight or less, against about 5)
+    for name in ("int8_prmt_ttq", "int8_prmt_one_scale", "int8_prmt_one_row"):
+        assert counts[name]["lanes"] == "ok", (name, counts[name]["lanes"])
+        fast = len(_loop_code((tmp_path / f"{name}.sass").read_text()))
+        plain = len(_loop_code((tmp_path / f"{name.replace('prmt_', '')}.sass").read_text()))
+        assert fast < 2 / 3 * plain, (name, fast, plain)
     # the quantizer rounds x * inv to an integer by adding 1.5 * 2^23, and the int8 epilogue multiplies by the
     # row's scale then adds the bias: both only as the references do if no multiply and add are contracted
     # into one FMA (the GPU's q was one off until launched with bt_kernel.EXACT_ROUNDING)
@@ -3114,9 +3128,14 @@ def test_sass_has_popc_and_no_spills(tmp_path):
             assert c["STL"] == 0 and c["LDL"] == 0, f"{name} spills to local memory: {c}"
 
 
-def _loop_spills(sass):
-    """STL/LDL instructions inside a loop of SASS (between a backward branch's target and the branch)."""
+def _loop_code(sass):
+    """The instructions inside loops of SASS (between a backward branch's target and the branch)."""
     code = [(int(addr, 16), text) for addr, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = [(int(m.group(1), 16), addr) for addr, text in code
              for m in [re.search(r"BRA\s+0x([0-9a-f]+)", text)] if m and int(m.group(1), 16) < addr]
-    return [text for lo, hi in loops for addr, text in code if lo <= addr <= hi and re.search(r"\b(STL|LDL)\b", text)]
+    return [text for lo, hi in loops for addr, text in code if lo <= addr <= hi]
+
+
+def _loop_spills(sass):
+    """STL/LDL instructions inside a loop of SASS."""
+    return [text for text in _loop_code(sass) if re.search(r"\b(STL|LDL)\b", text)]
