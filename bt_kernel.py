@@ -22,8 +22,9 @@ bit-serial MMA; int8 rows by trits on the int8 tensor cores, and the int8 row qu
 (choose_kernel, choose_int8_kernel); launch (one launcher for every popcount GEMM kernel, the pack
 launchers); the public API; the weight quantizer rules; the layer's forward (custom operators
 bt_kernel::pack_rows, ::gemm, ::quantize_rows_int8 and ::gemm_int8 that torch.compile places in its graphs,
-and the same sums in torch ops for CPUs without the kernels); autograd and TernaryLinearTriton. Without triton installed the file
-still imports: the layer runs its torch path on the CPU and a kernel launch raises.
+and the same sums in torch ops for CPUs without the kernels); autograd and TernaryLinearTriton. Without
+triton installed the file still imports: the layer runs its torch path on the CPU and a kernel launch
+raises.
 
 Packed layout
 -------------
