@@ -2094,11 +2094,13 @@ def ternary_gemm_reference(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n=None, bi
     return C + bias.double() if bias is not None else C
 
 
-def _check_row_scales(t, name, rows):
-    """A float tensor [rows]: one scale per row of int8 activations."""
+def _check_row_scales(t, name, rows, quantizing=False):
+    """A float tensor [rows]: one scale per row of int8 activations; quantizing: >= 0 too (x / scale)."""
     _check_tensor(t, name, dim=1)
     if t.shape != (rows,) or not t.is_floating_point():
         raise ValueError(f"{name} must be float [{rows}] (one per row), got {t.dtype} {tuple(t.shape)}")
+    if quantizing and rows and not bool((t >= 0).all()):
+        raise ValueError("scales must be >= 0 and not NaN")
 
 
 def _int8_rows_torch(x, scale=None):
@@ -2129,13 +2131,17 @@ def quantize_rows_int8(x, scale=None):
         raise TypeError(f"x must be a float tensor, got {x.dtype}")
     M, K = x.shape
     if scale is not None:
-        _check_row_scales(scale, "scale", M)
-        if M and not bool((scale >= 0).all()):
-            raise ValueError("scales must be >= 0 and not NaN")
+        _check_row_scales(scale, "scale", M, quantizing=True)
         _check_device(x, scale, allow_cpu=True)
     _check_device(x, allow_cpu=True)
     if not _kernel_path(x.device):
         return _int8_rows_torch(x, scale)
+    return _launch_quantize(x, scale)
+
+
+def _launch_quantize(x, scale):
+    """quantize_rows_int8 on the kernel, without its checks."""
+    M, K = x.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
@@ -2164,11 +2170,9 @@ def ternary_gemm_int8(a, a_scale, b_pos, b_neg, alpha_p, alpha_n=None, bias=None
     if b_pos.shape[1] != triton.cdiv(K, 32):
         raise ValueError(f"K words differ: a has K = {K} ({triton.cdiv(K, 32)} words), b has {b_pos.shape[1]}")
     if a.dtype == torch.int8 or a_scale is not None:
-        _check_row_scales(a_scale, "a_scale", M)
+        _check_row_scales(a_scale, "a_scale", M, quantizing=a.dtype != torch.int8)
     scales = _check_scales(N, alpha_p, alpha_n, bias)
     _check_device(a, b_pos, b_neg, *[t for t in (a_scale, alpha_p, alpha_n, bias) if t is not None])
-    if a.dtype != torch.int8 and a_scale is not None and M and not bool((a_scale >= 0).all()):
-        raise ValueError("scales must be >= 0 and not NaN")
     return _launch_int8(a if a.stride(1) == 1 else a.contiguous(), None if a_scale is None else _f32(a_scale),
                         b_pos, b_neg, *scales, config=config)
 
@@ -2182,7 +2186,7 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b, config=None):
         return c
     _need_triton()
     if a.dtype != torch.int8:
-        a, a_scale = quantize_rows_int8(a, a_scale)
+        a, a_scale = _launch_quantize(a, a_scale)
     meta = {"UNPACK": 0, **(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))}
     grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
     _int8_ternary_kernel[grid](a, a_scale, b_pos, b_neg, ap, ap if an is None else an, ap if b is None else b, c,
