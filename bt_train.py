@@ -420,8 +420,12 @@ class Trainer:
             self._step()
 
 
+TEST_BATCH = 2000                   # images a forward pass in test()
+BN_BATCHES, BN_BATCH = 20, 1000     # recalibrate_batchnorm's batches of training images
+
+
 @torch.no_grad()
-def test(model, x, y, batch=2000, progress=None):
+def test(model, x, y, batch=TEST_BATCH, progress=None):
     """(accuracy %, predictions) of the model in eval mode on uint8 images [N, 28, 28]; progress(batches
     done) after each batch (a ProgressLine's update)."""
     model.eval()
@@ -436,7 +440,7 @@ def test(model, x, y, batch=2000, progress=None):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model, x, batches=20, batch=1000, progress=None):
+def recalibrate_batchnorm(model, x, batches=BN_BATCHES, batch=BN_BATCH, progress=None):
     """Re-estimate BatchNorm running statistics with the final (frozen) weights, as a plain average.
 
     The running averages lag behind while weights cross their ternary thresholds during training;
@@ -856,11 +860,15 @@ def _phase_line(run, total, label, per_step, prefix):
     return ProgressLine(total, label, prefix, per_step=per_step, tty=run.tty, enabled=run.rank == 0)
 
 
+def _test_line(run, prefix):
+    """The progress line of test() on the test set."""
+    return _phase_line(run, math.ceil(len(run.test_x) / TEST_BATCH), "test batch", TEST_BATCH, prefix)
+
+
 def evaluate(run, epoch, loss, t0, sent0):
     """Test accuracy after an epoch, printed with its loss, time and TernGrad traffic (rank 0)."""
     run.progress_line.clear()   # the epoch's line; the evaluation's takes its place on a terminal
-    run.progress_line = _phase_line(run, math.ceil(len(run.test_x) / 2000), "test batch", 2000,
-                                    f"epoch {epoch + 1:3d}/{run.args.epochs}  ")
+    run.progress_line = _test_line(run, f"epoch {epoch + 1:3d}/{run.args.epochs}  ")
     acc, _ = test(run.model, run.test_x, run.test_y, progress=run.progress_line.update)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
@@ -886,7 +894,7 @@ def save_epoch(run, epoch):
 def export_model(run, t_start, progress):
     """Fold BatchNorm (statistics re-estimated before), pack the weights, write --export and report (rank 0)."""
     args = run.args
-    line = _phase_line(run, math.ceil(len(run.test_x) / 2000), "test batch", 2000, "final test: ")
+    line = _test_line(run, "final test: ")
     acc, preds = test(run.model, run.test_x, run.test_y, progress=line.update)
     line.clear()
     arch = dict(channels=list(args.channels), act_delta=args.act_delta, act_bits=args.act_bits)
@@ -925,7 +933,7 @@ def train(run, progress, t_start):
             progress.saved(run.args.checkpoint, epoch + 1)
     if run.rank == 0:   # export: refresh BatchNorm statistics, fold them, pack the weights
         progress.phase = "the BatchNorm re-estimation"
-        line = _phase_line(run, 20, "batch", 1000, "BatchNorm re-estimation: ")
+        line = _phase_line(run, BN_BATCHES, "batch", BN_BATCH, "BatchNorm re-estimation: ")
         recalibrate_batchnorm(run.model, run.train_x, progress=line.update)
         line.clear()
         progress.phase = "the export"
