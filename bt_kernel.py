@@ -1173,24 +1173,36 @@ def _round_even(x):
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, given_ptr, K, stride_xm, stride_xk, stride_qm,
-                          GIVEN: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one row a program: its absmax (unless the scale is given), then q = round(x / scale) in [-127, 127]
+                          GIVEN: tl.constexpr, BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    # one row a program: its absmax (unless the scale is given), then q = round(x / scale) in [-127, 127].
+    # ONE_BLOCK (K <= BLOCK_K): the row stays in registers between the two, one trip to memory
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
-    if GIVEN:
-        scale = tl.load(given_ptr + row)
+    x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * stride_qm
+    if ONE_BLOCK:
+        x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
+        scale = tl.load(given_ptr + row) if GIVEN else tl.div_rn(tl.max(tl.abs(x), axis=0), 127.0)
+        tl.store(q_row + offs, _quantize(x, scale), mask=offs < K)
     else:
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if GIVEN:
+            scale = tl.load(given_ptr + row)
+        else:
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+            scale = tl.div_rn(tl.max(amax, axis=0), 127.0)
         for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_ptr + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = tl.div_rn(tl.max(amax, axis=0), 127.0)
-    inv = tl.where(scale > 0, tl.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
-        q = tl.minimum(tl.maximum(_round_even(x.to(tl.float32) * inv), -127.0), 127.0)
-        tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
+            x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
+            tl.store(q_row + k0 + offs, _quantize(x.to(tl.float32), scale), mask=k0 + offs < K)
     tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _quantize(x, scale):
+    # int8 round(x / scale) clamped to [-127, 127], through the float32 reciprocal; scale 0 gives 0
+    inv = tl.where(scale > 0, tl.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
+    return tl.minimum(tl.maximum(_round_even(x * inv), -127.0), 127.0).to(tl.int8)
 
 
 @triton.jit
@@ -1263,9 +1275,11 @@ def _int8_ternary_kernel(
     a_ptr, scale_ptr,             # int8 [M, K] rows, float32 [M] their scales
     b_pos_ptr, b_neg_ptr,         # uint32 planes [N, KW]
     alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr,
+    ws_ptr, lock_ptr,             # split-K: int32 workspace [2, M, N] and a counter a tile, left zero
     M, N, K, KW, stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,        # programs sharing each tile, each taking a range of K steps
     UNPACK: tl.constexpr,         # 0: _unpack_bits (tensor ops); 1: _negated_bits_prmt (inline PTX)
     EMULATE: tl.constexpr,        # the interpreter: UNPACK 1 from tensor ops
 ):
@@ -1276,7 +1290,12 @@ def _int8_ternary_kernel(
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
     acc_p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc_n = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo, k_hi = 0, K
+    if SPLIT_K > 1:
+        k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = tl.program_id(2) * k_per
+        k_hi = tl.minimum(K, k_lo + k_per)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
         offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
@@ -1302,9 +1321,33 @@ def _int8_ternary_kernel(
                 acc_n += tl.dot(a, tl.trans(wn.to(tl.int8)), out_dtype=tl.int32)
     if UNPACK == 1 and not SYMMETRIC:
         acc_p, acc_n = -acc_p, -acc_n
-    # float64 epilogue: (alpha_p Sp - alpha_n Sn) (exact products) times the row's scale, plus bias, rounded
-    # once to float32; launched with EXACT_ROUNDING, as the scale's product is not exact and an FMA of it
-    # and the bias would round differently from the same steps in numpy or torch
+    if SPLIT_K > 1:               # as _finish: int32 sums meet by atomics, the tile's last program goes on
+        mask = m_ok[:, None] & n_ok[None, :]
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws, acc_p, mask=mask)
+        if not SYMMETRIC:
+            tl.atomic_add(ws + M * N, acc_n, mask=mask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(lock_ptr + tile, 1) == SPLIT_K - 1:
+            acc_p = tl.atomic_xchg(ws, tl.zeros_like(acc_p), mask=mask)
+            if not SYMMETRIC:
+                acc_n = tl.atomic_xchg(ws + M * N, tl.zeros_like(acc_n), mask=mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+            _int8_epilogue(acc_p, acc_n, offs_m, offs_n, scale_ptr, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
+                           stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+    else:
+        _int8_epilogue(acc_p, acc_n, offs_m, offs_n, scale_ptr, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
+                       stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+
+
+@triton.jit
+def _int8_epilogue(acc_p, acc_n, offs_m, offs_n, scale_ptr, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
+                   stride_cm, stride_cn, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # float64: (alpha_p Sp - alpha_n Sn) (exact products) times the row's scale, plus bias, rounded once to
+    # float32; launched with EXACT_ROUNDING, as the scale's product is not exact and an FMA of it and the
+    # bias would round differently from the same steps in numpy or torch
+    m_ok, n_ok = offs_m < M, offs_n < N
     c = tl.load(alpha_p_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :] * acc_p.to(tl.float64)
     if not SYMMETRIC:
         c -= tl.load(alpha_n_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :] * acc_n.to(tl.float64)
@@ -1333,6 +1376,7 @@ class GpuSpec(NamedTuple):
 INTERPRETER = GpuSpec(capability=0, sms=4, interpret=True)
 EXACT_ROUNDING = dict(enable_fp_fusion=False)   # launch option of the int8 quantizer and GEMM: no multiply
                                                 # and add contracted into one FMA, which rounds once
+QUANTIZE_ONE_BLOCK = 16384    # rows up to this long are quantized from registers (32 values a thread at most)
 MMA_MIN_ROWS = 4               # from this many rows up, trits go to the MMA kernel where the GPU has it
 MMA_CHUNK_TILES = 65535        # row tiles of the MMA kernel a launch: the most a grid's second dimension holds
 _SPECS = {}
@@ -1407,19 +1451,22 @@ def choose_kernel(M, N, KW, gpu, *, bit_serial=False, row_major_weights=True, sy
 
 def choose_int8_kernel(M, N, K, gpu, symmetric=False):
     """Meta-parameters of the int8 kernel (_int8_ternary_kernel) for int8 [M, K] rows by trits [N, K]: the
-    best tiles of a sweep on an H100 (PERFORMANCE.md, "8-bit activations"). UNPACK 1 (inline PTX, about half
-    the K loop's instructions) is a candidate of `bt_bench.py --tune --int8`, not yet timed on a GPU."""
+    best tiles of a sweep on an H100 (PERFORMANCE.md, "8-bit activations"). Up to 64 rows, K split across
+    programs until there are about two an SM."""
     if gpu.interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, UNPACK=0)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=1, UNPACK=0)
     if M <= 16:                # a weight stream: 16 rows is mma.sync's least, long K steps
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3, UNPACK=0)
-    if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, UNPACK=0)
+        meta = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3, UNPACK=0)
+    elif M <= 64:
+        meta = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, UNPACK=0)
     # 256-row tiles unpack each weight tile for more rows, where they still give about one tile an SM; two
     # accumulators (TTQ scales) leave them no registers
-    if symmetric and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= 0.9 * gpu.sms:
-        return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, UNPACK=0)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, UNPACK=0)
+    elif symmetric and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= 0.9 * gpu.sms:
+        return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, SPLIT_K=1, UNPACK=0)
+    else:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=1, UNPACK=0)
+    tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+    return dict(meta, SPLIT_K=_split_k(tiles, triton.cdiv(K, meta["BLOCK_K"]), gpu.sms, per_sm=2, min_k=4))
 
 
 def _choose_conv_kernel(M, N, KW, gpu, bit_serial, symmetric):
@@ -2146,9 +2193,10 @@ def _launch_quantize(x, scale):
     s = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
         given = _f32(scale) if scale is not None else s
+        block = min(QUANTIZE_ONE_BLOCK, triton.next_power_of_2(K))
         _quantize_rows_kernel[(M,)](x, q, s, given, K, x.stride(0), x.stride(1), q.stride(0),
-                                    GIVEN=scale is not None, BLOCK_K=min(1024, triton.next_power_of_2(K)),
-                                    **EXACT_ROUNDING)
+                                    GIVEN=scale is not None, BLOCK_K=block, ONE_BLOCK=K <= block,
+                                    num_warps=min(16, max(4, block // 512)), **EXACT_ROUNDING)
     return q, s
 
 
@@ -2187,10 +2235,11 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b, config=None):
     _need_triton()
     if a.dtype != torch.int8:
         a, a_scale = _launch_quantize(a, a_scale)
-    meta = {"UNPACK": 0, **(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))}
-    grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+    meta = {"UNPACK": 0, "SPLIT_K": 1, **(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))}
+    grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+    ws, locks = _workspace(a.device, 2 * M * N, grid[0] * grid[1]) if meta["SPLIT_K"] > 1 else (c, c)
     _int8_ternary_kernel[grid](a, a_scale, b_pos, b_neg, ap, ap if an is None else an, ap if b is None else b, c,
-                               M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(), *c.stride(),
+                               ws, locks, M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(), *c.stride(),
                                SYMMETRIC=an is None, HAS_BIAS=b is not None, EMULATE=_INTERPRET, **EXACT_ROUNDING,
                                **meta)
     return c

@@ -1096,10 +1096,11 @@ def test_property_gemm_matches_dense(M, N, K, seed, symmetric, bias, row_major):
 @PROPERTY
 @given(M=st.integers(1, 24), N=st.integers(1, 40), K=st.integers(1, 150), seed=st.integers(0, 2 ** 31 - 1),
        symmetric=st.booleans(), bias=st.booleans(), rows=st.sampled_from(["int8", "float", "float-given-scale"]),
-       step=st.integers(1, 2), unpack=st.sampled_from([0, 1]))
-def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, rows, step, unpack):
+       step=st.integers(1, 2), unpack=st.sampled_from([0, 1]), split=st.integers(1, 3))
+def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, rows, step, unpack, split):
     # int8 rows given, or float rows quantized in the call; strided rows; the weight's bits unpacked by
-    # tensor ops or by inline PTX (on a GPU; its twin in the interpreter), at the tile the dispatch picks
+    # tensor ops or by inline PTX (on a GPU; its twin in the interpreter); K whole or split across programs
+    # (some with no K steps at all), at the tile the dispatch picks
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K * step, generator=g)[:, ::step] * 3
     scale = torch.rand(M, generator=g) + 0.01 if rows == "float-given-scale" else None
@@ -1110,7 +1111,7 @@ def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, r
     wp, wn = pack_bitplanes(w.to(DEVICE))
     a, a_scale = (q, s) if rows == "int8" else (x, scale)
     config = dict(bt_kernel.choose_int8_kernel(M, N, K, bt_kernel.gpu_spec(torch.device(DEVICE)), symmetric),
-                  UNPACK=unpack)
+                  UNPACK=unpack, SPLIT_K=split)
     out = bt_kernel.ternary_gemm_int8(a.to(DEVICE), None if a_scale is None else a_scale.to(DEVICE), wp, wn,
                                       ap.to(DEVICE), None if symmetric else an.to(DEVICE),
                                       None if b is None else b.to(DEVICE), config=config)
@@ -2819,7 +2820,7 @@ def _int8_reference(x, scale=None):
     return torch.clamp(torch.round(xf * inv[:, None]), -127, 127).to(torch.int8), s
 
 
-@pytest.mark.parametrize("M,K", [(1, 1), (5, 33), (3, 1030), (4, 64)])
+@pytest.mark.parametrize("M,K", [(1, 1), (5, 33), (3, 1030), (4, 64), (3, 16500)])   # the last: K in blocks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantize_rows_int8_matches_reference(M, K, dtype):
     g = torch.Generator().manual_seed(M * K)
@@ -2865,11 +2866,12 @@ def test_int8_ternary_gemm_exact(M, N, K, symmetric):
     want = (d * scale.double()[:, None] + bias.double()).float()
     assert torch.equal(c.cpu(), want)
     # a tuning sweep's tile, with the inline-PTX unpack (in the interpreter its tensor-op twin: minus the bits,
-    # trits from them, the sums negated back)
-    other = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1, UNPACK=1)
-    c2 = bt_kernel.ternary_gemm_int8(a.to(DEVICE), scale.to(DEVICE), wp, wn, ap.to(DEVICE),
-                                     None if symmetric else an.to(DEVICE), bias.to(DEVICE), config=other)
-    assert torch.equal(c2.cpu(), want)
+    # trits from them, the sums negated back), K whole and split across two programs
+    for split in (1, 2):
+        other = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1, UNPACK=1, SPLIT_K=split)
+        c2 = bt_kernel.ternary_gemm_int8(a.to(DEVICE), scale.to(DEVICE), wp, wn, ap.to(DEVICE),
+                                         None if symmetric else an.to(DEVICE), bias.to(DEVICE), config=other)
+        assert torch.equal(c2.cpu(), want), split
 
 
 @pytest.mark.parametrize("M", [3, 20])
