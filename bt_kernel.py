@@ -77,6 +77,7 @@ compiled to one POPC instruction per word on sm_90 (on int32 the shifts are arit
 import functools
 import math
 import os
+import re
 from typing import NamedTuple, Optional
 
 import torch
@@ -1451,22 +1452,20 @@ def choose_kernel(M, N, KW, gpu, *, bit_serial=False, row_major_weights=True, sy
 
 def choose_int8_kernel(M, N, K, gpu, symmetric=False):
     """Meta-parameters of the int8 kernel (_int8_ternary_kernel) for int8 [M, K] rows by trits [N, K]: the
-    best tiles of a sweep on an H100 (PERFORMANCE.md, "8-bit activations"). Up to 64 rows, K split across
-    programs until there are about two an SM."""
+    best tiles of `bt_bench.py --tune --int8` on an H100 (PERFORMANCE.md, "8-bit activations"). The weight's
+    bits are unpacked by inline PTX (UNPACK 1: about half the K loop's instructions of the tensor ops)."""
     if gpu.interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=1, UNPACK=0)
-    if M <= 16:                # a weight stream: 16 rows is mma.sync's least, long K steps
-        meta = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3, UNPACK=0)
-    elif M <= 64:
-        meta = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, UNPACK=0)
-    # 256-row tiles unpack each weight tile for more rows, where they still give about one tile an SM; two
-    # accumulators (TTQ scales) leave them no registers
-    elif symmetric and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= 0.9 * gpu.sms:
-        return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, SPLIT_K=1, UNPACK=0)
-    else:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=1, UNPACK=0)
-    tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-    return dict(meta, SPLIT_K=_split_k(tiles, triton.cdiv(K, meta["BLOCK_K"]), gpu.sms, per_sm=2, min_k=4))
+    tile = lambda bm, bn, bk, w, s, split=1: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s,
+                                                  SPLIT_K=split, UNPACK=1)
+    if M <= 16:                # a weight stream: 16 rows is mma.sync's least; narrow tiles for programs enough
+        return tile(16, 32, 128, 4, 3, split=4) if symmetric and K > 8192 else tile(16, 32, 256, 4, 3)
+    if M <= 64:
+        return tile(64, 64, 128, 4, 4)
+    # one scale: 128 x 128 tiles where they give each SM two or more; TTQ scales' two accumulators do not fit
+    if symmetric and triton.cdiv(M, 128) * triton.cdiv(N, 128) >= 2 * gpu.sms:
+        return tile(128, 128, 128, 4, 3)
+    return tile(128, 64, 128, 4, 3)
 
 
 def _choose_conv_kernel(M, N, KW, gpu, bit_serial, symmetric):
@@ -2236,13 +2235,48 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b, config=None):
     if a.dtype != torch.int8:
         a, a_scale = _launch_quantize(a, a_scale)
     meta = {"UNPACK": 0, "SPLIT_K": 1, **(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))}
+    kernel = _run_int8(a, a_scale, b_pos, b_neg, ap, an, b, c, meta)
+    if meta["UNPACK"] == 1 and not _INTERPRET and inline_asm_layout(kernel.asm["ttgir"]) != "ok":
+        # Triton chose the layout of this tile: the unpack's 32 columns of a word are not in one thread, and
+        # c holds wrong sums. A config asked for is refused; the dispatch's own runs again on UNPACK 0
+        if config is not None:
+            raise ValueError(f"config {config}: Triton splits the inline-PTX unpack's 32 columns of a word "
+                             f"over threads at this tile ({inline_asm_layout(kernel.asm['ttgir'])}); use UNPACK 0")
+        _run_int8(a, a_scale, b_pos, b_neg, ap, an, b, c, dict(meta, UNPACK=0))
+    return c
+
+
+def _run_int8(a, a_scale, b_pos, b_neg, ap, an, b, c, meta):
+    """One launch of the int8 kernel with these meta-parameters; the compiled kernel."""
+    M, K = a.shape
+    N = b_pos.shape[0]
     grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
     ws, locks = _workspace(a.device, 2 * M * N, grid[0] * grid[1]) if meta["SPLIT_K"] > 1 else (c, c)
-    _int8_ternary_kernel[grid](a, a_scale, b_pos, b_neg, ap, ap if an is None else an, ap if b is None else b, c,
-                               ws, locks, M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(), *c.stride(),
-                               SYMMETRIC=an is None, HAS_BIAS=b is not None, EMULATE=_INTERPRET, **EXACT_ROUNDING,
-                               **meta)
-    return c
+    return _int8_ternary_kernel[grid](a, a_scale, b_pos, b_neg, ap, ap if an is None else an,
+                                      ap if b is None else b, c, ws, locks, M, N, K, b_pos.shape[1], *a.stride(),
+                                      *b_pos.stride(), *c.stride(), SYMMETRIC=an is None, HAS_BIAS=b is not None,
+                                      EMULATE=_INTERPRET, **EXACT_ROUNDING, **meta)
+
+
+@functools.lru_cache(maxsize=None)
+def inline_asm_layout(ttgir):
+    """"ok" if every packed inline asm of a compiled kernel (pack > 1: the int8 kernel's unpack) gets its elements
+    as it assumes: each group of `pack` consecutive elements of a thread consecutive along the last dimension,
+    starting at a multiple of pack (a layout whose last dimension is the fastest, in-thread runs a multiple of
+    pack); else the first layout that is not; "none" without such asm. ttgir: the kernel's asm["ttgir"]."""
+    blocked = r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\].*order = \[([\d, ]+)\]\}>$"
+    layouts = {name: (size, order) for name, size, order in re.findall(blocked, ttgir, re.M)}
+    groups = [(int(pack), enc) for pack, enc in re.findall(
+        r"tt\.elementwise_inline_asm .*packed_element = (\d+) .*-> tensor<[\dx]+xi8, (#\w+)>", ttgir)]
+    for pack, enc in groups:
+        if pack == 1:
+            continue
+        if enc not in layouts:
+            return enc
+        size, order = ([int(v) for v in t.split(",")] for t in layouts[enc])
+        if order[0] != len(size) - 1 or size[-1] % pack:
+            return f"{enc} {layouts[enc]}"
+    return "ok" if any(pack > 1 for pack, _ in groups) else "none"
 
 
 # -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
 import contextlib
 import copy
 import datetime
+import functools
 import gc
 import gzip
 import hashlib
@@ -2726,13 +2727,15 @@ COMPILE_MODES = [pytest.param(dict(backend="aot_eager"), id="aot_eager"),
 def test_compiled_model_matches_eager(options, act_bits):
     """fullgraph: the custom ops take the kernels into the graph; train and eval, forward and backward.
     On the CPU aot_eager runs the same float ops as eager (equal); on CUDA it decomposes BatchNorm (cuDNN's
-    fused kernel in eager), and inductor fuses its sums: equal within rounding."""
+    fused kernel in eager), and inductor fuses its sums: equal within float32 rounding of batch sums (one
+    gradient of the int8 net differed by 1.05e-5, 3e-5 relative, on an H100 under aot_eager)."""
     torch.manual_seed(3)
     eager = _compile_net(act_bits).to(DEVICE)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, fullgraph=True, **options)
     exact = options.get("backend") == "aot_eager" and DEVICE == "cpu"
-    check = (lambda a, b: torch.equal(a, b) or pytest.fail("differ")) if exact else torch.testing.assert_close
+    check = (lambda a, b: torch.equal(a, b) or pytest.fail("differ")) if exact else \
+        functools.partial(torch.testing.assert_close, rtol=1e-4, atol=1e-4)
     for train in (True, False):
         eager.train(train), twin.train(train)
         for step in range(2):
@@ -2868,7 +2871,7 @@ def test_int8_ternary_gemm_exact(M, N, K, symmetric):
     # a tuning sweep's tile, with the inline-PTX unpack (in the interpreter its tensor-op twin: minus the bits,
     # trits from them, the sums negated back), K whole and split across two programs
     for split in (1, 2):
-        other = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1, UNPACK=1, SPLIT_K=split)
+        other = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1, UNPACK=1, SPLIT_K=split)
         c2 = bt_kernel.ternary_gemm_int8(a.to(DEVICE), scale.to(DEVICE), wp, wn, ap.to(DEVICE),
                                          None if symmetric else an.to(DEVICE), bias.to(DEVICE), config=other)
         assert torch.equal(c2.cpu(), want), split
@@ -2888,6 +2891,22 @@ def test_int8_gemm_of_float_rows_equals_quantize_then_gemm(M, given):
     q, s = _int8_reference(x, scale)
     want = bt_kernel.ternary_gemm_int8(q.to(DEVICE), s.to(DEVICE), wp, wn, ap, an, bias)
     assert torch.equal(bt_kernel.ternary_gemm_int8(x, scale, wp, wn, ap, an, bias), want)
+
+
+@GPU_ONLY
+def test_int8_unpack_refuses_a_tile_it_cannot_take():
+    # at 64-trit K steps Triton spreads a word's 32 columns over threads (TTGIR: a linear layout), where the
+    # inline-PTX unpack would give wrong sums: a config asking for it is refused, with the way out named
+    a = torch.randint(-127, 128, (20, 256), dtype=torch.int8)
+    w = torch.randint(-1, 2, (40, 256), dtype=torch.int8)
+    wp, wn = pack_bitplanes(w.to(DEVICE))
+    one, s = torch.ones(40, device=DEVICE), torch.ones(20, device=DEVICE)
+    narrow = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1, SPLIT_K=1, UNPACK=1)
+    with pytest.raises(ValueError, match="use UNPACK 0"):
+        bt_kernel.ternary_gemm_int8(a.to(DEVICE), s, wp, wn, one, config=narrow)
+    sp, sn = int_sums(a, w)
+    out = bt_kernel.ternary_gemm_int8(a.to(DEVICE), s, wp, wn, one, config=dict(narrow, UNPACK=0))
+    assert torch.equal(out.cpu(), (sp - sn).float())
 
 
 def test_int8_ternary_gemm_errors():
@@ -3111,6 +3130,7 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     # the inline-PTX unpack takes 32 consecutive columns of one word a call: the layout Triton gives it must
     # hold them in one thread, or the sums are wrong; and it should need at most 2/3 of the K loop's
     # instructions of the tensor-op unpack at the same tile (2 instructions a weight or less, against about 5)
+    assert counts["int8_prmt_narrow"]["lanes"] != "ok", "the layout check passes a tile Triton splits"
     for name in ("int8_prmt_ttq", "int8_prmt_one_scale", "int8_prmt_one_row"):
         assert counts[name]["lanes"] == "ok", (name, counts[name]["lanes"])
         fast = len(_loop_code((tmp_path / f"{name}.sass").read_text()))
