@@ -259,9 +259,13 @@ def _tune(shapes):
         print(f"{M:>6} {N:>6} {K:>6}  default {default} -> {_graph_ms(fn) * 1e3:9.2f} us", flush=True)
 
 
-# int8 kernel tiles: 16-row tiles (mma.sync) for few rows, K split across programs where tiles are few;
-# wgmma tiles from 64 rows; the weight's bits unpacked by tensor ops (UNPACK 0) or inline PTX (1)
+# int8 kernel configs: for few rows the bit-serial GEMV on the CUDA cores or 16-row tiles (mma.sync), K split
+# across programs where tiles are few; wgmma tiles from 64 rows; the weight's bits unpacked by tensor ops
+# (UNPACK 0) or inline PTX (1)
 INT8_TUNE_CONFIGS = {
+    # the CUDA cores' bit-serial GEMV, one row a program (at most 16 rows)
+    "gemv": [dict(KIND="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn in (16, 32, 64) for bk in (8, 16, 32)
+             for w in (2, 4, 8) if bn * bk >= 32 * w],
     "few": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, SPLIT_K=sk, UNPACK=u)
             for bn in (32, 64, 128) for bk in (128, 256) for st in (3,) for sk in (1, 2, 4, 8) for u in (0, 1)],
     "mid": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=st, SPLIT_K=sk, UNPACK=u)
@@ -284,7 +288,13 @@ def _int8_operands(M, N, K):
 
 
 def _int8_configs(M):
-    return INT8_TUNE_CONFIGS["few" if M <= 16 else "mid" if M <= 64 else "many"]
+    if M <= 16:
+        return INT8_TUNE_CONFIGS["gemv"] + INT8_TUNE_CONFIGS["few"]
+    return INT8_TUNE_CONFIGS["mid" if M <= 64 else "many"]
+
+
+def _int8_family(meta):
+    return "gemv" if meta.get("KIND") == "gemv" else f"tensor cores, unpack {meta['UNPACK']}"
 
 
 def _compile_int8(job):
@@ -331,8 +341,8 @@ def _tune_int8(shapes):
             results.sort(key=lambda r: r[0])
             for us, meta, exact in results[:5]:
                 print(f"{M:>6} {N:>6} {K:>6}  {tag:6}  {meta} -> {us:9.2f} us{'' if exact else '  WRONG SUMS'}")
-            for unpack in (0, 1):   # the best of each unpack, where it is not in the five above
-                us, meta, exact = min((r for r in results if r[1]["UNPACK"] == unpack), key=lambda r: r[0])
+            for family in sorted({_int8_family(meta) for _, meta, _ in results}):   # the best of each kernel
+                us, meta, exact = min((r for r in results if _int8_family(r[1]) == family), key=lambda r: r[0])
                 if (us, meta, exact) not in results[:5]:
                     print(f"{M:>6} {N:>6} {K:>6}  {tag:6}  {meta} -> {us:9.2f} us{'' if exact else '  WRONG SUMS'}")
             wrong = sum(not exact for us, _, exact in results if us < float("inf"))
@@ -379,6 +389,8 @@ def _sass_report(folder):
         own = {}
         if fn is bk.KERNELS["int8"]:   # int8 rows, their scales
             own = dict(a_ptr="*i8", scale_ptr="*fp32")
+        if fn is bk.KERNELS["int8_gemv"]:   # bf16 rows quantized in the kernel, or int8 rows
+            own = dict(x_ptr="*bf16" if constexprs["QUANTIZE"] else "*i8", scale_ptr="*fp32")
         if fn is bk.KERNELS["quantize_rows"]:
             own = dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32", given_ptr="*fp32")
         return {n: "constexpr" if n in constexprs else own.get(n) or (ptr(n) if n.endswith("_ptr") else scalar(n))
@@ -441,8 +453,8 @@ def _sass_report(folder):
     gpu = bk.GpuSpec(capability=9, sms=132)
     int8_rows = (dict(stride_ak=1, stride_bk=1, stride_cn=1), ("K", "stride_am", "stride_bn", "stride_cm"))
     for tag, M, sym, unpack in (("int8_ttq", 4096, False, 0), ("int8_one_scale", 4096, True, 0),
-                                ("int8_one_row", 1, False, 0), ("int8_prmt_ttq", 4096, False, 1),
-                                ("int8_prmt_one_scale", 4096, True, 1), ("int8_prmt_one_row", 1, False, 1)):
+                                ("int8_16_rows", 16, False, 0), ("int8_prmt_ttq", 4096, False, 1),
+                                ("int8_prmt_one_scale", 4096, True, 1), ("int8_prmt_16_rows", 16, False, 1)):
         meta = bk.choose_int8_kernel(M, 4096, 4096, gpu, symmetric=sym)
         warps = meta.pop("num_warps")
         meta.pop("num_stages")
@@ -452,6 +464,13 @@ def _sass_report(folder):
     # launcher refuses it, and its "lanes" must say so
     narrow = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, UNPACK=1, HAS_BIAS=True, SYMMETRIC=False, EMULATE=False)
     kernels.append(("int8_prmt_narrow", bk.KERNELS["int8"], narrow, int8_rows, 4))
+    # one row on the CUDA cores, bit-serially: bf16 rows quantized in the kernel (one scale), int8 rows (TTQ)
+    gemv = dict(bk.choose_int8_kernel(1, 4096, 4096, gpu, symmetric=True), HAS_BIAS=True, GIVEN=False, EMULATE=False)
+    gemv.pop("KIND"), gemv.pop("num_warps")
+    for tag, quantize, sym in (("int8_gemv_quantize", True, True), ("int8_gemv_ttq", False, False)):
+        kernels.append((tag, bk.KERNELS["int8_gemv"], dict(gemv, QUANTIZE=quantize, SYMMETRIC=sym),
+                        (dict(stride_xk=1, stride_bk=1, stride_cn=1), ("K", "stride_xm", "stride_bn", "stride_cm")),
+                        bk.choose_int8_kernel(1, 4096, 4096, gpu)["num_warps"]))
     kernels.append(("quantize_rows", bk.KERNELS["quantize_rows"], dict(GIVEN=False, BLOCK_K=4096, ONE_BLOCK=True),
                     (dict(stride_xk=1), ("stride_xm", "stride_qm")), 8))
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
@@ -462,7 +481,8 @@ def _sass_report(folder):
         k = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs,
                                      attrs={i: [["tt.divisibility", 16]] for i in aligned}),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **(
-                               bk.EXACT_ROUNDING if fn in (bk.KERNELS["int8"], bk.KERNELS["quantize_rows"]) else {})))
+                               bk.EXACT_ROUNDING if fn in (bk.KERNELS["int8"], bk.KERNELS["int8_gemv"],
+                                                           bk.KERNELS["quantize_rows"]) else {})))
         cubin = os.path.join(folder, tag + ".cubin")
         with open(cubin, "wb") as f:
             f.write(k.asm["cubin"])
@@ -618,7 +638,8 @@ def bench_int8():
             col = lambda n: f"{us[n]:7.2f}" if n in us else f"{'-':>7}"
             x = lambda n, d, w: f"{us[n] / us[d]:{w}.2f}" if n in us else f"{'-':>{w}}"
             meta = bk.choose_int8_kernel(M, N, K, gpu, symmetric=True)
-            tile = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}" + \
+            tile = f"gemv {meta['BLOCK_N']}x{32 * meta['BLOCK_K']}" if meta.get("KIND") == "gemv" else \
+                f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}" + \
                 (f" split {meta['SPLIT_K']}" if meta["SPLIT_K"] > 1 else "")
             print(f"{M:>5} {N:>5} {K:>5} | {us['bf16']:7.2f} {us['a8 ttq']:7.2f} {us['q+a8 ttq']:7.2f} "
                   f"{us['a8 one']:7.2f} {us['q+a8 one']:7.2f} {col('gl8')} {col('gl16')} | {x('bf16', 'q+a8 ttq', 5)} "
@@ -783,8 +804,8 @@ def main(argv=None):
     print(f"# {props.name}, {props.multi_processor_count} SMs | torch {torch.__version__} | triton {triton.__version__} "
           f"| {datetime.date.today()}")
     if args.tune and args.int8:
-        _tune_int8(args.shapes or [(1, 4096, 4096), (1, 4096, 11008), (16, 11008, 4096), (64, 4096, 4096),
-                                   (512, 4096, 4096), (4096, 4096, 4096)])
+        _tune_int8(args.shapes or [(1, 4096, 4096), (1, 4096, 11008), (4, 4096, 4096), (8, 4096, 4096),
+                                   (16, 11008, 4096), (64, 4096, 4096), (512, 4096, 4096), (4096, 4096, 4096)])
     elif args.tune:
         _tune(args.shapes or [(1, 8192, 8192), (16, 8192, 8192), (128, 4096, 4096), (4096, 4096, 4096),
                               (128, 256, 1024), (8192, 64, 800)])

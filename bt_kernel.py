@@ -1335,15 +1335,15 @@ def _int8_ternary_kernel(
             if not SYMMETRIC:
                 acc_n = tl.atomic_xchg(ws + M * N, tl.zeros_like(acc_n), mask=mask)
             tl.atomic_xchg(lock_ptr + tile, 0)
-            _int8_epilogue(acc_p, acc_n, offs_m, offs_n, scale_ptr, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
-                           stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+            _int8_epilogue(acc_p, acc_n, offs_m, offs_n, tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0),
+                           alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
     else:
-        _int8_epilogue(acc_p, acc_n, offs_m, offs_n, scale_ptr, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
-                       stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+        _int8_epilogue(acc_p, acc_n, offs_m, offs_n, tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0),
+                       alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
 
 
 @triton.jit
-def _int8_epilogue(acc_p, acc_n, offs_m, offs_n, scale_ptr, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
+def _int8_epilogue(acc_p, acc_n, offs_m, offs_n, row_scales, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
                    stride_cm, stride_cn, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr):
     # float64: (alpha_p Sp - alpha_n Sn) (exact products) times the row's scale, plus bias, rounded once to
     # float32; launched with EXACT_ROUNDING, as the scale's product is not exact and an FMA of it and the
@@ -1352,11 +1352,81 @@ def _int8_epilogue(acc_p, acc_n, offs_m, offs_n, scale_ptr, alpha_p_ptr, alpha_n
     c = tl.load(alpha_p_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :] * acc_p.to(tl.float64)
     if not SYMMETRIC:
         c -= tl.load(alpha_n_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :] * acc_n.to(tl.float64)
-    c = c * tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float64)[:, None]
+    c = c * row_scales.to(tl.float64)[:, None]
     if HAS_BIAS:
         c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :]
     tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn, c.to(tl.float32),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _popc_asm(x, EMULATE: tl.constexpr):
+    # popc of uint32 as one PTX instruction: the bit-serial sums shift and add popcounts, and LLVM then no
+    # longer sees every SWAR popc (half stayed SWAR code with TTQ scales); EMULATE: the SWAR twin
+    if EMULATE:
+        return popc(x)
+    return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    x_ptr, scale_ptr,             # rows [M, K]: float (QUANTIZE) or int8 q; float32 [M] scales (unless absmax)
+    b_pos_ptr, b_neg_ptr,         # uint32 planes [N, KW]
+    alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr,
+    M, N, K, KW, stride_xm, stride_xk, stride_bn, stride_bk, stride_cm, stride_cn,
+    QUANTIZE: tl.constexpr,       # float rows: quantized here as quantize_rows_int8 does (same float32 steps)
+    GIVEN: tl.constexpr,          # QUANTIZE with the scales given, else each row's absmax / 127
+    SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # [BLOCK_K words x BLOCK_N columns] of weights a step
+    EMULATE: tl.constexpr,        # the interpreter: popc without inline asm
+):
+    # few rows on the CUDA cores, bit-serially: one row a program. Each K step cuts the row's 32 * BLOCK_K
+    # values into their 8 two's-complement bitplanes (bit 7 weighs -128) and counts them against the weight
+    # words: Sp = sum_b +-2^b popc(a_b & w_pos), the same for Sn. 16 popcounts a word pair, no unpack of
+    # the weights; a program quantizes its row itself, so float rows take one launch
+    row = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    lane = tl.arange(0, 32)
+    offs_w = tl.arange(0, BLOCK_K)
+    if QUANTIZE and not GIVEN:
+        amax = tl.zeros([BLOCK_K, 32], dtype=tl.float32)
+        for w0 in range(0, KW, BLOCK_K):
+            k = (w0 + offs_w)[:, None] * 32 + lane[None, :]
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)))
+        scale = tl.div_rn(tl.max(tl.max(amax, axis=1), axis=0), 127.0)
+    else:
+        scale = tl.load(scale_ptr + row)
+    acc_p = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
+    acc_n = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
+    for w0 in range(0, KW, BLOCK_K):
+        k = (w0 + offs_w)[:, None] * 32 + lane[None, :]
+        x = tl.load(x_row + k * stride_xk, mask=k < K, other=0)
+        q = (_quantize(x.to(tl.float32), scale) if QUANTIZE else x).to(tl.uint32)   # bits 0..7: q's byte
+        w_off = offs_n[None, :].to(tl.int64) * stride_bn + (w0 + offs_w)[:, None] * stride_bk
+        w_ok = n_ok[None, :] & ((w0 + offs_w)[:, None] < KW)
+        wp = tl.load(b_pos_ptr + w_off, mask=w_ok, other=0)
+        wn = tl.load(b_neg_ptr + w_off, mask=w_ok, other=0)
+        part_p = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
+        part_n = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
+        for bit in tl.static_range(7, -1, -1):   # Horner from bit 7 (weight -128) down: 2 part + popcounts
+            # disjoint bits: the sum is an OR
+            a = tl.sum(((q >> bit) & 1) << lane.to(tl.uint32)[None, :], axis=1)[:, None]
+            sp = _popc_asm(a & wp, EMULATE)
+            sn = _popc_asm(a & wn, EMULATE)
+            if SYMMETRIC:
+                sp -= sn
+            if bit == 7:
+                part_p, part_n = -sp, -sn
+            else:
+                part_p, part_n = 2 * part_p + sp, 2 * part_n + sn
+        acc_p += part_p
+        acc_n += part_n
+    offs_m = row + tl.arange(0, 1)
+    _int8_epilogue(tl.sum(acc_p, axis=0)[None, :], tl.sum(acc_n, axis=0)[None, :], offs_m, offs_n,
+                   tl.zeros([1], dtype=tl.float32) + scale, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
+                   stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
 
 
 # -----------------------------------------------------------------------------
@@ -1377,6 +1447,7 @@ class GpuSpec(NamedTuple):
 INTERPRETER = GpuSpec(capability=0, sms=4, interpret=True)
 EXACT_ROUNDING = dict(enable_fp_fusion=False)   # launch option of the int8 quantizer and GEMM: no multiply
                                                 # and add contracted into one FMA, which rounds once
+INT8_GEMV_ROWS = 4            # int8 rows up to this many go to the CUDA cores' bit-serial GEMV
 QUANTIZE_ONE_BLOCK = 16384    # rows up to this long are quantized from registers (32 values a thread at most)
 MMA_MIN_ROWS = 4               # from this many rows up, trits go to the MMA kernel where the GPU has it
 MMA_CHUNK_TILES = 65535        # row tiles of the MMA kernel a launch: the most a grid's second dimension holds
@@ -1454,6 +1525,9 @@ def choose_int8_kernel(M, N, K, gpu, symmetric=False):
     """Meta-parameters of the int8 kernel (_int8_ternary_kernel) for int8 [M, K] rows by trits [N, K]: the
     best tiles of `bt_bench.py --tune --int8` on an H100 (PERFORMANCE.md, "8-bit activations"). The weight's
     bits are unpacked by inline PTX (UNPACK 1: about half the K loop's instructions of the tensor ops)."""
+    if M <= INT8_GEMV_ROWS:    # the CUDA cores, bit-serially (_int8_gemv_kernel)
+        return dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, num_warps=1) if gpu.interpret else \
+            dict(KIND="gemv", BLOCK_N=32, BLOCK_K=16, num_warps=4)
     if gpu.interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=1, UNPACK=0)
     tile = lambda bm, bn, bk, w, s, split=1: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s,
@@ -2232,9 +2306,17 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b, config=None):
     if M == 0 or N == 0:
         return c
     _need_triton()
+    meta = dict(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))
+    if meta.pop("KIND", "tensor") == "gemv":   # quantizes float rows itself
+        _int8_gemv_kernel[(triton.cdiv(N, meta["BLOCK_N"]), M)](
+            a, a if a_scale is None else a_scale, b_pos, b_neg, ap, ap if an is None else an, ap if b is None else b,
+            c, M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(), *c.stride(), QUANTIZE=a.dtype != torch.int8,
+            GIVEN=a_scale is not None, SYMMETRIC=an is None, HAS_BIAS=b is not None, EMULATE=_INTERPRET,
+            **EXACT_ROUNDING, **meta)
+        return c
     if a.dtype != torch.int8:
         a, a_scale = _launch_quantize(a, a_scale)
-    meta = {"UNPACK": 0, "SPLIT_K": 1, **(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))}
+    meta = {"UNPACK": 0, "SPLIT_K": 1, **meta}
     kernel = _run_int8(a, a_scale, b_pos, b_neg, ap, an, b, c, meta)
     if meta["UNPACK"] == 1 and not _INTERPRET and inline_asm_layout(kernel.asm["ttgir"]) != "ok":
         # Triton chose the layout of this tile: the unpack's 32 columns of a word are not in one thread, and
@@ -2600,4 +2682,5 @@ class TernaryLinearTriton(TernaryWeights):
 
 # the Triton kernels by kind, for tools that compile or inspect them (bt_bench.py's SASS report)
 KERNELS = dict(tile=_ternary_gemm_kernel, gemv=_ternary_gemv_kernel, mma=_ternary_mma_kernel,
-               bitserial_mma=_bitserial_mma_kernel, int8=_int8_ternary_kernel, quantize_rows=_quantize_rows_kernel)
+               bitserial_mma=_bitserial_mma_kernel, int8=_int8_ternary_kernel, int8_gemv=_int8_gemv_kernel,
+               quantize_rows=_quantize_rows_kernel)

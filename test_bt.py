@@ -1099,9 +1099,10 @@ def test_property_gemm_matches_dense(M, N, K, seed, symmetric, bias, row_major):
        symmetric=st.booleans(), bias=st.booleans(), rows=st.sampled_from(["int8", "float", "float-given-scale"]),
        step=st.integers(1, 2), unpack=st.sampled_from([0, 1]), split=st.integers(1, 3))
 def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, rows, step, unpack, split):
-    # int8 rows given, or float rows quantized in the call; strided rows; the weight's bits unpacked by
-    # tensor ops or by inline PTX (on a GPU; its twin in the interpreter); K whole or split across programs
-    # (some with no K steps at all), at the tile the dispatch picks
+    # int8 rows given, or float rows quantized in the call; strided rows; at the kernel and tile the dispatch
+    # picks: up to 4 rows the bit-serial GEMV (quantizing float rows itself), else the tensor cores with the
+    # weight's bits unpacked by tensor ops or by inline PTX (on a GPU; its twin in the interpreter), K whole
+    # or split across programs (some with no K steps at all)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K * step, generator=g)[:, ::step] * 3
     scale = torch.rand(M, generator=g) + 0.01 if rows == "float-given-scale" else None
@@ -1111,8 +1112,9 @@ def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, r
     b = torch.randn(N, generator=g) if bias else None
     wp, wn = pack_bitplanes(w.to(DEVICE))
     a, a_scale = (q, s) if rows == "int8" else (x, scale)
-    config = dict(bt_kernel.choose_int8_kernel(M, N, K, bt_kernel.gpu_spec(torch.device(DEVICE)), symmetric),
-                  UNPACK=unpack, SPLIT_K=split)
+    config = bt_kernel.choose_int8_kernel(M, N, K, bt_kernel.gpu_spec(torch.device(DEVICE)), symmetric)
+    if config.get("KIND") != "gemv":           # the bit-serial GEMV of few rows has neither
+        config = dict(config, UNPACK=unpack, SPLIT_K=split)
     out = bt_kernel.ternary_gemm_int8(a.to(DEVICE), None if a_scale is None else a_scale.to(DEVICE), wp, wn,
                                       ap.to(DEVICE), None if symmetric else an.to(DEVICE),
                                       None if b is None else b.to(DEVICE), config=config)
@@ -2869,12 +2871,14 @@ def test_int8_ternary_gemm_exact(M, N, K, symmetric):
     want = (d * scale.double()[:, None] + bias.double()).float()
     assert torch.equal(c.cpu(), want)
     # a tuning sweep's tile, with the inline-PTX unpack (in the interpreter its tensor-op twin: minus the bits,
-    # trits from them, the sums negated back), K whole and split across two programs
-    for split in (1, 2):
-        other = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1, UNPACK=1, SPLIT_K=split)
+    # trits from them, the sums negated back), K whole and split across two programs; and the bit-serial GEMV
+    # at any row count
+    for other in (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1, UNPACK=1, SPLIT_K=1),
+                  dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1, UNPACK=1, SPLIT_K=2),
+                  dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, num_warps=1)):
         c2 = bt_kernel.ternary_gemm_int8(a.to(DEVICE), scale.to(DEVICE), wp, wn, ap.to(DEVICE),
                                          None if symmetric else an.to(DEVICE), bias.to(DEVICE), config=other)
-        assert torch.equal(c2.cpu(), want), split
+        assert torch.equal(c2.cpu(), want), other
 
 
 @pytest.mark.parametrize("M", [3, 20])
@@ -2891,6 +2895,9 @@ def test_int8_gemm_of_float_rows_equals_quantize_then_gemm(M, given):
     q, s = _int8_reference(x, scale)
     want = bt_kernel.ternary_gemm_int8(q.to(DEVICE), s.to(DEVICE), wp, wn, ap, an, bias)
     assert torch.equal(bt_kernel.ternary_gemm_int8(x, scale, wp, wn, ap, an, bias), want)
+    # the bit-serial GEMV quantizes the rows itself (the same float32 steps as the quantizer)
+    gemv = dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, num_warps=1)
+    assert torch.equal(bt_kernel.ternary_gemm_int8(x, scale, wp, wn, ap, an, bias, config=gemv), want)
 
 
 @GPU_ONLY
@@ -3094,6 +3101,10 @@ def test_sass_has_popc_and_no_spills(tmp_path):
                 "gemv16_3popc": 8 * 4 * 3, "gemv16_2popc": 16 * 4 * 2,
                 "gemv16_3popc_kmajor": 4 * 2 * 6, "gemv16_2popc_kmajor": 4 * 2 * 4,   # CSA: 3 K blocks a step
                 "gemv2rows_3popc": 32 * 3}
+    # the int8 GEMV of one row: 8 bitplanes of the row x 2 weight planes, one POPC (inline PTX) a word pair each
+    gemv = bt_kernel.choose_int8_kernel(1, 4096, 4096, bt_kernel.GpuSpec(capability=9, sms=132), symmetric=True)
+    words = gemv["BLOCK_K"] * gemv["BLOCK_N"] // (32 * gemv["num_warps"])
+    per_step.update(int8_gemv_quantize=words * 8 * 2, int8_gemv_ttq=words * 8 * 2)
     for name, n in per_step.items():
         assert counts[name]["POPC"] >= n, (name, counts[name])
         sass = (tmp_path / f"{name}.sass").read_text()
@@ -3125,13 +3136,13 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     for name, dots in (("int8_ttq", 2), ("int8_one_scale", 1), ("int8_prmt_ttq", 2), ("int8_prmt_one_scale", 1)):
         c = counts[name]
         assert c["IGMMA"] >= 2 * 4 * dots and c["POPC"] == 0, (name, c)
-    for name in ("int8_one_row", "int8_prmt_one_row"):
+    for name in ("int8_16_rows", "int8_prmt_16_rows"):
         assert counts[name]["IGMMA"] + counts[name]["IMMA"] >= 2 * 8, (name, counts[name])
     # the inline-PTX unpack takes 32 consecutive columns of one word a call: the layout Triton gives it must
     # hold them in one thread, or the sums are wrong; and it should need at most 2/3 of the K loop's
     # instructions of the tensor-op unpack at the same tile (2 instructions a weight or less, against about 5)
     assert counts["int8_prmt_narrow"]["lanes"] != "ok", "the layout check passes a tile Triton splits"
-    for name in ("int8_prmt_ttq", "int8_prmt_one_scale", "int8_prmt_one_row"):
+    for name in ("int8_prmt_ttq", "int8_prmt_one_scale", "int8_prmt_16_rows"):
         assert counts[name]["lanes"] == "ok", (name, counts[name]["lanes"])
         fast = len(_loop_code((tmp_path / f"{name}.sass").read_text()))
         plain = len(_loop_code((tmp_path / f"{name.replace('prmt_', '')}.sass").read_text()))
@@ -3139,7 +3150,7 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     # the quantizer rounds x * inv to an integer by adding 1.5 * 2^23, and the int8 epilogue multiplies by the
     # row's scale then adds the bias: both only as the references do if no multiply and add are contracted
     # into one FMA (the GPU's q was one off until launched with bt_kernel.EXACT_ROUNDING)
-    for name in ("quantize_rows", "int8_ttq", "int8_one_scale", "int8_one_row"):
+    for name in ("quantize_rows", "int8_ttq", "int8_one_scale", "int8_16_rows", "int8_gemv_quantize"):
         assert counts[name]["PTXFMA"] == 0, (name, counts[name])
     # no kernel spills to local memory; the int8 kernels' float64 epilogue of large tiles may, once a tile,
     # but not their K loop
