@@ -1447,7 +1447,7 @@ class GpuSpec(NamedTuple):
 INTERPRETER = GpuSpec(capability=0, sms=4, interpret=True)
 EXACT_ROUNDING = dict(enable_fp_fusion=False)   # launch option of the int8 quantizer and GEMM: no multiply
                                                 # and add contracted into one FMA, which rounds once
-INT8_GEMV_ROWS = 4            # int8 rows up to this many go to the CUDA cores' bit-serial GEMV
+INT8_GEMV_ROWS = 2            # int8 rows up to this many go to the CUDA cores' bit-serial GEMV
 QUANTIZE_ONE_BLOCK = 16384    # rows up to this long are quantized from registers (32 values a thread at most)
 MMA_MIN_ROWS = 4               # from this many rows up, trits go to the MMA kernel where the GPU has it
 MMA_CHUNK_TILES = 65535        # row tiles of the MMA kernel a launch: the most a grid's second dimension holds
@@ -1522,12 +1522,14 @@ def choose_kernel(M, N, KW, gpu, *, bit_serial=False, row_major_weights=True, sy
 
 
 def choose_int8_kernel(M, N, K, gpu, symmetric=False):
-    """Meta-parameters of the int8 kernel (_int8_ternary_kernel) for int8 [M, K] rows by trits [N, K]: the
-    best tiles of `bt_bench.py --tune --int8` on an H100 (PERFORMANCE.md, "8-bit activations"). The weight's
-    bits are unpacked by inline PTX (UNPACK 1: about half the K loop's instructions of the tensor ops)."""
-    if M <= INT8_GEMV_ROWS:    # the CUDA cores, bit-serially (_int8_gemv_kernel)
+    """Meta-parameters of ternary_gemm_int8 for int8 [M, K] rows by trits [N, K], from `bt_bench.py --tune
+    --int8` on an H100 (PERFORMANCE.md, "8-bit activations"): KIND "gemv" is the CUDA cores' bit-serial GEMV
+    (_int8_gemv_kernel; 1 row: 7.9 against 11.3 us on the tensor cores at 4096^2, 4 rows: 14.2 against 11.3),
+    else _int8_ternary_kernel's tiles on the tensor cores, the weight's bits unpacked by inline PTX (UNPACK 1:
+    about half the K loop's instructions of the tensor ops)."""
+    if M <= INT8_GEMV_ROWS:    # the CUDA cores, bit-serially (_int8_gemv_kernel): narrow blocks, programs enough
         return dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, num_warps=1) if gpu.interpret else \
-            dict(KIND="gemv", BLOCK_N=32, BLOCK_K=16, num_warps=4)
+            dict(KIND="gemv", BLOCK_N=16, BLOCK_K=32, num_warps=8 if K > 8192 else 4)
     if gpu.interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=1, UNPACK=0)
     tile = lambda bm, bn, bk, w, s, split=1: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s,
