@@ -13,12 +13,12 @@ Needs only torch and triton: copy this file alone into another project.
 
 Which kernel runs for a shape: choose_kernel(M, N, KW, gpu_spec(device)). From 4 activation rows up, on
 sm_80 and later, the single-bit MMA of the tensor cores; 1 to 3 rows, the GEMV on the CUDA cores' POPC.
-8-bit activations (ternary_gemm_int8): choose_int8_kernel(M, N, K, gpu_spec(device)) picks the int8
-kernel's tiles.
+8-bit activations (ternary_gemm_int8): choose_int8_kernel(M, N, K, gpu_spec(device)); up to 2 rows a
+bit-serial GEMV on the CUDA cores' POPC, more on the int8 tensor cores.
 On the CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
 
 Contents, in the order data flows: popcount helpers; pack kernels; GEMM kernels (tile, GEMV, MMA,
-bit-serial MMA; int8 rows by trits on the int8 tensor cores, and the int8 row quantizer); dispatch
+bit-serial MMA; int8 rows by trits on the int8 tensor cores or bit-serially, the int8 row quantizer); dispatch
 (choose_kernel, choose_int8_kernel); launch (one launcher for every popcount GEMM kernel, the pack
 launchers); the public API; the weight quantizer rules; the layer's forward (custom operators
 bt_kernel::pack_rows, ::gemm, ::quantize_rows_int8 and ::gemm_int8 that torch.compile places in its graphs,
