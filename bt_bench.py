@@ -318,8 +318,9 @@ def _precompile_int8(shapes):
 
 
 def _tune_int8(shapes):
-    """The int8 kernel's tiles at each shape and scale kind, int8 rows given: the five fastest, each checked
-    against the default's output (the same exact sums), then the default."""
+    """The int8 kernels' configs (the GEMV's blocks, the tensor cores' tiles) at each shape and scale kind,
+    int8 rows given: the five fastest and the best of each kernel, each checked against the default's output
+    (the same exact sums), then the default."""
     try:
         _precompile_int8(shapes)
     except Exception as e:   # the sweep still runs, compiling as it goes
