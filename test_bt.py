@@ -3081,6 +3081,23 @@ def test_train_cli_act_bits_8_trains_exports_and_serves(tiny, tmp_path, monkeypa
 # SASS: the popcount compiles to the POPC instruction on sm_90 (no GPU needed: Triton's own ptxas)
 
 
+def test_inline_asm_layout_reads_the_ttgir():
+    # the launcher's check of the inline-PTX unpack, on TTGIR lines of the forms Triton writes: 32 values of
+    # the last, fastest dimension in a thread pass; 8 a thread, a slower last dimension or a layout that is
+    # not blocked (linear) fail, named; asm of one element a call (popc) is not a packed one
+    def ttgir(size, order, enc="#blocked", pack=32):
+        return (f'#blocked = #ttg.blocked<{{sizePerThread = [{size}], threadsPerWarp = [32, 1], warpsPerCTA = '
+                f'[4, 1], order = [{order}]}}>\n'
+                f'%9 = tt.elementwise_inline_asm "prmt" {{constraints = "=r", packed_element = {pack} : i32, pure = '
+                f'true}} %8 : tensor<64x256xi32, {enc}> -> tensor<64x256xi8, {enc}>\n')
+    assert bt_kernel.inline_asm_layout(ttgir("1, 32", "1, 0")) == "ok"
+    assert bt_kernel.inline_asm_layout(ttgir("1, 64", "1, 0")) == "ok"
+    assert bt_kernel.inline_asm_layout(ttgir("1, 8", "1, 0")).startswith("#blocked")
+    assert bt_kernel.inline_asm_layout(ttgir("32, 1", "0, 1")).startswith("#blocked")
+    assert bt_kernel.inline_asm_layout(ttgir("1, 32", "1, 0", enc="#linear5")) == "#linear5"
+    assert bt_kernel.inline_asm_layout(ttgir("1, 1", "1, 0", pack=1)) == "none"
+
+
 def test_sass_has_popc_and_no_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, os.path.join(HERE, "bt_bench.py"), "--sass", str(tmp_path)],
