@@ -263,9 +263,9 @@ def _tune(shapes):
 # across programs where tiles are few; wgmma tiles from 64 rows; the weight's bits unpacked by tensor ops
 # (UNPACK 0) or inline PTX (1)
 INT8_TUNE_CONFIGS = {
-    # the CUDA cores' bit-serial GEMV, one row a program (at most 16 rows)
-    "gemv": [dict(KIND="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn in (16, 32, 64) for bk in (8, 16, 32)
-             for w in (2, 4, 8) if bn * bk >= 32 * w],
+    # the CUDA cores' bit-serial GEMV, one row a program (at most 16 rows), K split across programs or not
+    "gemv": [dict(KIND="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bn in (16, 32, 64)
+             for bk in (8, 16, 32) for sk in (1, 2, 4) for w in (2, 4, 8) if bn * bk >= 32 * w],
     "few": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, SPLIT_K=sk, UNPACK=u)
             for bn in (32, 64, 128) for bk in (128, 256) for st in (3,) for sk in (1, 2, 4, 8) for u in (0, 1)],
     "mid": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=st, SPLIT_K=sk, UNPACK=u)

@@ -1373,11 +1373,13 @@ def _int8_gemv_kernel(
     x_ptr, scale_ptr,             # rows [M, K]: float (QUANTIZE) or int8 q; float32 [M] scales (unless absmax)
     b_pos_ptr, b_neg_ptr,         # uint32 planes [N, KW]
     alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr,
+    ws_ptr, lock_ptr,             # split-K: int32 workspace [2, M, N] and a counter a column block, left zero
     M, N, K, KW, stride_xm, stride_xk, stride_bn, stride_bk, stride_cm, stride_cn,
     QUANTIZE: tl.constexpr,       # float rows: quantized here as quantize_rows_int8 does (same float32 steps)
     GIVEN: tl.constexpr,          # QUANTIZE with the scales given, else each row's absmax / 127
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # [BLOCK_K words x BLOCK_N columns] of weights a step
+    SPLIT_K: tl.constexpr,        # programs sharing a row's column block, each taking a range of K words
     EMULATE: tl.constexpr,        # the interpreter: popc without inline asm
 ):
     # few rows on the CUDA cores, bit-serially: one row a program. Each K step cuts the row's 32 * BLOCK_K
@@ -1400,7 +1402,12 @@ def _int8_gemv_kernel(
         scale = tl.load(scale_ptr + row)
     acc_p = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
     acc_n = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
-    for w0 in range(0, KW, BLOCK_K):
+    w_lo, w_hi = 0, KW
+    if SPLIT_K > 1:
+        w_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_K) * BLOCK_K
+        w_lo = tl.program_id(2) * w_per
+        w_hi = tl.minimum(KW, w_lo + w_per)
+    for w0 in range(w_lo, w_hi, BLOCK_K):
         k = (w0 + offs_w)[:, None] * 32 + lane[None, :]
         x = tl.load(x_row + k * stride_xk, mask=k < K, other=0)
         q = (_quantize(x.to(tl.float32), scale) if QUANTIZE else x).to(tl.uint32)   # bits 0..7: q's byte
@@ -1423,10 +1430,26 @@ def _int8_gemv_kernel(
                 part_p, part_n = 2 * part_p + sp, 2 * part_n + sn
         acc_p += part_p
         acc_n += part_n
+    sp, sn = tl.sum(acc_p, axis=0), tl.sum(acc_n, axis=0)
     offs_m = row + tl.arange(0, 1)
-    _int8_epilogue(tl.sum(acc_p, axis=0)[None, :], tl.sum(acc_n, axis=0)[None, :], offs_m, offs_n,
-                   tl.zeros([1], dtype=tl.float32) + scale, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N,
-                   stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+    row_scale = tl.zeros([1], dtype=tl.float32) + scale
+    if SPLIT_K > 1:               # as in _int8_ternary_kernel: sums meet by atomics, the last program goes on
+        ws = ws_ptr + row * N + offs_n
+        tl.atomic_add(ws, sp, mask=n_ok)
+        if not SYMMETRIC:
+            tl.atomic_add(ws + M * N, sn, mask=n_ok)
+        tl.debug_barrier()
+        block = row * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(lock_ptr + block, 1) == SPLIT_K - 1:
+            sp = tl.atomic_xchg(ws, tl.zeros_like(sp), mask=n_ok)
+            if not SYMMETRIC:
+                sn = tl.atomic_xchg(ws + M * N, tl.zeros_like(sn), mask=n_ok)
+            tl.atomic_xchg(lock_ptr + block, 0)
+            _int8_epilogue(sp[None, :], sn[None, :], offs_m, offs_n, row_scale, alpha_p_ptr, alpha_n_ptr, bias_ptr,
+                           c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+    else:
+        _int8_epilogue(sp[None, :], sn[None, :], offs_m, offs_n, row_scale, alpha_p_ptr, alpha_n_ptr, bias_ptr,
+                       c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
 
 
 # -----------------------------------------------------------------------------
@@ -1528,8 +1551,8 @@ def choose_int8_kernel(M, N, K, gpu, symmetric=False):
     else _int8_ternary_kernel's tiles on the tensor cores, the weight's bits unpacked by inline PTX (UNPACK 1:
     about half the K loop's instructions of the tensor ops)."""
     if M <= INT8_GEMV_ROWS:    # the CUDA cores, bit-serially (_int8_gemv_kernel): narrow blocks, programs enough
-        return dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, num_warps=1) if gpu.interpret else \
-            dict(KIND="gemv", BLOCK_N=16, BLOCK_K=32, num_warps=8 if K > 8192 else 4)
+        return dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, SPLIT_K=1, num_warps=1) if gpu.interpret else \
+            dict(KIND="gemv", BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, num_warps=8 if K > 8192 else 4)
     if gpu.interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=1, UNPACK=0)
     tile = lambda bm, bn, bk, w, s, split=1: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s,
@@ -2310,11 +2333,14 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b, config=None):
     _need_triton()
     meta = dict(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))
     if meta.pop("KIND", "tensor") == "gemv":   # quantizes float rows itself
-        _int8_gemv_kernel[(triton.cdiv(N, meta["BLOCK_N"]), M)](
+        meta = {"SPLIT_K": 1, **meta}
+        grid = (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])
+        ws, locks = _workspace(a.device, 2 * M * N, grid[0] * M) if meta["SPLIT_K"] > 1 else (c, c)
+        _int8_gemv_kernel[grid](
             a, a if a_scale is None else a_scale, b_pos, b_neg, ap, ap if an is None else an, ap if b is None else b,
-            c, M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(), *c.stride(), QUANTIZE=a.dtype != torch.int8,
-            GIVEN=a_scale is not None, SYMMETRIC=an is None, HAS_BIAS=b is not None, EMULATE=_INTERPRET,
-            **EXACT_ROUNDING, **meta)
+            c, ws, locks, M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(), *c.stride(),
+            QUANTIZE=a.dtype != torch.int8, GIVEN=a_scale is not None, SYMMETRIC=an is None, HAS_BIAS=b is not None,
+            EMULATE=_INTERPRET, **EXACT_ROUNDING, **meta)
         return c
     if a.dtype != torch.int8:
         a, a_scale = _launch_quantize(a, a_scale)

@@ -1100,8 +1100,8 @@ def test_property_gemm_matches_dense(M, N, K, seed, symmetric, bias, row_major):
        step=st.integers(1, 2), unpack=st.sampled_from([0, 1]), split=st.integers(1, 3))
 def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, rows, step, unpack, split):
     # int8 rows given, or float rows quantized in the call; strided rows; at the kernel and tile the dispatch
-    # picks: up to 4 rows the bit-serial GEMV (quantizing float rows itself), else the tensor cores with the
-    # weight's bits unpacked by tensor ops or by inline PTX (on a GPU; its twin in the interpreter), K whole
+    # picks: up to 2 rows the bit-serial GEMV (quantizing float rows itself), else the tensor cores with the
+    # weight's bits unpacked by tensor ops or by inline PTX (on a GPU; its twin in the interpreter); K whole
     # or split across programs (some with no K steps at all)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K * step, generator=g)[:, ::step] * 3
@@ -1112,9 +1112,10 @@ def test_property_int8_gemm_matches_int64_sums(M, N, K, seed, symmetric, bias, r
     b = torch.randn(N, generator=g) if bias else None
     wp, wn = pack_bitplanes(w.to(DEVICE))
     a, a_scale = (q, s) if rows == "int8" else (x, scale)
-    config = bt_kernel.choose_int8_kernel(M, N, K, bt_kernel.gpu_spec(torch.device(DEVICE)), symmetric)
-    if config.get("KIND") != "gemv":           # the bit-serial GEMV of few rows has neither
-        config = dict(config, UNPACK=unpack, SPLIT_K=split)
+    config = dict(bt_kernel.choose_int8_kernel(M, N, K, bt_kernel.gpu_spec(torch.device(DEVICE)), symmetric),
+                  SPLIT_K=split)
+    if config.get("KIND") != "gemv":           # the bit-serial GEMV of few rows has no unpack
+        config["UNPACK"] = unpack
     out = bt_kernel.ternary_gemm_int8(a.to(DEVICE), None if a_scale is None else a_scale.to(DEVICE), wp, wn,
                                       ap.to(DEVICE), None if symmetric else an.to(DEVICE),
                                       None if b is None else b.to(DEVICE), config=config)
@@ -2875,7 +2876,8 @@ def test_int8_ternary_gemm_exact(M, N, K, symmetric):
     # at any row count
     for other in (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1, UNPACK=1, SPLIT_K=1),
                   dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1, UNPACK=1, SPLIT_K=2),
-                  dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, num_warps=1)):
+                  dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, num_warps=1),
+                  dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, SPLIT_K=2, num_warps=1)):
         c2 = bt_kernel.ternary_gemm_int8(a.to(DEVICE), scale.to(DEVICE), wp, wn, ap.to(DEVICE),
                                          None if symmetric else an.to(DEVICE), bias.to(DEVICE), config=other)
         assert torch.equal(c2.cpu(), want), other
@@ -2895,9 +2897,11 @@ def test_int8_gemm_of_float_rows_equals_quantize_then_gemm(M, given):
     q, s = _int8_reference(x, scale)
     want = bt_kernel.ternary_gemm_int8(q.to(DEVICE), s.to(DEVICE), wp, wn, ap, an, bias)
     assert torch.equal(bt_kernel.ternary_gemm_int8(x, scale, wp, wn, ap, an, bias), want)
-    # the bit-serial GEMV quantizes the rows itself (the same float32 steps as the quantizer)
-    gemv = dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, num_warps=1)
-    assert torch.equal(bt_kernel.ternary_gemm_int8(x, scale, wp, wn, ap, an, bias, config=gemv), want)
+    # the bit-serial GEMV quantizes the rows itself (the same float32 steps as the quantizer), each of a
+    # row's K splits from the whole row's absmax
+    for split in (1, 2):
+        gemv = dict(KIND="gemv", BLOCK_N=16, BLOCK_K=1, SPLIT_K=split, num_warps=1)
+        assert torch.equal(bt_kernel.ternary_gemm_int8(x, scale, wp, wn, ap, an, bias, config=gemv), want), split
 
 
 @GPU_ONLY
