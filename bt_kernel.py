@@ -1291,11 +1291,7 @@ def _int8_ternary_kernel(
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
     acc_p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc_n = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    k_lo, k_hi = 0, K
-    if SPLIT_K > 1:
-        k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        k_lo = tl.program_id(2) * k_per
-        k_hi = tl.minimum(K, k_lo + k_per)
+    k_lo, k_hi = _split_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0)
@@ -1322,24 +1318,42 @@ def _int8_ternary_kernel(
                 acc_n += tl.dot(a, tl.trans(wn.to(tl.int8)), out_dtype=tl.int32)
     if UNPACK == 1 and not SYMMETRIC:
         acc_p, acc_n = -acc_p, -acc_n
-    if SPLIT_K > 1:               # as _finish: int32 sums meet by atomics, the tile's last program goes on
-        mask = m_ok[:, None] & n_ok[None, :]
-        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws, acc_p, mask=mask)
-        if not SYMMETRIC:
-            tl.atomic_add(ws + M * N, acc_n, mask=mask)
-        tl.debug_barrier()
-        tile = pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(lock_ptr + tile, 1) == SPLIT_K - 1:
-            acc_p = tl.atomic_xchg(ws, tl.zeros_like(acc_p), mask=mask)
-            if not SYMMETRIC:
-                acc_n = tl.atomic_xchg(ws + M * N, tl.zeros_like(acc_n), mask=mask)
-            tl.atomic_xchg(lock_ptr + tile, 0)
-            _int8_epilogue(acc_p, acc_n, offs_m, offs_n, tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0),
-                           alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
-    else:
+    last = True
+    if SPLIT_K > 1:
+        last, acc_p, acc_n = _split_sums(acc_p, acc_n, ws_ptr + offs_m[:, None] * N + offs_n[None, :], M * N,
+                                         m_ok[:, None] & n_ok[None, :], lock_ptr + pid_m * tl.num_programs(1) + pid_n,
+                                         SYMMETRIC, SPLIT_K)
+    if last:
         _int8_epilogue(acc_p, acc_n, offs_m, offs_n, tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0),
                        alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
+
+
+@triton.jit
+def _split_range(total, STEP: tl.constexpr, SPLIT_K: tl.constexpr):
+    # [lo, hi) of `total`, in whole steps, for split program_id(2) of SPLIT_K (some may get nothing)
+    lo, hi = 0, total
+    if SPLIT_K > 1:
+        per = tl.cdiv(tl.cdiv(total, SPLIT_K), STEP) * STEP
+        lo = tl.program_id(2) * per
+        hi = tl.minimum(total, lo + per)
+    return lo, hi
+
+
+@triton.jit
+def _split_sums(acc_p, acc_n, ws, plane, mask, lock, SYMMETRIC: tl.constexpr, SPLIT_K: tl.constexpr):
+    # split-K, as _finish: the partial int32 sums meet in the workspace (Sn `plane` words after Sp) through
+    # atomics; the block's last program takes the totals and leaves zeros. (last, acc_p, acc_n)
+    tl.atomic_add(ws, acc_p, mask=mask)
+    if not SYMMETRIC:
+        tl.atomic_add(ws + plane, acc_n, mask=mask)
+    tl.debug_barrier()
+    last = tl.atomic_add(lock, 1) == SPLIT_K - 1
+    if last:
+        acc_p = tl.atomic_xchg(ws, tl.zeros_like(acc_p), mask=mask)
+        if not SYMMETRIC:
+            acc_n = tl.atomic_xchg(ws + plane, tl.zeros_like(acc_n), mask=mask)
+        tl.atomic_xchg(lock, 0)
+    return last, acc_p, acc_n
 
 
 @triton.jit
@@ -1402,11 +1416,7 @@ def _int8_gemv_kernel(
         scale = tl.load(scale_ptr + row)
     acc_p = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
     acc_n = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
-    w_lo, w_hi = 0, KW
-    if SPLIT_K > 1:
-        w_per = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_K) * BLOCK_K
-        w_lo = tl.program_id(2) * w_per
-        w_hi = tl.minimum(KW, w_lo + w_per)
+    w_lo, w_hi = _split_range(KW, BLOCK_K, SPLIT_K)
     for w0 in range(w_lo, w_hi, BLOCK_K):
         k = (w0 + offs_w)[:, None] * 32 + lane[None, :]
         x = tl.load(x_row + k * stride_xk, mask=k < K, other=0)
@@ -1433,21 +1443,11 @@ def _int8_gemv_kernel(
     sp, sn = tl.sum(acc_p, axis=0), tl.sum(acc_n, axis=0)
     offs_m = row + tl.arange(0, 1)
     row_scale = tl.zeros([1], dtype=tl.float32) + scale
-    if SPLIT_K > 1:               # as in _int8_ternary_kernel: sums meet by atomics, the last program goes on
-        ws = ws_ptr + row * N + offs_n
-        tl.atomic_add(ws, sp, mask=n_ok)
-        if not SYMMETRIC:
-            tl.atomic_add(ws + M * N, sn, mask=n_ok)
-        tl.debug_barrier()
-        block = row * tl.num_programs(0) + tl.program_id(0)
-        if tl.atomic_add(lock_ptr + block, 1) == SPLIT_K - 1:
-            sp = tl.atomic_xchg(ws, tl.zeros_like(sp), mask=n_ok)
-            if not SYMMETRIC:
-                sn = tl.atomic_xchg(ws + M * N, tl.zeros_like(sn), mask=n_ok)
-            tl.atomic_xchg(lock_ptr + block, 0)
-            _int8_epilogue(sp[None, :], sn[None, :], offs_m, offs_n, row_scale, alpha_p_ptr, alpha_n_ptr, bias_ptr,
-                           c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
-    else:
+    last = True
+    if SPLIT_K > 1:
+        last, sp, sn = _split_sums(sp, sn, ws_ptr + row * N + offs_n, M * N, n_ok,
+                                   lock_ptr + row * tl.num_programs(0) + tl.program_id(0), SYMMETRIC, SPLIT_K)
+    if last:
         _int8_epilogue(sp[None, :], sn[None, :], offs_m, offs_n, row_scale, alpha_p_ptr, alpha_n_ptr, bias_ptr,
                        c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
 
