@@ -3,6 +3,7 @@
     python bt_bench.py                  # ceilings, pack bandwidth, GEMM tables against torch bf16/fp32 (and gemlite)
     python bt_bench.py --infer EXPORT   # the inference engine against the same network in float on cuDNN, per layer
     python bt_bench.py --tune --shapes 16x8192x8192   # sweep kernel configs, fastest first
+    python bt_bench.py --tune --int8    # the int8 kernels' configs (compiled in parallel processes first)
     python bt_bench.py --sass DIR       # SASS for sm_90 and its instruction counts (no GPU needed)
 
 `make bench` runs the tables, two short training runs and --infer. gemlite, if importable, is timed beside.
