@@ -441,26 +441,44 @@ def _gather_patches_kernel(
 
 
 @triton.jit
+def _split_range(total, STEP: tl.constexpr, SPLIT_K: tl.constexpr):
+    # [lo, hi) of `total`, in whole steps, for split program_id(2) of SPLIT_K (some may get nothing)
+    lo, hi = 0, total
+    if SPLIT_K > 1:
+        per = tl.cdiv(tl.cdiv(total, SPLIT_K), STEP) * STEP
+        lo = tl.program_id(2) * per
+        hi = tl.minimum(total, lo + per)
+    return lo, hi
+
+
+@triton.jit
+def _split_sums(acc_p, acc_n, ws, plane, mask, lock, SYMMETRIC: tl.constexpr, SPLIT_K: tl.constexpr):
+    # split-K: the partial int32 sums meet in the workspace (Sn `plane` words after Sp) through atomics;
+    # the block's last program takes the totals and leaves zeros for the next call. (last, acc_p, acc_n)
+    tl.atomic_add(ws, acc_p, mask=mask)
+    if not SYMMETRIC:
+        tl.atomic_add(ws + plane, acc_n, mask=mask)
+    tl.debug_barrier()
+    last = tl.atomic_add(lock, 1) == SPLIT_K - 1
+    if last:
+        acc_p = tl.atomic_xchg(ws, tl.zeros_like(acc_p), mask=mask)
+        if not SYMMETRIC:
+            acc_n = tl.atomic_xchg(ws + plane, tl.zeros_like(acc_n), mask=mask)
+        tl.atomic_xchg(lock, 0)
+    return last, acc_p, acc_n
+
+
+@triton.jit
 def _finish(acc_p, acc_n, offs_m, offs_n, tile, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, ws_ptr,
             lock_ptr, M, N, stride_cm, stride_cn, threshold,
             SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
             PACK_OUT: tl.constexpr, POOL: tl.constexpr):
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    last = True
     if SPLIT_K > 1:
-        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws, acc_p, mask=mask)
-        if not SYMMETRIC:
-            tl.atomic_add(ws + M * N, acc_n, mask=mask)
-        tl.debug_barrier()
-        if tl.atomic_add(lock_ptr + tile, 1) == SPLIT_K - 1:
-            # last program of this tile: take the sums and leave zeros for the next call
-            acc_p = tl.atomic_xchg(ws, tl.zeros_like(acc_p), mask=mask)
-            if not SYMMETRIC:
-                acc_n = tl.atomic_xchg(ws + M * N, tl.zeros_like(acc_n), mask=mask)
-            tl.atomic_xchg(lock_ptr + tile, 0)
-            _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, M, N,
-                      stride_cm, stride_cn, threshold, SYMMETRIC, HAS_BIAS, PACK_OUT, POOL)
-    else:
+        last, acc_p, acc_n = _split_sums(acc_p, acc_n, ws_ptr + offs_m[:, None] * N + offs_n[None, :], M * N,
+                                         (offs_m[:, None] < M) & (offs_n[None, :] < N), lock_ptr + tile,
+                                         SYMMETRIC, SPLIT_K)
+    if last:
         _epilogue(acc_p, acc_n, offs_m, offs_n, alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, c_neg_ptr, M, N,
                   stride_cm, stride_cn, threshold, SYMMETRIC, HAS_BIAS, PACK_OUT, POOL)
 
@@ -1326,34 +1344,6 @@ def _int8_ternary_kernel(
     if last:
         _int8_epilogue(acc_p, acc_n, offs_m, offs_n, tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0),
                        alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr, M, N, stride_cm, stride_cn, SYMMETRIC, HAS_BIAS)
-
-
-@triton.jit
-def _split_range(total, STEP: tl.constexpr, SPLIT_K: tl.constexpr):
-    # [lo, hi) of `total`, in whole steps, for split program_id(2) of SPLIT_K (some may get nothing)
-    lo, hi = 0, total
-    if SPLIT_K > 1:
-        per = tl.cdiv(tl.cdiv(total, SPLIT_K), STEP) * STEP
-        lo = tl.program_id(2) * per
-        hi = tl.minimum(total, lo + per)
-    return lo, hi
-
-
-@triton.jit
-def _split_sums(acc_p, acc_n, ws, plane, mask, lock, SYMMETRIC: tl.constexpr, SPLIT_K: tl.constexpr):
-    # split-K, as _finish: the partial int32 sums meet in the workspace (Sn `plane` words after Sp) through
-    # atomics; the block's last program takes the totals and leaves zeros. (last, acc_p, acc_n)
-    tl.atomic_add(ws, acc_p, mask=mask)
-    if not SYMMETRIC:
-        tl.atomic_add(ws + plane, acc_n, mask=mask)
-    tl.debug_barrier()
-    last = tl.atomic_add(lock, 1) == SPLIT_K - 1
-    if last:
-        acc_p = tl.atomic_xchg(ws, tl.zeros_like(acc_p), mask=mask)
-        if not SYMMETRIC:
-            acc_n = tl.atomic_xchg(ws + plane, tl.zeros_like(acc_n), mask=mask)
-        tl.atomic_xchg(lock, 0)
-    return last, acc_p, acc_n
 
 
 @triton.jit
