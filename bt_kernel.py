@@ -1203,18 +1203,22 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, given_ptr, K, stride_xm, stri
         scale = tl.load(given_ptr + row) if GIVEN else tl.div_rn(tl.max(tl.abs(x), axis=0), 127.0)
         tl.store(q_row + offs, _quantize(x, scale), mask=offs < K)
     else:
-        if GIVEN:
-            scale = tl.load(given_ptr + row)
-        else:
-            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
-                amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-            scale = tl.div_rn(tl.max(amax, axis=0), 127.0)
+        scale = tl.load(given_ptr + row) if GIVEN else _absmax_scale(x_row, offs, K, stride_xk, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
             tl.store(q_row + k0 + offs, _quantize(x.to(tl.float32), scale), mask=k0 + offs < K)
     tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _absmax_scale(x_row, offs, K, stride_xk, STEP: tl.constexpr):
+    # a row's absmax / 127 (float32, the division rounded to nearest), read at offsets k0 + offs < K for k0
+    # = 0, STEP, ... (offs: any block of STEP offsets)
+    amax = tl.zeros(offs.shape, dtype=tl.float32)
+    for k0 in range(0, K, STEP):
+        x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    return tl.div_rn(tl.max(amax), 127.0)
 
 
 @triton.jit
@@ -1397,11 +1401,7 @@ def _int8_gemv_kernel(
     lane = tl.arange(0, 32)
     offs_w = tl.arange(0, BLOCK_K)
     if QUANTIZE and not GIVEN:
-        amax = tl.zeros([BLOCK_K, 32], dtype=tl.float32)
-        for w0 in range(0, KW, BLOCK_K):
-            k = (w0 + offs_w)[:, None] * 32 + lane[None, :]
-            amax = tl.maximum(amax, tl.abs(tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)))
-        scale = tl.div_rn(tl.max(tl.max(amax, axis=1), axis=0), 127.0)
+        scale = _absmax_scale(x_row, offs_w[:, None] * 32 + lane[None, :], K, stride_xk, 32 * BLOCK_K)
     else:
         scale = tl.load(scale_ptr + row)
     acc_p = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
