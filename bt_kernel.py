@@ -2586,22 +2586,29 @@ class TernaryWeights(nn.Module):
 
     alpha_p/alpha_n start from the weights (initial_alphas), not from 1. Weights are ternarized with the
     dead zone of delta_rule ('channel': delta_t * mean|W_c|, 'global': delta); the layer input, when
-    act_delta is not None, with dead zone act_delta (STE where |x| <= act_clip).
+    act_delta is not None, with dead zone act_delta (STE where |x| <= act_clip), or with act_bits=8 to int8
+    with absmax scales instead.
     """
 
-    def __init__(self, weight_shape, bias, delta_rule, delta_t, delta, act_delta, act_clip, weight_clip):
+    def __init__(self, weight_shape, bias, delta_rule, delta_t, delta, act_delta, act_clip, weight_clip,
+                 act_bits=None):
         super().__init__()
         ternary_thresholds(torch.zeros(1, 1), delta_rule)   # reject an unknown rule now
         if act_delta is not None and not act_delta >= 0:
             raise ValueError(f"act_delta must be >= 0 or None, got {act_delta}")
+        if act_bits not in (None, 8):
+            raise ValueError(f"act_bits must be None (act_delta decides) or 8, got {act_bits!r}")
         self.delta_rule, self.delta_t, self.delta = delta_rule, delta_t, delta
-        self.act_delta, self.act_clip, self.weight_clip = act_delta, act_clip, weight_clip
+        self.act_delta, self.act_clip, self.weight_clip, self.act_bits = act_delta, act_clip, weight_clip, act_bits
         out_channels = weight_shape[0]
         self.weight = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.alpha_p = nn.Parameter(torch.empty(out_channels))
         self.alpha_n = nn.Parameter(torch.empty(out_channels))
         self.reset_parameters()
+
+    def _input_repr(self):
+        return f"act_delta={self.act_delta}" + (f", act_bits={self.act_bits}" if self.act_bits else "")
 
     def reset_parameters(self):
         # the init of nn.Linear / nn.Conv2d
@@ -2641,15 +2648,12 @@ class TernaryLinearTriton(TernaryWeights):
 
     def __init__(self, in_features, out_features, bias=True, *, delta_rule="channel", delta_t=0.7,
                  delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0, act_bits=None):
-        if act_bits not in (None, 8):
-            raise ValueError(f"act_bits must be None (trits) or 8, got {act_bits!r}")
         if act_delta is None and act_bits is None:
             raise ValueError("TernaryLinearTriton packs its input as trits: act_delta must be a number >= 0 "
                              "(or act_bits=8)")
         self.in_features, self.out_features = in_features, out_features
         super().__init__((out_features, in_features), bias, delta_rule, delta_t, delta, act_delta, act_clip,
-                         weight_clip)
-        self.act_bits = act_bits
+                         weight_clip, act_bits)
         self._packed = None
 
     def _packed_weight(self):
@@ -2694,8 +2698,7 @@ class TernaryLinearTriton(TernaryWeights):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"delta_rule={self.delta_rule}, act_delta={self.act_delta}"
-                + (f", act_bits={self.act_bits}" if self.act_bits else ""))
+                f"delta_rule={self.delta_rule}, {self._input_repr()}")
 
 
 # the Triton kernels by kind, for tools that compile or inspect them (bt_bench.py's SASS report)

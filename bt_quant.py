@@ -121,12 +121,9 @@ class TernaryLinear(TernaryWeights):
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, delta_rule="channel",
                  delta_t=0.7, delta=0.02, act_delta=0.5, act_clip=1.0, weight_clip=1.0, act_bits=None):
-        if act_bits not in (None, 8):
-            raise ValueError(f"act_bits must be None (act_delta decides) or 8, got {act_bits!r}")
         self.in_features, self.out_features = in_features, out_features
         super().__init__((out_features, in_features), bias, delta_rule, delta_t, delta, act_delta, act_clip,
-                         weight_clip)
-        self.act_bits = act_bits
+                         weight_clip, act_bits)
         _to_factory(self, device, dtype)
 
     def forward(self, x):
@@ -139,8 +136,7 @@ class TernaryLinear(TernaryWeights):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"delta_rule={self.delta_rule}, act_delta={self.act_delta}"
-                + (f", act_bits={self.act_bits}" if self.act_bits else ""))
+                f"delta_rule={self.delta_rule}, {self._input_repr()}")
 
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -169,8 +165,6 @@ class TernaryConv2d(TernaryWeights):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
                  padding_mode="zeros", device=None, dtype=None, *, delta_rule="channel", delta_t=0.7, delta=0.02,
                  act_delta=0.5, act_clip=1.0, weight_clip=1.0, act_bits=None):
-        if act_bits not in (None, 8):
-            raise ValueError(f"act_bits must be None (act_delta decides) or 8, got {act_bits!r}")
         self.kernel_size = _int_pair(kernel_size, "kernel_size", 1)
         self.stride = _int_pair(stride, "stride", 1)
         self.dilation = _int_pair(dilation, "dilation", 1)
@@ -187,8 +181,7 @@ class TernaryConv2d(TernaryWeights):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.groups, self.padding_mode = groups, padding_mode
         super().__init__((out_channels, in_channels // groups, *self.kernel_size), bias, delta_rule, delta_t, delta,
-                         act_delta, act_clip, weight_clip)
-        self.act_bits = act_bits
+                         act_delta, act_clip, weight_clip, act_bits)
         _to_factory(self, device, dtype)
 
     def side_padding(self):
@@ -220,8 +213,7 @@ class TernaryConv2d(TernaryWeights):
         for name, default in (("padding", (0, 0)), ("dilation", (1, 1)), ("groups", 1), ("padding_mode", "zeros")):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)!r}"
-        return (s + f", bias={self.bias is not None}, act_delta={self.act_delta}"
-                + (f", act_bits={self.act_bits}" if self.act_bits else ""))
+        return s + f", bias={self.bias is not None}, {self._input_repr()}"
 
 
 # -----------------------------------------------------------------------------
