@@ -21,7 +21,7 @@ Contents, in the order data flows: popcount helpers; pack kernels; GEMM kernels 
 bit-serial MMA; int8 rows by trits on the int8 tensor cores or bit-serially, the int8 row quantizer); dispatch
 (choose_kernel, choose_int8_kernel); launch (one launcher for every popcount GEMM kernel, the pack
 launchers); the public API; the weight quantizer rules; the layer's forward (custom operators
-bt_kernel::pack_rows, ::gemm, ::quantize_rows_int8 and ::gemm_int8 that torch.compile places in its graphs,
+bt_kernel::pack_rows, ::gemm and ::gemm_int8 that torch.compile places in its graphs,
 and the same sums in torch ops for CPUs without the kernels); autograd and TernaryLinearTriton. Without
 triton installed the file still imports: the layer runs its torch path on the CPU and a kernel launch
 raises.
@@ -2457,23 +2457,13 @@ def _(a_pos, a_neg, b_pos, b_neg, alpha_p, alpha_n, bias, out_dtype):
     return a_pos.new_empty((a_pos.shape[0], b_pos.shape[0]), dtype=out_dtype)
 
 
-def _quantize_rows_impl(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_rows_int8(x)
-
-
-def _gemm_int8_impl(a: torch.Tensor, a_scale: torch.Tensor, b_pos: torch.Tensor, b_neg: torch.Tensor,
+def _gemm_int8_impl(a: torch.Tensor, a_scale: Optional[torch.Tensor], b_pos: torch.Tensor, b_neg: torch.Tensor,
                     alpha_p: torch.Tensor, alpha_n: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     return ternary_gemm_int8(a, a_scale, b_pos, b_neg, alpha_p, alpha_n, bias)
 
 
-_quantize_rows_op = torch.library.custom_op("bt_kernel::quantize_rows_int8", _quantize_rows_impl, mutates_args=())
 _gemm_int8_op = torch.library.custom_op("bt_kernel::gemm_int8", _gemm_int8_impl, mutates_args=())
-
-
-@_quantize_rows_op.register_fake
-def _(x):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
 
 
 @_gemm_int8_op.register_fake
@@ -2525,7 +2515,7 @@ def ternary_linear(x, act_delta, weight, alpha_p, alpha_n=None, bias=None, act_b
             y = _dense_ternary(q, weight[0], ap, an, None) * s.double()[:, None]
             y = (y if b is None else y + b.double()).float()
         elif torch.compiler.is_compiling():
-            y = _gemm_int8_op(*_quantize_rows_op(x2), *weight, ap, an, b)
+            y = _gemm_int8_op(x2, None, *weight, ap, an, b)   # float rows: quantized by the op
         else:
             y = _launch_int8(x2 if x2.stride(-1) == 1 else x2.contiguous(), None, *weight, ap, an, b)
         y = y.to(x.dtype)
