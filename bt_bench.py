@@ -4,6 +4,7 @@
     python bt_bench.py --infer EXPORT   # the inference engine against the same network in float on cuDNN, per layer
     python bt_bench.py --tune --shapes 16x8192x8192   # sweep kernel configs, fastest first
     python bt_bench.py --tune --int8    # the int8 kernels' configs (compiled in parallel processes first)
+    python bt_bench.py --int8 --shapes 1x4096x4096   # the W1.58A8 table, these rows only
     python bt_bench.py --sass DIR       # SASS for sm_90 and its instruction counts (no GPU needed)
 
 `make bench` runs the tables, two short training runs and --infer. gemlite, if importable, is timed beside.
@@ -391,8 +392,10 @@ def _sass_report(folder):
         own = {}
         if fn is bk.KERNELS["int8"]:   # int8 rows, their scales
             own = dict(a_ptr="*i8", scale_ptr="*fp32")
-        if fn is bk.KERNELS["int8_gemv"]:   # bf16 rows quantized in the kernel, or int8 rows
-            own = dict(x_ptr="*bf16" if constexprs["QUANTIZE"] else "*i8", scale_ptr="*fp32")
+        if fn is bk.KERNELS["int8_planes"]:   # bf16 rows quantized on the way to their bitplanes
+            own = dict(x_ptr="*bf16", scale_ptr="*fp32", given_ptr="*fp32")
+        if fn is bk.KERNELS["int8_gemv"]:
+            own = dict(scale_ptr="*fp32")
         if fn is bk.KERNELS["quantize_rows"]:
             own = dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32", given_ptr="*fp32")
         return {n: "constexpr" if n in constexprs else own.get(n) or (ptr(n) if n.endswith("_ptr") else scalar(n))
@@ -466,13 +469,16 @@ def _sass_report(folder):
     # launcher refuses it, and its "lanes" must say so
     narrow = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, UNPACK=1, HAS_BIAS=True, SYMMETRIC=False, EMULATE=False)
     kernels.append(("int8_prmt_narrow", bk.KERNELS["int8"], narrow, int8_rows, 4))
-    # one row on the CUDA cores, bit-serially: bf16 rows quantized in the kernel (one scale), int8 rows (TTQ)
-    gemv = dict(bk.choose_int8_kernel(1, 4096, 4096, gpu, symmetric=True), HAS_BIAS=True, GIVEN=False, EMULATE=False)
-    gemv.pop("KIND"), gemv.pop("num_warps")
-    for tag, quantize, sym in (("int8_gemv_quantize", True, True), ("int8_gemv_ttq", False, False)):
-        kernels.append((tag, bk.KERNELS["int8_gemv"], dict(gemv, QUANTIZE=quantize, SYMMETRIC=sym),
-                        (dict(stride_xk=1, stride_bk=1, stride_cn=1), ("K", "stride_xm", "stride_bn", "stride_cm")),
-                        bk.choose_int8_kernel(1, 4096, 4096, gpu)["num_warps"]))
+    # one row on the CUDA cores, bit-serially: bf16 rows to bitplanes (quantized on the way), then the GEMV
+    kernels.append(("int8_planes_quantize", bk.KERNELS["int8_planes"],
+                    dict(QUANTIZE=True, GIVEN=False, BLOCK_W=bk.INT8_PLANES_WORDS, PDL=True),
+                    (dict(stride_xk=1), ("K", "stride_xm")), 4))
+    gemv = bk.choose_int8_kernel(1, 4096, 4096, gpu, symmetric=True)
+    warps = gemv.pop("num_warps")
+    gemv.pop("KIND")
+    for tag, sym in (("int8_gemv_one_scale", True), ("int8_gemv_ttq", False)):
+        kernels.append((tag, bk.KERNELS["int8_gemv"], dict(gemv, HAS_BIAS=True, SYMMETRIC=sym, PDL=True, EMULATE=False),
+                        (dict(stride_bk=1, stride_cn=1), ("stride_bn", "stride_cm")), warps))
     kernels.append(("quantize_rows", bk.KERNELS["quantize_rows"], dict(GIVEN=False, BLOCK_K=4096, ONE_BLOCK=True),
                     (dict(stride_xk=1), ("stride_xm", "stride_qm")), 8))
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
@@ -483,7 +489,7 @@ def _sass_report(folder):
         k = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs,
                                      attrs={i: [["tt.divisibility", 16]] for i in aligned}),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **(
-                               bk.EXACT_ROUNDING if fn in (bk.KERNELS["int8"], bk.KERNELS["int8_gemv"],
+                               bk.EXACT_ROUNDING if fn in (bk.KERNELS["int8"], bk.KERNELS["int8_gemv"], bk.KERNELS["int8_planes"],
                                                            bk.KERNELS["quantize_rows"]) else {})))
         cubin = os.path.join(folder, tag + ".cubin")
         with open(cubin, "wb") as f:
@@ -595,10 +601,14 @@ def _int8_rate():
     return 2 * 4096 ** 3 / (ms * 1e-3)
 
 
-def bench_int8():
+INT8_SHAPES = [(M, N, K) for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192))
+               for M in (1, 16, 64, 512, 4096)]
+
+
+def bench_int8(shapes=None):
     """W1.58A8: float rows quantized per row to int8 (absmax) by packed ternary weights on the int8 tensor
-    cores, against torch bf16 and gemlite's A8W158 and A16W158, CUDA-graph timed; and ternary x ternary
-    on the int8 kernel against the single-bit MMA."""
+    cores, against torch bf16 and gemlite's A8W158 and A16W158, CUDA-graph timed; and (all shapes) ternary x
+    ternary on the int8 kernel against the single-bit MMA. shapes: (M, N, K) rows of the table, else all."""
     rate = _int8_rate()
     gpu = bk.gpu_spec(torch.device("cuda"))
     print(f"ceiling: int8 tensor cores (torch._int_mm, 4096^3) {rate / 1e12:.0f} TOP/s")
@@ -610,7 +620,7 @@ def bench_int8():
            f"{'gl8':>7} {'gl16':>7} | {'x ttq':>5} {'x one':>5} {'x gl8':>5} {'x gl16':>6} {'%int8':>5} | tile")
     print(hdr)
     print("-" * len(hdr))
-    for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)):
+    for N, K in dict.fromkeys((N, K) for _, N, K in shapes or INT8_SHAPES):
         sets = _rotation(N * K // 4)
         trits = [torch.randint(-1, 2, (N, K), dtype=torch.int8, device="cuda") for _ in range(sets)]
         planes = [bk.pack_bitplanes(t) for t in trits]
@@ -624,7 +634,7 @@ def bench_int8():
                     peers[name] = layers
             except Exception as e:
                 print(f"gemlite {name} skipped at {N}x{K}: {type(e).__name__}")
-        for M in (1, 16, 64, 512, 4096):
+        for M in [m for m, n, k in shapes or INT8_SHAPES if (n, k) == (N, K)]:
             xb = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             xh = xb.half()
             q, s = bk.quantize_rows_int8(xb)
@@ -648,6 +658,8 @@ def bench_int8():
                   f"{x('bf16', 'q+a8 one', 5)} {x('gl8', 'q+a8 ttq', 5)} {x('gl16', 'q+a8 ttq', 6)} "
                   f"{100 * 2 * M * N * K / (us['a8 one'] * 1e-6) / rate:5.0f} | {tile}", flush=True)
         torch.cuda.empty_cache()
+    if shapes:
+        return
     # ternary x ternary at 4096^3: trits as int8 rows (scale 1) on the int8 kernel, against the single-bit MMA
     a = torch.randint(-1, 2, (4096, 4096), dtype=torch.int8, device="cuda")
     w = torch.randint(-1, 2, (4096, 4096), dtype=torch.int8, device="cuda")
@@ -788,7 +800,7 @@ def main(argv=None):
     parser.add_argument("--tune", action="store_true",
                         help="sweep kernel configs on a few shapes; with --int8 the int8 kernel's (default: off)")
     parser.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+", metavar="MxNxK",
-                        help="--tune only these shapes, e.g. 16x8192x8192 (default: six shapes)")
+                        help="--tune or --int8 only these shapes, e.g. 16x8192x8192 (default: the usual set)")
     parser.add_argument("--sass", metavar="DIR",
                         help="compile the GEMM kernels for sm_90 (no GPU needed), dump SASS to DIR, count instructions")
     parser.add_argument("--infer", metavar="EXPORT", help="time the inference engine on this export (default: off)")
@@ -816,7 +828,7 @@ def main(argv=None):
     elif args.modules:
         bench_modules()
     elif args.int8:
-        bench_int8()
+        bench_int8(args.shapes)
     else:
         bench_kernels(args.quick)
         bench_modules()

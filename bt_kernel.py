@@ -1368,6 +1368,36 @@ def _int8_epilogue(acc_p, acc_n, offs_m, offs_n, row_scales, alpha_p_ptr, alpha_
 
 
 @triton.jit
+def _int8_row_planes_kernel(x_ptr, scale_ptr, given_ptr, planes_ptr, K, KW, stride_xm, stride_xk,
+                            QUANTIZE: tl.constexpr,   # float rows: quantized here as quantize_rows_int8 does
+                            GIVEN: tl.constexpr,      # QUANTIZE with the scales given, else each row's absmax / 127
+                            BLOCK_W: tl.constexpr, PDL: tl.constexpr):
+    # the GEMV's first kernel: BLOCK_W words (32 values each) of a row to its 8 two's-complement bitplanes,
+    # planes [M, 8, KW] (bit 7 weighs -128). Each program of a row takes the whole row's absmax itself, and
+    # the first stores the scale
+    _gdc_enter(PDL)
+    row = tl.program_id(1)
+    lane = tl.arange(0, 32)
+    offs_w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    scale = 0.0
+    if QUANTIZE:
+        if GIVEN:
+            scale = tl.load(given_ptr + row)
+        else:
+            scale = _absmax_scale(x_row, tl.arange(0, BLOCK_W)[:, None] * 32 + lane[None, :], K, stride_xk,
+                                  32 * BLOCK_W)
+        if tl.program_id(0) == 0:
+            tl.store(scale_ptr + row, scale)
+    k = offs_w[:, None] * 32 + lane[None, :]
+    x = tl.load(x_row + k * stride_xk, mask=k < K, other=0)
+    q = (_quantize(x.to(tl.float32), scale) if QUANTIZE else x).to(tl.uint32)   # bits 0..7: q's byte
+    out = planes_ptr + row.to(tl.int64) * 8 * KW + offs_w
+    for bit in tl.static_range(8):   # disjoint bits: the sum over a word's lanes is an OR
+        tl.store(out + bit * KW, tl.sum(((q >> bit) & 1) << lane.to(tl.uint32)[None, :], axis=1), mask=offs_w < KW)
+
+
+@triton.jit
 def _popc_asm(x, EMULATE: tl.constexpr):
     # popc of uint32 as one PTX instruction: the bit-serial sums shift and add popcounts, and LLVM then no
     # longer sees every SWAR popc (half stayed SWAR code with TTQ scales); EMULATE: the SWAR twin
@@ -1378,48 +1408,40 @@ def _popc_asm(x, EMULATE: tl.constexpr):
 
 @triton.jit
 def _int8_gemv_kernel(
-    x_ptr, scale_ptr,             # rows [M, K]: float (QUANTIZE) or int8 q; float32 [M] scales (unless absmax)
+    planes_ptr, scale_ptr,        # the rows' bitplanes uint32 [M, 8, KW] (_int8_row_planes_kernel), float32 [M]
     b_pos_ptr, b_neg_ptr,         # uint32 planes [N, KW]
     alpha_p_ptr, alpha_n_ptr, bias_ptr, c_ptr,
     ws_ptr, lock_ptr,             # split-K: int32 workspace [2, M, N] and a counter a column block, left zero
-    M, N, K, KW, stride_xm, stride_xk, stride_bn, stride_bk, stride_cm, stride_cn,
-    QUANTIZE: tl.constexpr,       # float rows: quantized here as quantize_rows_int8 does (same float32 steps)
-    GIVEN: tl.constexpr,          # QUANTIZE with the scales given, else each row's absmax / 127
+    M, N, KW, stride_bn, stride_bk, stride_cm, stride_cn,
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # [BLOCK_K words x BLOCK_N columns] of weights a step
     SPLIT_K: tl.constexpr,        # programs sharing a row's column block, each taking a range of K words
+    PDL: tl.constexpr,            # launched with programmatic dependent launch after the planes kernel
     EMULATE: tl.constexpr,        # the interpreter: popc without inline asm
 ):
-    # few rows on the CUDA cores, bit-serially: one row a program. Each K step cuts the row's 32 * BLOCK_K
-    # values into their 8 two's-complement bitplanes (bit 7 weighs -128) and counts them against the weight
-    # words: Sp = sum_b +-2^b popc(a_b & w_pos), the same for Sn. 16 popcounts a word pair, no unpack of
-    # the weights; a program quantizes its row itself, so float rows take one launch
+    # few rows on the CUDA cores, bit-serially: one row a program. A K step counts the row's 8 bitplanes
+    # against the weight words, Sp = sum_b +-2^b popc(a_b & w_pos), the same for Sn: 16 popcounts a word
+    # pair, no unpack of the weights, and no work across threads (the planes come made)
+    _gdc_enter(PDL)
     row = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    x_row = x_ptr + row.to(tl.int64) * stride_xm
-    lane = tl.arange(0, 32)
     offs_w = tl.arange(0, BLOCK_K)
-    if QUANTIZE and not GIVEN:
-        scale = _absmax_scale(x_row, offs_w[:, None] * 32 + lane[None, :], K, stride_xk, 32 * BLOCK_K)
-    else:
-        scale = tl.load(scale_ptr + row)
+    a_row = planes_ptr + row.to(tl.int64) * 8 * KW
     acc_p = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
     acc_n = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
     w_lo, w_hi = _split_range(KW, BLOCK_K, SPLIT_K)
     for w0 in range(w_lo, w_hi, BLOCK_K):
-        k = (w0 + offs_w)[:, None] * 32 + lane[None, :]
-        x = tl.load(x_row + k * stride_xk, mask=k < K, other=0)
-        q = (_quantize(x.to(tl.float32), scale) if QUANTIZE else x).to(tl.uint32)   # bits 0..7: q's byte
-        w_off = offs_n[None, :].to(tl.int64) * stride_bn + (w0 + offs_w)[:, None] * stride_bk
-        w_ok = n_ok[None, :] & ((w0 + offs_w)[:, None] < KW)
-        wp = tl.load(b_pos_ptr + w_off, mask=w_ok, other=0)
-        wn = tl.load(b_neg_ptr + w_off, mask=w_ok, other=0)
+        kw = w0 + offs_w
+        k_ok = kw < KW
+        w_off = offs_n[None, :].to(tl.int64) * stride_bn + kw[:, None] * stride_bk
+        w_ok = n_ok[None, :] & k_ok[:, None]
+        wp = tl.load(b_pos_ptr + w_off, mask=w_ok, other=0, eviction_policy="evict_first")
+        wn = tl.load(b_neg_ptr + w_off, mask=w_ok, other=0, eviction_policy="evict_first")
         part_p = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
         part_n = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.int32)
         for bit in tl.static_range(7, -1, -1):   # Horner from bit 7 (weight -128) down: 2 part + popcounts
-            # disjoint bits: the sum is an OR
-            a = tl.sum(((q >> bit) & 1) << lane.to(tl.uint32)[None, :], axis=1)[:, None]
+            a = tl.load(a_row + bit * KW + kw, mask=k_ok, other=0)[:, None]
             sp = _popc_asm(a & wp, EMULATE)
             sn = _popc_asm(a & wn, EMULATE)
             if SYMMETRIC:
@@ -1432,7 +1454,7 @@ def _int8_gemv_kernel(
         acc_n += part_n
     sp, sn = tl.sum(acc_p, axis=0), tl.sum(acc_n, axis=0)
     offs_m = row + tl.arange(0, 1)
-    row_scale = tl.zeros([1], dtype=tl.float32) + scale
+    row_scale = tl.zeros([1], dtype=tl.float32) + tl.load(scale_ptr + row)
     last = True
     if SPLIT_K > 1:
         last, sp, sn = _split_sums(sp, sn, ws_ptr + row * N + offs_n, M * N, n_ok,
@@ -1461,6 +1483,7 @@ INTERPRETER = GpuSpec(capability=0, sms=4, interpret=True)
 EXACT_ROUNDING = dict(enable_fp_fusion=False)   # launch option of the int8 quantizer and GEMM: no multiply
                                                 # and add contracted into one FMA, which rounds once
 INT8_GEMV_ROWS = 2            # int8 rows up to this many go to the CUDA cores' bit-serial GEMV
+INT8_PLANES_WORDS = 32        # K words of a row a program of the GEMV's bitplane kernel
 QUANTIZE_ONE_BLOCK = 16384    # rows up to this long are quantized from registers (32 values a thread at most)
 MMA_MIN_ROWS = 4               # from this many rows up, trits go to the MMA kernel where the GPU has it
 MMA_CHUNK_TILES = 65535        # row tiles of the MMA kernel a launch: the most a grid's second dimension holds
@@ -1537,12 +1560,12 @@ def choose_kernel(M, N, KW, gpu, *, bit_serial=False, row_major_weights=True, sy
 def choose_int8_kernel(M, N, K, gpu, symmetric=False):
     """Meta-parameters of ternary_gemm_int8 for int8 [M, K] rows by trits [N, K], from `bt_bench.py --tune
     --int8` on an H100 (PERFORMANCE.md, "8-bit activations"): KIND "gemv" is the CUDA cores' bit-serial GEMV
-    (_int8_gemv_kernel; 1 row: 7.9 against 11.3 us on the tensor cores at 4096^2, 4 rows: 14.2 against 11.3),
-    else _int8_ternary_kernel's tiles on the tensor cores, the weight's bits unpacked by inline PTX (UNPACK 1:
-    about half the K loop's instructions of the tensor ops)."""
-    if M <= INT8_GEMV_ROWS:    # the CUDA cores, bit-serially (_int8_gemv_kernel): narrow blocks, programs enough
+    (_int8_row_planes_kernel, then _int8_gemv_kernel; 1 row at 4096^2: 7.1 us against 11.4 for 16 rows on the
+    tensor cores), else _int8_ternary_kernel's tiles on the tensor cores, the weight's bits unpacked by inline
+    PTX (UNPACK 1: about half the K loop's instructions of the tensor ops)."""
+    if M <= INT8_GEMV_ROWS:    # the CUDA cores, bit-serially: narrow blocks, programs enough
         return dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, SPLIT_K=1, num_warps=1) if gpu.interpret else \
-            dict(KIND="gemv", BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, num_warps=8 if K > 8192 else 4)
+            dict(KIND="gemv", BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, num_warps=8)
     if gpu.interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=1, UNPACK=0)
     tile = lambda bm, bn, bk, w, s, split=1: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s,
@@ -2322,15 +2345,8 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b, config=None):
         return c
     _need_triton()
     meta = dict(config or _int8_kernel_for(M, N, K, gpu_spec(a.device), an is None))
-    if meta.pop("KIND", "tensor") == "gemv":   # quantizes float rows itself
-        meta = {"SPLIT_K": 1, **meta}
-        grid = (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])
-        ws, locks = _workspace(a.device, 2 * M * N, grid[0] * M) if meta["SPLIT_K"] > 1 else (c, c)
-        _int8_gemv_kernel[grid](
-            a, a if a_scale is None else a_scale, b_pos, b_neg, ap, ap if an is None else an, ap if b is None else b,
-            c, ws, locks, M, N, K, b_pos.shape[1], *a.stride(), *b_pos.stride(), *c.stride(),
-            QUANTIZE=a.dtype != torch.int8, GIVEN=a_scale is not None, SYMMETRIC=an is None, HAS_BIAS=b is not None,
-            EMULATE=_INTERPRET, **EXACT_ROUNDING, **meta)
+    if meta.pop("KIND", "tensor") == "gemv":
+        _run_int8_gemv(a, a_scale, b_pos, b_neg, ap, an, b, c, {"SPLIT_K": 1, **meta})
         return c
     if a.dtype != torch.int8:
         a, a_scale = _launch_quantize(a, a_scale)
@@ -2344,6 +2360,27 @@ def _launch_int8(a, a_scale, b_pos, b_neg, ap, an, b, config=None):
                              f"over threads at this tile ({inline_asm_layout(kernel.asm['ttgir'])}); use UNPACK 0")
         _run_int8(a, a_scale, b_pos, b_neg, ap, an, b, c, dict(meta, UNPACK=0))
     return c
+
+
+def _run_int8_gemv(a, a_scale, b_pos, b_neg, ap, an, b, c, meta):
+    """The bit-serial GEMV: the rows' bitplanes (float rows quantized on the way), then the popcounts; on
+    sm_90 the second launch overlaps the first's end (PDL)."""
+    M, K = a.shape
+    N, KW = b_pos.shape
+    pdl = _pdl(a.device)
+    planes = torch.empty((M, 8, KW), dtype=torch.uint32, device=a.device)
+    quantize = a.dtype != torch.int8
+    scale = torch.empty(M, dtype=torch.float32, device=a.device) if quantize else a_scale
+    block_w = 4 if _INTERPRET else INT8_PLANES_WORDS
+    _int8_row_planes_kernel[(triton.cdiv(KW, block_w), M)](
+        a, scale, scale if a_scale is None else a_scale, planes, K, KW, *a.stride(), QUANTIZE=quantize,
+        GIVEN=a_scale is not None, BLOCK_W=block_w, PDL=pdl, num_warps=4, launch_pdl=pdl, **EXACT_ROUNDING)
+    grid = (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])
+    ws, locks = _workspace(a.device, 2 * M * N, grid[0] * M) if meta["SPLIT_K"] > 1 else (c, c)
+    _int8_gemv_kernel[grid](planes, scale, b_pos, b_neg, ap, ap if an is None else an, ap if b is None else b, c,
+                            ws, locks, M, N, KW, *b_pos.stride(), *c.stride(), SYMMETRIC=an is None,
+                            HAS_BIAS=b is not None, PDL=pdl, EMULATE=_INTERPRET, launch_pdl=pdl,
+                            **EXACT_ROUNDING, **meta)
 
 
 def _run_int8(a, a_scale, b_pos, b_neg, ap, an, b, c, meta):
@@ -2694,4 +2731,4 @@ class TernaryLinearTriton(TernaryWeights):
 # the Triton kernels by kind, for tools that compile or inspect them (bt_bench.py's SASS report)
 KERNELS = dict(tile=_ternary_gemm_kernel, gemv=_ternary_gemv_kernel, mma=_ternary_mma_kernel,
                bitserial_mma=_bitserial_mma_kernel, int8=_int8_ternary_kernel, int8_gemv=_int8_gemv_kernel,
-               quantize_rows=_quantize_rows_kernel)
+               int8_planes=_int8_row_planes_kernel, quantize_rows=_quantize_rows_kernel)

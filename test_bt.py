@@ -3125,7 +3125,7 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     # the int8 GEMV of one row: 8 bitplanes of the row x 2 weight planes, one POPC (inline PTX) a word pair each
     gemv = bt_kernel.choose_int8_kernel(1, 4096, 4096, bt_kernel.GpuSpec(capability=9, sms=132), symmetric=True)
     words = gemv["BLOCK_K"] * gemv["BLOCK_N"] // (32 * gemv["num_warps"])
-    per_step.update(int8_gemv_quantize=words * 8 * 2, int8_gemv_ttq=words * 8 * 2)
+    per_step.update(int8_gemv_one_scale=words * 8 * 2, int8_gemv_ttq=words * 8 * 2)
     for name, n in per_step.items():
         assert counts[name]["POPC"] >= n, (name, counts[name])
         sass = (tmp_path / f"{name}.sass").read_text()
@@ -3171,8 +3171,12 @@ def test_sass_has_popc_and_no_spills(tmp_path):
     # the quantizer rounds x * inv to an integer by adding 1.5 * 2^23, and the int8 epilogue multiplies by the
     # row's scale then adds the bias: both only as the references do if no multiply and add are contracted
     # into one FMA (the GPU's q was one off until launched with bt_kernel.EXACT_ROUNDING)
-    for name in ("quantize_rows", "int8_ttq", "int8_one_scale", "int8_16_rows", "int8_gemv_quantize"):
+    for name in ("quantize_rows", "int8_ttq", "int8_one_scale", "int8_16_rows", "int8_planes_quantize"):
         assert counts[name]["PTXFMA"] == 0, (name, counts[name])
+    # the int8 GEMV gets the row's bitplanes made: its K loop does no work across threads (no barrier)
+    for name in ("int8_gemv_one_scale", "int8_gemv_ttq"):
+        loop = _loop_code((tmp_path / f"{name}.sass").read_text())
+        assert loop and not [t for t in loop if re.search(r"\bBAR\b", t)], name
     # no kernel spills to local memory; the int8 kernels' float64 epilogue of large tiles may, once a tile,
     # but not their K loop
     for name, c in counts.items():
