@@ -477,10 +477,12 @@ def _sass_report(folder):
     warps = gemv.pop("num_warps")
     gemv.pop("KIND")
     for tag, sym in (("int8_gemv_one_scale", True), ("int8_gemv_ttq", False)):
-        kernels.append((tag, bk.KERNELS["int8_gemv"], dict(gemv, HAS_BIAS=True, SYMMETRIC=sym, PDL=True, EMULATE=False),
+        kernels.append((tag, bk.KERNELS["int8_gemv"],
+                        dict(gemv, HAS_BIAS=True, SYMMETRIC=sym, PDL=True, EMULATE=False),
                         (dict(stride_bk=1, stride_cn=1), ("stride_bn", "stride_cm")), warps))
     kernels.append(("quantize_rows", bk.KERNELS["quantize_rows"], dict(GIVEN=False, BLOCK_K=4096, ONE_BLOCK=True),
                     (dict(stride_xk=1), ("stride_xm", "stride_qm")), 8))
+    exact_rounding = [bk.KERNELS[n] for n in ("int8", "int8_gemv", "int8_planes", "quantize_rows")]
     print(f"SASS for sm_90, triton {triton.__version__}: instruction counts of the whole kernel")
     for tag, fn, constexprs, (ones, div16), warps in kernels:
         constexprs = dict(constexprs, **ones)
@@ -489,8 +491,7 @@ def _sass_report(folder):
         k = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs,
                                      attrs={i: [["tt.divisibility", 16]] for i in aligned}),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **(
-                               bk.EXACT_ROUNDING if fn in (bk.KERNELS["int8"], bk.KERNELS["int8_gemv"], bk.KERNELS["int8_planes"],
-                                                           bk.KERNELS["quantize_rows"]) else {})))
+                               bk.EXACT_ROUNDING if fn in exact_rounding else {})))
         cubin = os.path.join(folder, tag + ".cubin")
         with open(cubin, "wb") as f:
             f.write(k.asm["cubin"])

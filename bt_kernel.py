@@ -1370,7 +1370,7 @@ def _int8_epilogue(acc_p, acc_n, offs_m, offs_n, row_scales, alpha_p_ptr, alpha_
 @triton.jit
 def _int8_row_planes_kernel(x_ptr, scale_ptr, given_ptr, planes_ptr, K, KW, stride_xm, stride_xk,
                             QUANTIZE: tl.constexpr,   # float rows: quantized here as quantize_rows_int8 does
-                            GIVEN: tl.constexpr,      # QUANTIZE with the scales given, else each row's absmax / 127
+                            GIVEN: tl.constexpr,      # QUANTIZE with the scales given, else absmax / 127
                             BLOCK_W: tl.constexpr, PDL: tl.constexpr):
     # the GEMV's first kernel: BLOCK_W words (32 values each) of a row to its 8 two's-complement bitplanes,
     # planes [M, 8, KW] (bit 7 weighs -128). Each program of a row takes the whole row's absmax itself, and
@@ -1560,9 +1560,9 @@ def choose_kernel(M, N, KW, gpu, *, bit_serial=False, row_major_weights=True, sy
 def choose_int8_kernel(M, N, K, gpu, symmetric=False):
     """Meta-parameters of ternary_gemm_int8 for int8 [M, K] rows by trits [N, K], from `bt_bench.py --tune
     --int8` on an H100 (PERFORMANCE.md, "8-bit activations"): KIND "gemv" is the CUDA cores' bit-serial GEMV
-    (_int8_row_planes_kernel, then _int8_gemv_kernel; 1 row at 4096^2: 7.1 us against 11.4 for 16 rows on the
-    tensor cores), else _int8_ternary_kernel's tiles on the tensor cores, the weight's bits unpacked by inline
-    PTX (UNPACK 1: about half the K loop's instructions of the tensor ops)."""
+    (_int8_row_planes_kernel, then _int8_gemv_kernel; 1 row of 4096^2, int8 rows: 7.1 us, where the tensor
+    cores' least tile, 16 rows, takes 11.4), else _int8_ternary_kernel's tiles on the tensor cores, the
+    weight's bits unpacked by inline PTX (UNPACK 1: about half the K loop's instructions of the tensor ops)."""
     if M <= INT8_GEMV_ROWS:    # the CUDA cores, bit-serially: narrow blocks, programs enough
         return dict(KIND="gemv", BLOCK_N=16, BLOCK_K=2, SPLIT_K=1, num_warps=1) if gpu.interpret else \
             dict(KIND="gemv", BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, num_warps=8)
