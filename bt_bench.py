@@ -610,6 +610,7 @@ def bench_int8(shapes=None):
     """W1.58A8: float rows quantized per row to int8 (absmax) by packed ternary weights on the int8 tensor
     cores, against torch bf16 and gemlite's A8W158 and A16W158, CUDA-graph timed; and (all shapes) ternary x
     ternary on the int8 kernel against the single-bit MMA. shapes: (M, N, K) rows of the table, else all."""
+    rows = shapes or INT8_SHAPES
     rate = _int8_rate()
     gpu = bk.gpu_spec(torch.device("cuda"))
     print(f"ceiling: int8 tensor cores (torch._int_mm, 4096^3) {rate / 1e12:.0f} TOP/s")
@@ -621,7 +622,7 @@ def bench_int8(shapes=None):
            f"{'gl8':>7} {'gl16':>7} | {'x ttq':>5} {'x one':>5} {'x gl8':>5} {'x gl16':>6} {'%int8':>5} | tile")
     print(hdr)
     print("-" * len(hdr))
-    for N, K in dict.fromkeys((N, K) for _, N, K in shapes or INT8_SHAPES):
+    for N, K in dict.fromkeys((N, K) for _, N, K in rows):
         sets = _rotation(N * K // 4)
         trits = [torch.randint(-1, 2, (N, K), dtype=torch.int8, device="cuda") for _ in range(sets)]
         planes = [bk.pack_bitplanes(t) for t in trits]
@@ -635,7 +636,7 @@ def bench_int8(shapes=None):
                     peers[name] = layers
             except Exception as e:
                 print(f"gemlite {name} skipped at {N}x{K}: {type(e).__name__}")
-        for M in [m for m, n, k in shapes or INT8_SHAPES if (n, k) == (N, K)]:
+        for M in [m for m, n, k in rows if (n, k) == (N, K)]:
             xb = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             xh = xb.half()
             q, s = bk.quantize_rows_int8(xb)
