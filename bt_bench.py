@@ -797,11 +797,20 @@ def bench_inference(path, data="data", batch=10000):
     bench_layers(dev_state, x)
 
 
+def _shape(text):
+    """--shapes' MxNxK: three positive ints (argparse turns the error into one line and exit 2)."""
+    dims = text.split("x")
+    if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r} is not MxNxK with positive ints, e.g. 16x8192x8192")
+    return tuple(int(d) for d in dims)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Benchmark the popcount kernels against torch (needs a CUDA GPU).")
+    parser = argparse.ArgumentParser(prog="bt_bench.py",
+                                     description="Benchmark the popcount kernels against torch (needs a CUDA GPU).")
     parser.add_argument("--tune", action="store_true",
                         help="sweep kernel configs on a few shapes; with --int8 the int8 kernel's (default: off)")
-    parser.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+", metavar="MxNxK",
+    parser.add_argument("--shapes", type=_shape, nargs="+", metavar="MxNxK",
                         help="--tune or --int8 only these shapes, e.g. 16x8192x8192 (default: the usual set)")
     parser.add_argument("--sass", metavar="DIR",
                         help="compile the GEMM kernels for sm_90 (no GPU needed), dump SASS to DIR, count instructions")
@@ -811,6 +820,8 @@ def main(argv=None):
     parser.add_argument("--modules", action="store_true", help="only the layer table (default: off)")
     parser.add_argument("--int8", action="store_true", help="only the W1.58A8 tables (default: off)")
     args = parser.parse_args(argv)
+    if args.shapes and not (args.tune or args.int8):
+        parser.error("argument --shapes: goes with --tune or --int8 (MxNxK rows of their tables)")
     if args.sass:   # compiles for sm_90 without a GPU
         _sass_report(args.sass)
         return

@@ -1625,6 +1625,18 @@ def test_cli_argument_errors(args, tmp_path, monkeypatch, capsys):
     assert err[-1].startswith("bt_infer.py: error: argument")
 
 
+@pytest.mark.parametrize("args", [["--int8", "--shapes", "16x64x64", bad] for bad in
+                                  ("1x2", "0x16x16", "16x8x-1", "axbxc")] + [["--shapes", "16x64x64"]])
+def test_bench_shapes_argument_errors(args, capsys):
+    # checked before the GPU is asked for: a bad shape, or shapes with no table to take them, is one argparse
+    # line and exit 2, on any machine
+    with pytest.raises(SystemExit) as exc:
+        bt_bench.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("bt_bench.py: error: argument --shapes") and "MxNxK" in err[-1], err
+
+
 def test_cli_cpu_run(small, tmp_path, monkeypatch, capsys):
     import bt_train
     _, state, images, ref_logits = small
